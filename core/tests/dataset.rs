@@ -1,0 +1,55 @@
+//! Every complete row of the real data slice in `../shared/data` parses and
+//! validates. The slice was cut at a byte limit: its last line stops inside
+//! `user_id` and has no `user_session`, and must be rejected as exactly that.
+
+use std::path::PathBuf;
+
+use cartscore_core::validate::Field;
+use cartscore_core::{CsvLayout, Event, EventError, EventType};
+
+fn dataset_path() -> PathBuf {
+    match std::env::var_os("CARTSCORE_DATASET") {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/2019-Oct-head.csv"),
+    }
+}
+
+#[test]
+fn every_row_of_the_real_slice_validates() {
+    let path = dataset_path();
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(&path)
+        .unwrap_or_else(|e| panic!("the data slice {} must be readable: {e}", path.display()));
+    let layout = CsvLayout::from_header(reader.byte_headers().expect("header")).expect("layout");
+    let (mut views, mut carts, mut purchases, mut removes, mut rows) = (0, 0, 0, 0, 0);
+    let mut max_category_id = 0u64;
+    let mut rejected = Vec::new();
+    for (i, record) in reader.byte_records().enumerate() {
+        let record = record.expect("csv record");
+        let event = match Event::from_csv(&record, &layout) {
+            Ok(event) => event,
+            Err(err) => {
+                rejected.push((i + 2, err));
+                continue;
+            }
+        };
+        rows += 1;
+        max_category_id = max_category_id.max(event.category_id);
+        match event.event_type {
+            EventType::View => views += 1,
+            EventType::Cart => carts += 1,
+            EventType::Purchase => purchases += 1,
+            EventType::RemoveFromCart => removes += 1,
+        }
+    }
+    assert_eq!(
+        rejected,
+        vec![(17_436, EventError::Missing { field: Field::UserSession })],
+        "only the truncated last line may fail"
+    );
+    assert_eq!(rows, 17_434);
+    assert_eq!((views, carts, purchases, removes), (17_055, 165, 214, 0));
+    // Ids near 2.2e18 must survive exactly (an f64 detour would round them).
+    assert!(max_category_id > 2_000_000_000_000_000_000, "{max_category_id}");
+}

@@ -1,0 +1,317 @@
+//! Turns a LightGBM model into the bundle: an `ai.onnx.ml.TreeEnsembleClassifier`
+//! (post_transform LOGISTIC, no ZipMap) with the cartscore metadata.
+//!
+//! LightGBM splits `x <= t` on f64 thresholds while ONNX thresholds and our
+//! feature rows are f32. Each threshold becomes the largest f32 not above `t`:
+//! for every f32 input `x`, `x <= t` exactly when `x <= that f32`, so every
+//! row takes the same branch in both.
+
+use anyhow::{Context, Result, bail, ensure};
+use cartscore_core::BundleMetadata;
+use cartscore_core::FEATURE_COUNT;
+use prost::Message;
+use tract_onnx::pb::attribute_proto::AttributeType;
+use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
+use tract_onnx::pb::type_proto::{Tensor as TensorType, Value as TypeValue};
+use tract_onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
+
+/// One split of a tree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub feature: usize,
+    pub threshold: f64,
+    pub default_left: bool,
+    pub left: Child,
+    pub right: Child,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Child {
+    Split(usize),
+    Leaf(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tree {
+    pub splits: Vec<Split>,
+    pub leaves: Vec<f64>,
+}
+
+/// The largest f32 that is not above `t`.
+pub fn f32_threshold(t: f64) -> f32 {
+    let f = t as f32;
+    if f64::from(f) > t { f.next_down() } else { f }
+}
+
+fn numbers<T: std::str::FromStr>(key: &str, value: &str) -> Result<Vec<T>> {
+    value
+        .split_whitespace()
+        .map(|v| v.parse::<T>().map_err(|_| anyhow::anyhow!("LightGBM model field {key} has a bad value {v:?}")))
+        .collect()
+}
+
+/// Parses LightGBM's text model format (what `save_string` returns).
+pub fn parse_lightgbm(text: &str) -> Result<Vec<Tree>> {
+    let mut trees = Vec::new();
+    let mut fields: Vec<(&str, &str)> = Vec::new();
+    let mut in_tree = false;
+    for line in text.lines().chain(std::iter::once("")) {
+        if line.starts_with("Tree=") {
+            in_tree = true;
+            fields.clear();
+        } else if line.trim().is_empty() || line.starts_with("end of trees") {
+            if in_tree {
+                trees.push(parse_tree(&fields).with_context(|| format!("in LightGBM tree {}", trees.len()))?);
+                in_tree = false;
+            }
+        } else if in_tree {
+            if let Some((k, v)) = line.split_once('=') {
+                fields.push((k, v));
+            }
+        }
+    }
+    ensure!(!trees.is_empty(), "the LightGBM model has no trees");
+    Ok(trees)
+}
+
+fn parse_tree(fields: &[(&str, &str)]) -> Result<Tree> {
+    let get = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v).unwrap_or("");
+    let num_leaves: usize = get("num_leaves").trim().parse().context("num_leaves")?;
+    if get("num_cat").trim().parse::<usize>().unwrap_or(0) > 0 {
+        bail!("categorical splits are not supported");
+    }
+    let leaves: Vec<f64> = numbers("leaf_value", get("leaf_value"))?;
+    ensure!(leaves.len() == num_leaves, "{} leaf values for {num_leaves} leaves", leaves.len());
+    if num_leaves == 1 {
+        return Ok(Tree { splits: Vec::new(), leaves });
+    }
+    let features: Vec<usize> = numbers("split_feature", get("split_feature"))?;
+    let thresholds: Vec<f64> = numbers("threshold", get("threshold"))?;
+    let decisions: Vec<u32> = numbers("decision_type", get("decision_type"))?;
+    let left: Vec<i64> = numbers("left_child", get("left_child"))?;
+    let right: Vec<i64> = numbers("right_child", get("right_child"))?;
+    let n = num_leaves - 1;
+    ensure!(
+        [features.len(), thresholds.len(), decisions.len(), left.len(), right.len()].iter().all(|&l| l == n),
+        "split arrays do not have {n} entries"
+    );
+    let child = |c: i64| -> Result<Child> {
+        if c >= 0 {
+            ensure!((c as usize) < n, "child {c} out of range");
+            Ok(Child::Split(c as usize))
+        } else {
+            let leaf = (!c) as usize;
+            ensure!(leaf < num_leaves, "leaf {leaf} out of range");
+            Ok(Child::Leaf(leaf))
+        }
+    };
+    let mut splits = Vec::with_capacity(n);
+    for i in 0..n {
+        let decision = decisions[i];
+        ensure!(decision & 1 == 0, "categorical split in node {i}");
+        let missing = (decision >> 2) & 3;
+        // Missing type Zero would send 0.0 down the default branch; rows never
+        // carry NaN and training never sets zero_as_missing, so only None/NaN occur.
+        ensure!(missing != 1, "zero-as-missing split in node {i} is not supported");
+        ensure!(features[i] < FEATURE_COUNT, "split on feature {} outside the contract", features[i]);
+        splits.push(Split {
+            feature: features[i],
+            threshold: thresholds[i],
+            default_left: decision & 2 != 0,
+            left: child(left[i])?,
+            right: child(right[i])?,
+        });
+    }
+    Ok(Tree { splits, leaves })
+}
+
+fn ints(name: &str, values: Vec<i64>) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: values, ..Default::default() }
+}
+
+fn floats(name: &str, values: Vec<f32>) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Floats as i32, floats: values, ..Default::default() }
+}
+
+fn strings(name: &str, values: Vec<&str>) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Strings as i32,
+        strings: values.into_iter().map(|s| s.as_bytes().to_vec()).collect(),
+        ..Default::default()
+    }
+}
+
+fn string(name: &str, value: &str) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::String as i32, s: value.as_bytes().to_vec(), ..Default::default() }
+}
+
+fn tensor_info(name: &str, elem_type: i32, dims: &[Option<i64>]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            denotation: String::new(),
+            value: Some(match d {
+                Some(v) => dimension::Value::DimValue(*v),
+                None => dimension::Value::DimParam("batch".into()),
+            }),
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            denotation: String::new(),
+            value: Some(TypeValue::TensorType(TensorType { elem_type, shape: Some(TensorShapeProto { dim }) })),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+const FLOAT: i32 = 1;
+const INT64: i32 = 7;
+
+/// Builds the ONNX graph `features [batch, N] -> (label [batch], probabilities [batch, 2])`.
+pub fn onnx_model(trees: &[Tree], metadata: &BundleMetadata) -> ModelProto {
+    let (mut tree_ids, mut node_ids, mut feature_ids, mut modes, mut values) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut true_ids, mut false_ids, mut missing_true) = (vec![], vec![], vec![]);
+    let (mut leaf_tree_ids, mut leaf_node_ids, mut leaf_weights) = (vec![], vec![], vec![]);
+    for (t, tree) in trees.iter().enumerate() {
+        let internal = tree.splits.len() as i64;
+        let id = |c: Child| match c {
+            Child::Split(i) => i as i64,
+            Child::Leaf(l) => internal + l as i64,
+        };
+        for (i, split) in tree.splits.iter().enumerate() {
+            tree_ids.push(t as i64);
+            node_ids.push(i as i64);
+            feature_ids.push(split.feature as i64);
+            modes.push("BRANCH_LEQ");
+            values.push(f32_threshold(split.threshold));
+            true_ids.push(id(split.left));
+            false_ids.push(id(split.right));
+            missing_true.push(i64::from(split.default_left));
+        }
+        for (l, &value) in tree.leaves.iter().enumerate() {
+            tree_ids.push(t as i64);
+            node_ids.push(internal + l as i64);
+            feature_ids.push(0);
+            modes.push("LEAF");
+            values.push(0.0);
+            true_ids.push(0);
+            false_ids.push(0);
+            missing_true.push(0);
+            leaf_tree_ids.push(t as i64);
+            leaf_node_ids.push(internal + l as i64);
+            leaf_weights.push(value as f32);
+        }
+    }
+    let leaf_count = leaf_weights.len();
+    let node = NodeProto {
+        input: vec!["features".into()],
+        output: vec!["label".into(), "probabilities".into()],
+        name: "trees".into(),
+        op_type: "TreeEnsembleClassifier".into(),
+        domain: "ai.onnx.ml".into(),
+        attribute: vec![
+            ints("classlabels_int64s", vec![0, 1]),
+            ints("nodes_treeids", tree_ids),
+            ints("nodes_nodeids", node_ids),
+            ints("nodes_featureids", feature_ids),
+            strings("nodes_modes", modes),
+            floats("nodes_values", values),
+            ints("nodes_truenodeids", true_ids),
+            ints("nodes_falsenodeids", false_ids),
+            ints("nodes_missing_value_tracks_true", missing_true),
+            ints("class_treeids", leaf_tree_ids),
+            ints("class_nodeids", leaf_node_ids),
+            ints("class_ids", vec![0; leaf_count]),
+            floats("class_weights", leaf_weights),
+            string("post_transform", "LOGISTIC"),
+        ],
+        doc_string: String::new(),
+    };
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![
+            OperatorSetIdProto { domain: String::new(), version: 17 },
+            OperatorSetIdProto { domain: "ai.onnx.ml".into(), version: 1 },
+        ],
+        producer_name: "cartscore-trainer".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: "P(cart item is purchased later in the session)".into(),
+        graph: Some(GraphProto {
+            node: vec![node],
+            name: "cartscore".into(),
+            input: vec![tensor_info("features", FLOAT, &[None, Some(FEATURE_COUNT as i64)])],
+            output: vec![tensor_info("label", INT64, &[None]), tensor_info("probabilities", FLOAT, &[None, Some(2)])],
+            ..Default::default()
+        }),
+        metadata_props: metadata.to_metadata_props(),
+        ..Default::default()
+    }
+}
+
+pub fn encode(model: &ModelProto) -> Vec<u8> {
+    model.encode_to_vec()
+}
+
+/// Rows that sit exactly on split thresholds (and one f32 step above), made
+/// from `base` rows: where f64 and f32 trees would disagree if the threshold
+/// conversion were wrong.
+pub fn edge_rows(trees: &[Tree], base: &[f32], limit: usize) -> Vec<f32> {
+    let base_rows = base.len() / FEATURE_COUNT;
+    if base_rows == 0 {
+        return Vec::new();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for split in trees.iter().flat_map(|t| &t.splits) {
+        let at = f32_threshold(split.threshold);
+        if !at.is_finite() || !seen.insert((split.feature, at.to_bits())) {
+            continue;
+        }
+        for value in [at, at.next_up()] {
+            let i = seen.len() % base_rows;
+            let mut row = base[i * FEATURE_COUNT..(i + 1) * FEATURE_COUNT].to_vec();
+            row[split.feature] = value;
+            out.extend_from_slice(&row);
+        }
+        if out.len() / FEATURE_COUNT >= limit {
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_keeps_every_f32_on_its_side() {
+        for t in [0.1f64, 1.0000000180025095e-35, 35.785, 1e30, -2.5, 0.0, 7.0, 1.0 / 3.0] {
+            let f = f32_threshold(t);
+            assert!(f64::from(f) <= t);
+            assert!(f64::from(f.next_up()) > t, "{t}: {f} is not the largest f32 below");
+        }
+    }
+
+    const MODEL: &str = "tree\nversion=v4\n\nTree=0\nnum_leaves=3\nnum_cat=0\nsplit_feature=2 8\n\
+        threshold=35.785000000000004 1.5000000000000002\ndecision_type=2 2\nleft_child=1 -1\nright_child=-3 -2\n\
+        leaf_value=0.5 -0.25 0.125\nshrinkage=1\n\n\nTree=1\nnum_leaves=1\nnum_cat=0\nsplit_feature=\nthreshold=\n\
+        decision_type=\nleft_child=\nright_child=\nleaf_value=0.03\nshrinkage=1\n\n\nend of trees\n";
+
+    #[test]
+    fn parses_lightgbm_text() {
+        let trees = parse_lightgbm(MODEL).unwrap();
+        assert_eq!(trees.len(), 2);
+        assert_eq!(trees[0].splits[0].left, Child::Split(1));
+        assert_eq!(trees[0].splits[0].right, Child::Leaf(2));
+        assert_eq!(trees[0].splits[1].left, Child::Leaf(0));
+        assert_eq!(trees[1].leaves, vec![0.03]);
+        assert!(parse_lightgbm("tree\n").is_err());
+    }
+}
