@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tract_onnx::pb::{ModelProto, StringStringEntryProto};
 
@@ -22,25 +22,52 @@ const PREFIX: &str = "cartscore.";
 #[derive(Debug, Error)]
 pub enum BundleError {
     #[error("cannot read model file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid ONNX model: {source}")]
-    Decode { path: PathBuf, source: prost::DecodeError },
+    Decode {
+        path: PathBuf,
+        source: prost::DecodeError,
+    },
     #[error("metadata key `{key}` is missing")]
     MissingKey { key: String },
     #[error("metadata key `{key}` does not parse: {source}")]
-    BadValue { key: String, source: serde_json::Error },
+    BadValue {
+        key: String,
+        source: serde_json::Error,
+    },
     #[error("bundle has contract version {found}, this build serves contract version {expected}")]
     ContractVersion { found: u32, expected: u32 },
-    #[error("bundle's feature names differ from the contract at column {column}: {found:?} vs {expected:?}")]
-    FeatureNames { column: usize, found: String, expected: String },
+    #[error(
+        "bundle's feature names differ from the contract at column {column}: {found:?} vs {expected:?}"
+    )]
+    FeatureNames {
+        column: usize,
+        found: String,
+        expected: String,
+    },
     #[error("bundle has {found} features, the contract has {expected}")]
     FeatureCount { found: usize, expected: usize },
     #[error("golden vector {index} has {found} values, expected {expected}")]
-    GoldenShape { index: usize, found: usize, expected: usize },
+    GoldenShape {
+        index: usize,
+        found: usize,
+        expected: usize,
+    },
     #[error("bundle has no golden vectors")]
     NoGoldenVectors,
-    #[error("golden vector {index}: model gives {actual}, bundle expects {expected} (|diff| {diff:e} > {tolerance:e})")]
-    GoldenMismatch { index: usize, expected: f64, actual: f64, diff: f64, tolerance: f64 },
+    #[error(
+        "golden vector {index}: model gives {actual}, bundle expects {expected} (|diff| {diff:e} > {tolerance:e})"
+    )]
+    GoldenMismatch {
+        index: usize,
+        expected: f64,
+        actual: f64,
+        diff: f64,
+        tolerance: f64,
+    },
     #[error("golden vector {index}: model output {actual} is not a probability")]
     NotAProbability { index: usize, actual: f64 },
 }
@@ -71,7 +98,10 @@ pub struct BundleMetadata {
 
 impl BundleMetadata {
     pub fn to_metadata_props(&self) -> Vec<StringStringEntryProto> {
-        let entry = |name: &str, value: String| StringStringEntryProto { key: format!("{PREFIX}{name}"), value };
+        let entry = |name: &str, value: String| StringStringEntryProto {
+            key: format!("{PREFIX}{name}"),
+            value,
+        };
         vec![
             entry("model_version", self.model_version.clone()),
             entry("contract_version", self.contract_version.to_string()),
@@ -94,8 +124,10 @@ impl BundleMetadata {
                 .ok_or(BundleError::MissingKey { key })
         };
         fn parse<T: DeserializeOwned>(name: &str, text: &str) -> Result<T, BundleError> {
-            serde_json::from_str(text)
-                .map_err(|source| BundleError::BadValue { key: format!("{PREFIX}{name}"), source })
+            serde_json::from_str(text).map_err(|source| BundleError::BadValue {
+                key: format!("{PREFIX}{name}"),
+                source,
+            })
         }
         Ok(Self {
             model_version: get("model_version")?.to_owned(),
@@ -111,9 +143,14 @@ impl BundleMetadata {
 
     /// Reads the metadata of an `.onnx` file without building its graph.
     pub fn read_file(path: &Path) -> Result<(ModelProto, Self), BundleError> {
-        let bytes = std::fs::read(path).map_err(|source| BundleError::Read { path: path.into(), source })?;
-        let proto = ModelProto::decode(bytes.as_slice())
-            .map_err(|source| BundleError::Decode { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| BundleError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let proto = ModelProto::decode(bytes.as_slice()).map_err(|source| BundleError::Decode {
+            path: path.into(),
+            source,
+        })?;
         let meta = Self::from_metadata_props(&proto.metadata_props)?;
         Ok((proto, meta))
     }
@@ -121,14 +158,25 @@ impl BundleMetadata {
     /// Refuses a bundle built for another feature contract.
     pub fn check_contract(&self) -> Result<(), BundleError> {
         if self.contract_version != CONTRACT_VERSION {
-            return Err(BundleError::ContractVersion { found: self.contract_version, expected: CONTRACT_VERSION });
+            return Err(BundleError::ContractVersion {
+                found: self.contract_version,
+                expected: CONTRACT_VERSION,
+            });
         }
         if self.feature_names.len() != FEATURE_COUNT {
-            return Err(BundleError::FeatureCount { found: self.feature_names.len(), expected: FEATURE_COUNT });
+            return Err(BundleError::FeatureCount {
+                found: self.feature_names.len(),
+                expected: FEATURE_COUNT,
+            });
         }
-        for (column, (found, expected)) in self.feature_names.iter().zip(FEATURE_NAMES).enumerate() {
+        for (column, (found, expected)) in self.feature_names.iter().zip(FEATURE_NAMES).enumerate()
+        {
             if found != expected {
-                return Err(BundleError::FeatureNames { column, found: found.clone(), expected: expected.into() });
+                return Err(BundleError::FeatureNames {
+                    column,
+                    found: found.clone(),
+                    expected: expected.into(),
+                });
             }
         }
         if self.golden_vectors.is_empty() {
@@ -136,7 +184,11 @@ impl BundleMetadata {
         }
         for (index, g) in self.golden_vectors.iter().enumerate() {
             if g.features.len() != FEATURE_COUNT {
-                return Err(BundleError::GoldenShape { index, found: g.features.len(), expected: FEATURE_COUNT });
+                return Err(BundleError::GoldenShape {
+                    index,
+                    found: g.features.len(),
+                    expected: FEATURE_COUNT,
+                });
             }
         }
         Ok(())
@@ -152,7 +204,10 @@ impl BundleMetadata {
         for (index, g) in self.golden_vectors.iter().enumerate() {
             let actual = score(&g.features).map_err(GoldenError::Model)?;
             if !(0.0..=1.0).contains(&actual) {
-                return Err(GoldenError::Bundle(BundleError::NotAProbability { index, actual }));
+                return Err(GoldenError::Bundle(BundleError::NotAProbability {
+                    index,
+                    actual,
+                }));
             }
             let diff = (actual - g.probability).abs();
             if diff > GOLDEN_TOLERANCE {
@@ -197,7 +252,10 @@ mod tests {
             data_fingerprint: "abc".into(),
             metrics: BTreeMap::from([("roc_auc".to_string(), 0.8)]),
             params: serde_json::json!({"num_leaves": 15}),
-            golden_vectors: vec![GoldenVector { features: vec![0.5; FEATURE_COUNT], probability: 0.25 }],
+            golden_vectors: vec![GoldenVector {
+                features: vec![0.5; FEATURE_COUNT],
+                probability: 0.25,
+            }],
         }
     }
 
@@ -213,13 +271,22 @@ mod tests {
     fn contract_checks_name_the_problem() {
         let mut meta = sample();
         meta.contract_version = 99;
-        assert!(matches!(meta.check_contract(), Err(BundleError::ContractVersion { found: 99, .. })));
+        assert!(matches!(
+            meta.check_contract(),
+            Err(BundleError::ContractVersion { found: 99, .. })
+        ));
         let mut meta = sample();
         meta.feature_names[3] = "weekday_renamed".into();
-        assert!(matches!(meta.check_contract(), Err(BundleError::FeatureNames { column: 3, .. })));
+        assert!(matches!(
+            meta.check_contract(),
+            Err(BundleError::FeatureNames { column: 3, .. })
+        ));
         let mut props = sample().to_metadata_props();
         props.retain(|e| e.key != "cartscore.encodings");
-        assert!(matches!(BundleMetadata::from_metadata_props(&props), Err(BundleError::MissingKey { .. })));
+        assert!(matches!(
+            BundleMetadata::from_metadata_props(&props),
+            Err(BundleError::MissingKey { .. })
+        ));
     }
 
     #[test]

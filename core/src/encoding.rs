@@ -22,7 +22,10 @@ pub struct CategoryTable {
 
 impl CategoryTable {
     pub fn lookup(&self, key: &str) -> [f32; 2] {
-        self.values.get(key).copied().unwrap_or([0.0, self.prior_rate])
+        self.values
+            .get(key)
+            .copied()
+            .unwrap_or([0.0, self.prior_rate])
     }
 
     /// Learns a table from `(value, label)` pairs of training examples.
@@ -40,7 +43,11 @@ impl CategoryTable {
             total += 1;
             positives += u64::from(label);
         }
-        let prior = if total == 0 { 0.0 } else { positives as f64 / total as f64 };
+        let prior = if total == 0 {
+            0.0
+        } else {
+            positives as f64 / total as f64
+        };
         let values = counts
             .into_iter()
             .filter(|(_, (n, _))| *n >= min_count)
@@ -50,7 +57,10 @@ impl CategoryTable {
                 (key.to_owned(), [freq as f32, rate as f32])
             })
             .collect();
-        Self { prior_rate: prior as f32, values }
+        Self {
+            prior_rate: prior as f32,
+            values,
+        }
     }
 }
 

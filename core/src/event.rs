@@ -10,9 +10,7 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::time::{Timestamp, truncate};
-use crate::validate::{
-    EventError, Field, MAX_MESSAGE_BYTES, MAX_SESSION_BYTES, MAX_TEXT_BYTES,
-};
+use crate::validate::{EventError, Field, MAX_MESSAGE_BYTES, MAX_SESSION_BYTES, MAX_TEXT_BYTES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -30,7 +28,9 @@ impl EventType {
             "cart" => Ok(EventType::Cart),
             "remove_from_cart" => Ok(EventType::RemoveFromCart),
             "purchase" => Ok(EventType::Purchase),
-            other => Err(EventError::UnknownEventType { value: truncate(other) }),
+            other => Err(EventError::UnknownEventType {
+                value: truncate(other),
+            }),
         }
     }
 
@@ -64,13 +64,18 @@ impl Event {
     /// Parses a JSON message: a flat object or a JsonConverter envelope.
     pub fn from_json(bytes: &[u8]) -> Result<Self, EventError> {
         if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(EventError::Oversize { len: bytes.len(), max: MAX_MESSAGE_BYTES });
+            return Err(EventError::Oversize {
+                len: bytes.len(),
+                max: MAX_MESSAGE_BYTES,
+            });
         }
         // serde would also read a struct from an array, positionally; events are objects.
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(match std::str::from_utf8(bytes) {
                 Err(_) => EventError::NotUtf8,
-                Ok(_) => EventError::Malformed { reason: "expected a JSON object".into() },
+                Ok(_) => EventError::Malformed {
+                    reason: "expected a JSON object".into(),
+                },
             });
         }
         let message: RawJson<'_> = serde_json::from_slice(bytes).map_err(|err| {
@@ -79,7 +84,9 @@ impl Event {
             {
                 EventError::NotUtf8
             } else {
-                EventError::Malformed { reason: err.to_string() }
+                EventError::Malformed {
+                    reason: err.to_string(),
+                }
             }
         })?;
         message.into_raw().validate()
@@ -90,7 +97,10 @@ impl Event {
     pub fn from_csv(record: &csv::ByteRecord, layout: &CsvLayout) -> Result<Self, EventError> {
         let len = record.as_slice().len();
         if len > MAX_MESSAGE_BYTES {
-            return Err(EventError::Oversize { len, max: MAX_MESSAGE_BYTES });
+            return Err(EventError::Oversize {
+                len,
+                max: MAX_MESSAGE_BYTES,
+            });
         }
         let get = |field: Field| -> Result<RawValue<'_>, EventError> {
             match record.get(layout.index(field)) {
@@ -164,20 +174,27 @@ pub struct CsvLayout {
 impl CsvLayout {
     /// The column order of the data set's files.
     pub fn dataset() -> Self {
-        Self { indexes: [0, 1, 2, 3, 4, 5, 6, 7, 8] }
+        Self {
+            indexes: [0, 1, 2, 3, 4, 5, 6, 7, 8],
+        }
     }
 
     /// Reads the column order from a header row; extra columns are allowed.
     pub fn from_header(header: &csv::ByteRecord) -> Result<Self, EventError> {
         let mut indexes = [usize::MAX; 9];
         for (i, name) in header.iter().enumerate() {
-            let name = std::str::from_utf8(name).unwrap_or("").trim().trim_start_matches('\u{feff}');
+            let name = std::str::from_utf8(name)
+                .unwrap_or("")
+                .trim()
+                .trim_start_matches('\u{feff}');
             if let Some(pos) = Field::ALL.iter().position(|f| f.name() == name) {
                 indexes[pos] = i;
             }
         }
         if let Some(pos) = indexes.iter().position(|&i| i == usize::MAX) {
-            return Err(EventError::Missing { field: Field::ALL[pos] });
+            return Err(EventError::Missing {
+                field: Field::ALL[pos],
+            });
         }
         Ok(Self { indexes })
     }
@@ -329,9 +346,17 @@ impl RawEvent<'_> {
         }
         let event_time = match self.event_time {
             RawValue::Str(s) => Timestamp::parse(&s)?,
-            RawValue::Unsigned(v) => Timestamp::from_epoch_micros(i64::try_from(v).unwrap_or(i64::MAX))?,
+            RawValue::Unsigned(v) => {
+                Timestamp::from_epoch_micros(i64::try_from(v).unwrap_or(i64::MAX))?
+            }
             RawValue::Signed(v) => Timestamp::from_epoch_micros(v)?,
-            other => return Err(type_error(Field::EventTime, &other, "a timestamp string or epoch micros")),
+            other => {
+                return Err(type_error(
+                    Field::EventTime,
+                    &other,
+                    "a timestamp string or epoch micros",
+                ));
+            }
         };
         let event_type = match self.event_type {
             RawValue::Str(s) => EventType::parse(s.trim())?,
@@ -350,11 +375,18 @@ impl RawEvent<'_> {
                     return Err(EventError::EmptySession);
                 }
                 if s.len() > MAX_SESSION_BYTES {
-                    return Err(EventError::SessionTooLong { len: s.len(), max: MAX_SESSION_BYTES });
+                    return Err(EventError::SessionTooLong {
+                        len: s.len(),
+                        max: MAX_SESSION_BYTES,
+                    });
                 }
                 s.to_owned()
             }
-            RawValue::Missing | RawValue::Null => return Err(EventError::Missing { field: Field::UserSession }),
+            RawValue::Missing | RawValue::Null => {
+                return Err(EventError::Missing {
+                    field: Field::UserSession,
+                });
+            }
             other => return Err(type_error(Field::UserSession, &other, "a string")),
         };
         Ok(Event {
@@ -383,16 +415,27 @@ fn id(field: Field, value: RawValue<'_>) -> Result<u64, EventError> {
     let v = match value {
         RawValue::Unsigned(v) => v,
         RawValue::Signed(v) => {
-            return Err(EventError::BadInteger { field, value: v.to_string() });
+            return Err(EventError::BadInteger {
+                field,
+                value: v.to_string(),
+            });
         }
         RawValue::Str(s) => {
             let s = s.trim();
             if s.is_empty() {
                 return Err(EventError::Missing { field });
             }
-            s.parse::<u64>().map_err(|_| EventError::BadInteger { field, value: truncate(s) })?
+            s.parse::<u64>().map_err(|_| EventError::BadInteger {
+                field,
+                value: truncate(s),
+            })?
         }
-        RawValue::Float(v) => return Err(EventError::BadInteger { field, value: v.to_string() }),
+        RawValue::Float(v) => {
+            return Err(EventError::BadInteger {
+                field,
+                value: v.to_string(),
+            });
+        }
         other => return Err(type_error(field, &other, "an unsigned integer")),
     };
     if v == 0 {
@@ -410,9 +453,17 @@ fn text(field: Field, value: RawValue<'_>, lowercase: bool) -> Result<Option<Str
                 return Ok(None);
             }
             if s.len() > MAX_TEXT_BYTES {
-                return Err(EventError::TextTooLong { field, len: s.len(), max: MAX_TEXT_BYTES });
+                return Err(EventError::TextTooLong {
+                    field,
+                    len: s.len(),
+                    max: MAX_TEXT_BYTES,
+                });
             }
-            Ok(Some(if lowercase { s.to_lowercase() } else { s.to_owned() }))
+            Ok(Some(if lowercase {
+                s.to_lowercase()
+            } else {
+                s.to_owned()
+            }))
         }
         other => Err(type_error(field, &other, "a string")),
     }
@@ -426,9 +477,12 @@ fn price(value: RawValue<'_>) -> Result<f64, EventError> {
         RawValue::Str(s) => {
             let s = s.trim();
             if s.is_empty() {
-                return Err(EventError::Missing { field: Field::Price });
+                return Err(EventError::Missing {
+                    field: Field::Price,
+                });
             }
-            s.parse::<f64>().map_err(|_| EventError::BadPrice { value: truncate(s) })?
+            s.parse::<f64>()
+                .map_err(|_| EventError::BadPrice { value: truncate(s) })?
         }
         other => return Err(type_error(Field::Price, &other, "a number")),
     };
@@ -479,7 +533,10 @@ mod tests {
     #[test]
     fn delete_markers_are_rejected() {
         let deleted = FLAT.replace("\"price\"", "\"__deleted\":\"true\",\"price\"");
-        assert_eq!(Event::from_json(deleted.as_bytes()), Err(EventError::DeletedRow));
+        assert_eq!(
+            Event::from_json(deleted.as_bytes()),
+            Err(EventError::DeletedRow)
+        );
     }
 
     #[test]
@@ -511,27 +568,67 @@ mod tests {
         assert_eq!(reject("35.79", "-1.5").code(), "negative_price");
         assert_eq!(reject("35.79", "\"NaN\"").code(), "non_finite_price");
         assert_eq!(reject("35.79", "\"abc\"").code(), "bad_price");
-        assert_eq!(reject("44600062", "0"), EventError::ZeroId { field: Field::ProductId });
+        assert_eq!(
+            reject("44600062", "0"),
+            EventError::ZeroId {
+                field: Field::ProductId
+            }
+        );
         assert_eq!(reject("44600062", "-5").code(), "bad_integer");
         assert_eq!(reject("44600062", "4.5").code(), "bad_integer");
-        assert_eq!(reject("541312140", "\"\""), EventError::Missing { field: Field::UserId });
-        assert_eq!(reject("\"product_id\":44600062,", "").code(), "missing_field");
-        assert_eq!(reject("\"72d76fde-8bb3-4e00-8c23-a032dfed738c\"", "\"\""), EventError::EmptySession);
+        assert_eq!(
+            reject("541312140", "\"\""),
+            EventError::Missing {
+                field: Field::UserId
+            }
+        );
+        assert_eq!(
+            reject("\"product_id\":44600062,", "").code(),
+            "missing_field"
+        );
+        assert_eq!(
+            reject("\"72d76fde-8bb3-4e00-8c23-a032dfed738c\"", "\"\""),
+            EventError::EmptySession
+        );
         let long = format!("\"{}\"", "x".repeat(129));
-        assert_eq!(reject("\"72d76fde-8bb3-4e00-8c23-a032dfed738c\"", &long).code(), "session_too_long");
-        assert_eq!(reject("2019-10-01 00:00:00 UTC", "1969-10-01 00:00:00 UTC").code(), "timestamp_out_of_range");
-        assert_eq!(reject("2019-10-01 00:00:00 UTC", "soon").code(), "bad_timestamp");
+        assert_eq!(
+            reject("\"72d76fde-8bb3-4e00-8c23-a032dfed738c\"", &long).code(),
+            "session_too_long"
+        );
+        assert_eq!(
+            reject("2019-10-01 00:00:00 UTC", "1969-10-01 00:00:00 UTC").code(),
+            "timestamp_out_of_range"
+        );
+        assert_eq!(
+            reject("2019-10-01 00:00:00 UTC", "soon").code(),
+            "bad_timestamp"
+        );
         assert_eq!(reject("\"Shiseido\"", "[1,2]").code(), "wrong_type");
-        assert_eq!(reject("\"price\":35.79", "\"price\":35.79,").code(), "malformed");
+        assert_eq!(
+            reject("\"price\":35.79", "\"price\":35.79,").code(),
+            "malformed"
+        );
     }
 
     #[test]
     fn oversize_and_binary_messages() {
         let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(MAX_MESSAGE_BYTES));
-        assert_eq!(Event::from_json(big.as_bytes()).unwrap_err().code(), "oversize");
-        assert_eq!(Event::from_json(&[0xff, 0xfe, 0x00]).unwrap_err().code(), "not_utf8");
-        assert_eq!(Event::from_json(b"[1,2,3]").unwrap_err().code(), "malformed");
-        assert_eq!(Event::from_json(b"{\"event_time\": ").unwrap_err().code(), "malformed");
+        assert_eq!(
+            Event::from_json(big.as_bytes()).unwrap_err().code(),
+            "oversize"
+        );
+        assert_eq!(
+            Event::from_json(&[0xff, 0xfe, 0x00]).unwrap_err().code(),
+            "not_utf8"
+        );
+        assert_eq!(
+            Event::from_json(b"[1,2,3]").unwrap_err().code(),
+            "malformed"
+        );
+        assert_eq!(
+            Event::from_json(b"{\"event_time\": ").unwrap_err().code(),
+            "malformed"
+        );
     }
 
     #[test]
@@ -553,7 +650,9 @@ mod tests {
         let header = csv::ByteRecord::from(vec!["event_time", "event_type"]);
         assert_eq!(
             CsvLayout::from_header(&header),
-            Err(EventError::Missing { field: Field::ProductId })
+            Err(EventError::Missing {
+                field: Field::ProductId
+            })
         );
     }
 

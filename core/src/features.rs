@@ -96,7 +96,11 @@ pub struct CategoricalKeys<'a> {
 
 impl<'a> CategoricalKeys<'a> {
     pub fn of(event: &'a Event) -> Self {
-        Self { brand: event.brand_key(), category_l1: event.category_l1(), category_l2: event.category_l2() }
+        Self {
+            brand: event.brand_key(),
+            category_l1: event.category_l1(),
+            category_l2: event.category_l2(),
+        }
     }
 }
 
@@ -116,7 +120,11 @@ impl FeatureRow {
     /// Every column except the encoded string columns, which stay 0 until
     /// [`FeatureRow::encode`]. The trainer needs the split because it learns
     /// the tables only after the replay has labelled the examples.
-    pub fn from_state(session: Option<&SessionState>, user: Option<&UserState>, cart: &Event) -> Self {
+    pub fn from_state(
+        session: Option<&SessionState>,
+        user: Option<&UserState>,
+        cart: &Event,
+    ) -> Self {
         let t = cart.event_time;
         let session = session.filter(|s| s.is_live_at(t));
         let user = user.filter(|u| u.is_live_at(t));
@@ -134,7 +142,8 @@ impl FeatureRow {
                 f[col::SESSION_CARTS] = (s.carts + 1) as f32;
                 f[col::SESSION_REMOVES] = s.removes as f32;
                 f[col::SESSION_PURCHASES] = s.purchases as f32;
-                f[col::SESSION_DISTINCT_PRODUCTS] = (s.distinct_products + u32::from(product.is_none())) as f32;
+                f[col::SESSION_DISTINCT_PRODUCTS] =
+                    (s.distinct_products + u32::from(product.is_none())) as f32;
                 f[col::PRODUCT_VIEWS_IN_SESSION] = product.map_or(0, |p| p.views) as f32;
                 f[col::PRODUCT_PREV_CARTS_IN_SESSION] = product.map_or(0, |p| p.carts) as f32;
                 f[col::SESSION_AGE_SECONDS] = t.secs_since(s.started_at).max(0.0);
@@ -155,7 +164,8 @@ impl FeatureRow {
 
         if let Some(u) = user {
             // The current session, when live, is already counted in `sessions`.
-            f[col::USER_PREV_SESSIONS] = u.sessions.saturating_sub(u32::from(session.is_some())) as f32;
+            f[col::USER_PREV_SESSIONS] =
+                u.sessions.saturating_sub(u32::from(session.is_some())) as f32;
             f[col::USER_CARTS] = u.carts as f32;
             f[col::USER_PURCHASES] = u.purchases as f32;
             f[col::USER_DAYS_SINCE_FIRST_SEEN] = t.secs_since(u.first_seen_at).max(0.0) / 86_400.0;
@@ -169,8 +179,10 @@ impl FeatureRow {
     pub fn encode(&mut self, keys: CategoricalKeys<'_>, tables: &EncodingTables) {
         let f = &mut self.0;
         [f[col::BRAND_FREQ], f[col::BRAND_PURCHASE_RATE]] = tables.brand.lookup(keys.brand);
-        [f[col::CATEGORY_L1_FREQ], f[col::CATEGORY_L1_PURCHASE_RATE]] = tables.category_l1.lookup(keys.category_l1);
-        [f[col::CATEGORY_L2_FREQ], f[col::CATEGORY_L2_PURCHASE_RATE]] = tables.category_l2.lookup(keys.category_l2);
+        [f[col::CATEGORY_L1_FREQ], f[col::CATEGORY_L1_PURCHASE_RATE]] =
+            tables.category_l1.lookup(keys.category_l1);
+        [f[col::CATEGORY_L2_FREQ], f[col::CATEGORY_L2_PURCHASE_RATE]] =
+            tables.category_l2.lookup(keys.category_l2);
     }
 
     pub fn as_slice(&self) -> &[f32] {
@@ -207,7 +219,10 @@ mod tests {
     #[test]
     fn names_match_columns() {
         assert_eq!(FEATURE_NAMES.len(), FEATURE_COUNT);
-        assert_eq!(FEATURE_NAMES[col::USER_DAYS_SINCE_FIRST_SEEN], "user_days_since_first_seen");
+        assert_eq!(
+            FEATURE_NAMES[col::USER_DAYS_SINCE_FIRST_SEEN],
+            "user_days_since_first_seen"
+        );
         assert_eq!(FEATURE_NAMES[col::HOUR_OF_DAY], "hour_of_day");
         let mut sorted = FEATURE_NAMES.to_vec();
         sorted.sort_unstable();
@@ -228,7 +243,11 @@ mod tests {
     #[test]
     fn point_in_time_session_features() {
         let (mut s, mut u) = (SessionState::default(), UserState::default());
-        for e in [event(0, EventType::View, 1, 10.0), event(10, EventType::View, 2, 30.0), event(20, EventType::View, 1, 10.0)] {
+        for e in [
+            event(0, EventType::View, 1, 10.0),
+            event(10, EventType::View, 2, 30.0),
+            event(20, EventType::View, 1, 10.0),
+        ] {
             apply(&mut s, &mut u, &e);
         }
         let cart = event(50, EventType::Cart, 1, 10.0);
@@ -254,7 +273,12 @@ mod tests {
     fn expired_session_is_new() {
         let (mut s, mut u) = (SessionState::default(), UserState::default());
         apply(&mut s, &mut u, &event(0, EventType::View, 1, 10.0));
-        let cart = event(crate::state::SESSION_IDLE_TIMEOUT_SECS + 1, EventType::Cart, 1, 10.0);
+        let cart = event(
+            crate::state::SESSION_IDLE_TIMEOUT_SECS + 1,
+            EventType::Cart,
+            1,
+            10.0,
+        );
         let row = FeatureRow::from_state(Some(&s), Some(&u), &cart);
         assert_eq!(row.0[col::SESSION_EVENTS], 1.0);
         assert_eq!(row.0[col::USER_PREV_SESSIONS], 1.0);
@@ -264,7 +288,10 @@ mod tests {
     fn encoding_fills_string_columns() {
         let mut tables = EncodingTables::default();
         tables.brand.prior_rate = 0.25;
-        tables.category_l2.values.insert("appliances.kitchen".into(), [0.5, 0.75]);
+        tables
+            .category_l2
+            .values
+            .insert("appliances.kitchen".into(), [0.5, 0.75]);
         let row = FeatureRow::build(None, None, &event(0, EventType::Cart, 1, 10.0), &tables);
         assert_eq!(row.0[col::BRAND_PURCHASE_RATE], 0.25);
         assert_eq!(row.0[col::CATEGORY_L2_FREQ], 0.5);

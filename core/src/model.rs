@@ -48,7 +48,11 @@ impl TractModel {
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| ModelError::Load(format!("{e:#}")))?;
-        let model = Self { plan, metadata, proto };
+        let model = Self {
+            plan,
+            metadata,
+            proto,
+        };
         model
             .metadata
             .verify_golden(|row| model.predict(row).map(|p| f64::from(p[0])))
@@ -60,15 +64,22 @@ impl TractModel {
     }
 
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| BundleError::Read { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| BundleError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::from_bytes(&bytes)
     }
 
     /// Probabilities of the positive class for a row-major batch of rows.
     pub fn predict(&self, rows: &[f32]) -> Result<Vec<f32>, ModelError> {
         let batch = rows.len() / FEATURE_COUNT;
-        let input = Tensor::from_shape(&[batch, FEATURE_COUNT], rows).map_err(|e| ModelError::Run(e.to_string()))?;
-        let outputs = self.plan.run(tvec!(input.into())).map_err(|e| ModelError::Run(format!("{e:#}")))?;
+        let input = Tensor::from_shape(&[batch, FEATURE_COUNT], rows)
+            .map_err(|e| ModelError::Run(e.to_string()))?;
+        let outputs = self
+            .plan
+            .run(tvec!(input.into()))
+            .map_err(|e| ModelError::Run(format!("{e:#}")))?;
         let probabilities = outputs
             .iter()
             .find(|o| o.datum_type() == f32::datum_type() && o.rank() == 2)
@@ -77,7 +88,9 @@ impl TractModel {
         if shape.len() != 2 || shape[0] != batch || shape[1] != 2 {
             return Err(ModelError::OutputShape { shape });
         }
-        let view = probabilities.to_plain_array_view::<f32>().map_err(|e| ModelError::Run(e.to_string()))?;
+        let view = probabilities
+            .to_plain_array_view::<f32>()
+            .map_err(|e| ModelError::Run(e.to_string()))?;
         Ok((0..batch).map(|i| view[[i, 1]]).collect())
     }
 }

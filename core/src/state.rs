@@ -78,11 +78,19 @@ impl SessionState {
     }
 
     fn product_mut(&mut self, product_id: u64, at: Timestamp) -> &mut ProductActivity {
-        if let Some(i) = self.products.iter().position(|p| p.product_id == product_id) {
+        if let Some(i) = self
+            .products
+            .iter()
+            .position(|p| p.product_id == product_id)
+        {
             return &mut self.products[i];
         }
         self.distinct_products += 1;
-        let fresh = ProductActivity { product_id, last_seen_at: at, ..Default::default() };
+        let fresh = ProductActivity {
+            product_id,
+            last_seen_at: at,
+            ..Default::default()
+        };
         if self.products.len() < MAX_TRACKED_PRODUCTS {
             self.products.push(fresh);
             let last = self.products.len() - 1;
@@ -102,7 +110,8 @@ impl SessionState {
 
     /// Mean price of the products viewed so far in the session, when any.
     pub fn mean_view_price(&self) -> Option<f64> {
-        (self.view_count_priced > 0).then(|| self.view_price_sum / f64::from(self.view_count_priced))
+        (self.view_count_priced > 0)
+            .then(|| self.view_price_sum / f64::from(self.view_count_priced))
     }
 }
 
@@ -121,7 +130,11 @@ impl UserState {
 pub fn apply(session: &mut SessionState, user: &mut UserState, event: &Event) {
     let t = event.event_time;
     if !user.is_live_at(t) {
-        *user = UserState { first_seen_at: t, last_event_at: t, ..Default::default() };
+        *user = UserState {
+            first_seen_at: t,
+            last_event_at: t,
+            ..Default::default()
+        };
     }
     if !session.is_live_at(t) {
         *session = SessionState {
@@ -192,7 +205,10 @@ mod tests {
         apply(&mut s, &mut u, &event(0, EventType::View, 1, 10.0));
         apply(&mut s, &mut u, &event(5, EventType::View, 2, 30.0));
         apply(&mut s, &mut u, &event(9, EventType::Cart, 2, 30.0));
-        assert_eq!((s.events, s.views, s.carts, s.distinct_products), (3, 2, 1, 2));
+        assert_eq!(
+            (s.events, s.views, s.carts, s.distinct_products),
+            (3, 2, 1, 2)
+        );
         assert_eq!(s.mean_view_price(), Some(20.0));
         assert_eq!(s.product(2).map(|p| (p.views, p.carts)), Some((1, 1)));
         assert_eq!((u.sessions, u.carts), (1, 1));
@@ -202,7 +218,9 @@ mod tests {
     fn expiry_uses_event_time() {
         let (mut s, mut u) = (SessionState::default(), UserState::default());
         apply(&mut s, &mut u, &event(0, EventType::View, 1, 10.0));
-        assert!(s.is_live_at(Timestamp::from_secs(1_569_888_000 + SESSION_IDLE_TIMEOUT_SECS)));
+        assert!(s.is_live_at(Timestamp::from_secs(
+            1_569_888_000 + SESSION_IDLE_TIMEOUT_SECS
+        )));
         let later = SESSION_IDLE_TIMEOUT_SECS + 1;
         assert!(s.is_expired_at(Timestamp::from_secs(1_569_888_000 + later)));
         apply(&mut s, &mut u, &event(later, EventType::View, 1, 10.0));
@@ -222,7 +240,11 @@ mod tests {
     fn tracked_products_are_bounded_and_evict_least_recent() {
         let (mut s, mut u) = (SessionState::default(), UserState::default());
         for p in 0..(MAX_TRACKED_PRODUCTS as u64 + 10) {
-            apply(&mut s, &mut u, &event(p as i64, EventType::View, p + 1, 1.0));
+            apply(
+                &mut s,
+                &mut u,
+                &event(p as i64, EventType::View, p + 1, 1.0),
+            );
         }
         assert_eq!(s.products.len(), MAX_TRACKED_PRODUCTS);
         assert_eq!(s.distinct_products, MAX_TRACKED_PRODUCTS as u32 + 10);

@@ -50,7 +50,9 @@ impl Timestamp {
     /// microseconds written as digits.
     pub fn parse(text: &str) -> Result<Self, EventError> {
         let text = text.trim();
-        let bad = || EventError::BadTimestamp { value: truncate(text) };
+        let bad = || EventError::BadTimestamp {
+            value: truncate(text),
+        };
         let ts = if let Some(ts) = parse_dataset_form(text) {
             ts
         } else if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
@@ -82,8 +84,8 @@ impl Timestamp {
         let secs = self.secs();
         let days = secs.div_euclid(SECS_PER_DAY);
         let sod = secs.rem_euclid(SECS_PER_DAY);
-        let date = NaiveDate::from_num_days_from_ce_opt(days as i32 + 719_163)
-            .unwrap_or(NaiveDate::MIN);
+        let date =
+            NaiveDate::from_num_days_from_ce_opt(days as i32 + 719_163).unwrap_or(NaiveDate::MIN);
         use chrono::Datelike;
         push_digits(out, date.year() as u32, 4);
         out.push(b'-');
@@ -185,20 +187,33 @@ mod tests {
 
     #[test]
     fn dataset_form_round_trips() {
-        for text in ["2019-10-01 00:00:00 UTC", "2024-02-29 23:59:59 UTC", "2000-01-01 00:00:00 UTC"] {
+        for text in [
+            "2019-10-01 00:00:00 UTC",
+            "2024-02-29 23:59:59 UTC",
+            "2000-01-01 00:00:00 UTC",
+        ] {
             assert_eq!(Timestamp::parse(text).unwrap().to_dataset_form(), text);
         }
     }
 
     #[test]
     fn rejects_bad_and_out_of_range() {
-        assert!(matches!(Timestamp::parse("yesterday"), Err(EventError::BadTimestamp { .. })));
-        assert!(matches!(Timestamp::parse("2019-13-01 00:00:00 UTC"), Err(EventError::BadTimestamp { .. })));
+        assert!(matches!(
+            Timestamp::parse("yesterday"),
+            Err(EventError::BadTimestamp { .. })
+        ));
+        assert!(matches!(
+            Timestamp::parse("2019-13-01 00:00:00 UTC"),
+            Err(EventError::BadTimestamp { .. })
+        ));
         assert!(matches!(
             Timestamp::parse("1899-10-01 00:00:00 UTC"),
             Err(EventError::TimestampOutOfRange { .. })
         ));
-        assert!(matches!(Timestamp::parse("0"), Err(EventError::TimestampOutOfRange { .. })));
+        assert!(matches!(
+            Timestamp::parse("0"),
+            Err(EventError::TimestampOutOfRange { .. })
+        ));
         assert!(Timestamp::parse("99999999999999999999999").is_err());
     }
 }

@@ -72,7 +72,10 @@ pub enum EventError {
     #[error("missing field `{field}`")]
     Missing { field: Field },
     #[error("field `{field}` has the wrong type: expected {expected}")]
-    WrongType { field: Field, expected: &'static str },
+    WrongType {
+        field: Field,
+        expected: &'static str,
+    },
     #[error("field `{field}` is not a valid unsigned integer: {value:?}")]
     BadInteger { field: Field, value: String },
     #[error("field `{field}` must be greater than zero")]
@@ -90,7 +93,11 @@ pub enum EventError {
     #[error("user_session is {len} bytes, over the {max}-byte limit")]
     SessionTooLong { len: usize, max: usize },
     #[error("field `{field}` is {len} bytes, over the {max}-byte limit")]
-    TextTooLong { field: Field, len: usize, max: usize },
+    TextTooLong {
+        field: Field,
+        len: usize,
+        max: usize,
+    },
     #[error("event_time is not a recognised timestamp: {value:?}")]
     BadTimestamp { value: String },
     #[error("event_time {micros} µs since epoch is outside 2000-01-01 .. 2100-01-01")]
@@ -135,7 +142,9 @@ impl EventError {
             EventError::BadPrice { .. }
             | EventError::NonFinitePrice
             | EventError::NegativePrice { .. } => Some(Field::Price),
-            EventError::EmptySession | EventError::SessionTooLong { .. } => Some(Field::UserSession),
+            EventError::EmptySession | EventError::SessionTooLong { .. } => {
+                Some(Field::UserSession)
+            }
             EventError::BadTimestamp { .. } | EventError::TimestampOutOfRange { .. } => {
                 Some(Field::EventTime)
             }

@@ -10,7 +10,9 @@ use cartscore_core::{CsvLayout, Event, EventError, EventType};
 fn dataset_path() -> PathBuf {
     match std::env::var_os("CARTSCORE_DATASET") {
         Some(path) => PathBuf::from(path),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/2019-Oct-head.csv"),
+        None => {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/2019-Oct-head.csv")
+        }
     }
 }
 
@@ -45,11 +47,19 @@ fn every_row_of_the_real_slice_validates() {
     }
     assert_eq!(
         rejected,
-        vec![(17_436, EventError::Missing { field: Field::UserSession })],
+        vec![(
+            17_436,
+            EventError::Missing {
+                field: Field::UserSession
+            }
+        )],
         "only the truncated last line may fail"
     );
     assert_eq!(rows, 17_434);
     assert_eq!((views, carts, purchases, removes), (17_055, 165, 214, 0));
     // Ids near 2.2e18 must survive exactly (an f64 detour would round them).
-    assert!(max_category_id > 2_000_000_000_000_000_000, "{max_category_id}");
+    assert!(
+        max_category_id > 2_000_000_000_000_000_000,
+        "{max_category_id}"
+    );
 }

@@ -11,7 +11,11 @@ use crate::synth::SynthConfig;
 use crate::train::{TrainConfig, TrainRequest};
 
 #[derive(Debug, Parser)]
-#[command(name = "cartscore-trainer", version, about = "Offline trainer for the cartscore appliance")]
+#[command(
+    name = "cartscore-trainer",
+    version,
+    about = "Offline trainer for the cartscore appliance"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,8 +100,10 @@ impl TrainArgs {
     fn config(&self) -> Result<TrainConfig> {
         let mut config = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("failed to read config {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("failed to read config {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid config {}", path.display()))?
             }
             None => TrainConfig::default(),
         };
@@ -125,10 +131,17 @@ impl Cli {
     pub fn run(self) -> Result<()> {
         match self.command {
             Command::Synth(args) => {
-                anyhow::ensure!((0.0..1.0).contains(&args.invalid_rate), "--invalid-rate must be in [0, 1)");
+                anyhow::ensure!(
+                    (0.0..1.0).contains(&args.invalid_rate),
+                    "--invalid-rate must be in [0, 1)"
+                );
                 let started = Instant::now();
                 let summary = crate::synth::run(
-                    SynthConfig { events: args.events, seed: args.seed, invalid_rate: args.invalid_rate },
+                    SynthConfig {
+                        events: args.events,
+                        seed: args.seed,
+                        invalid_rate: args.invalid_rate,
+                    },
                     &args.out,
                     args.oracle.as_deref(),
                 )?;
@@ -160,8 +173,9 @@ impl Cli {
                 print!("{}", crate::report::text(&report));
             }
             Command::Predict(args) => {
-                let summary = crate::predict::run(&args.inputs, &args.model, &args.out, args.error_budget)
-                    .context("prediction failed")?;
+                let summary =
+                    crate::predict::run(&args.inputs, &args.model, &args.out, args.error_budget)
+                        .context("prediction failed")?;
                 println!(
                     "scored {} cart events of {} events ({} invalid rows skipped) into {}",
                     summary.carts,

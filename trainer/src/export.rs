@@ -14,8 +14,8 @@ use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
 use tract_onnx::pb::type_proto::{Tensor as TensorType, Value as TypeValue};
 use tract_onnx::pb::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
+    TypeProto, ValueInfoProto,
 };
 
 /// One split of a tree.
@@ -49,7 +49,10 @@ pub fn f32_threshold(t: f64) -> f32 {
 fn numbers<T: std::str::FromStr>(key: &str, value: &str) -> Result<Vec<T>> {
     value
         .split_whitespace()
-        .map(|v| v.parse::<T>().map_err(|_| anyhow::anyhow!("LightGBM model field {key} has a bad value {v:?}")))
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|_| anyhow::anyhow!("LightGBM model field {key} has a bad value {v:?}"))
+        })
         .collect()
 }
 
@@ -64,13 +67,14 @@ pub fn parse_lightgbm(text: &str) -> Result<Vec<Tree>> {
             fields.clear();
         } else if line.trim().is_empty() || line.starts_with("end of trees") {
             if in_tree {
-                trees.push(parse_tree(&fields).with_context(|| format!("in LightGBM tree {}", trees.len()))?);
+                trees.push(
+                    parse_tree(&fields)
+                        .with_context(|| format!("in LightGBM tree {}", trees.len()))?,
+                );
                 in_tree = false;
             }
-        } else if in_tree {
-            if let Some((k, v)) = line.split_once('=') {
-                fields.push((k, v));
-            }
+        } else if in_tree && let Some((k, v)) = line.split_once('=') {
+            fields.push((k, v));
         }
     }
     ensure!(!trees.is_empty(), "the LightGBM model has no trees");
@@ -78,15 +82,28 @@ pub fn parse_lightgbm(text: &str) -> Result<Vec<Tree>> {
 }
 
 fn parse_tree(fields: &[(&str, &str)]) -> Result<Tree> {
-    let get = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v).unwrap_or("");
+    let get = |key: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or("")
+    };
     let num_leaves: usize = get("num_leaves").trim().parse().context("num_leaves")?;
     if get("num_cat").trim().parse::<usize>().unwrap_or(0) > 0 {
         bail!("categorical splits are not supported");
     }
     let leaves: Vec<f64> = numbers("leaf_value", get("leaf_value"))?;
-    ensure!(leaves.len() == num_leaves, "{} leaf values for {num_leaves} leaves", leaves.len());
+    ensure!(
+        leaves.len() == num_leaves,
+        "{} leaf values for {num_leaves} leaves",
+        leaves.len()
+    );
     if num_leaves == 1 {
-        return Ok(Tree { splits: Vec::new(), leaves });
+        return Ok(Tree {
+            splits: Vec::new(),
+            leaves,
+        });
     }
     let features: Vec<usize> = numbers("split_feature", get("split_feature"))?;
     let thresholds: Vec<f64> = numbers("threshold", get("threshold"))?;
@@ -95,7 +112,15 @@ fn parse_tree(fields: &[(&str, &str)]) -> Result<Tree> {
     let right: Vec<i64> = numbers("right_child", get("right_child"))?;
     let n = num_leaves - 1;
     ensure!(
-        [features.len(), thresholds.len(), decisions.len(), left.len(), right.len()].iter().all(|&l| l == n),
+        [
+            features.len(),
+            thresholds.len(),
+            decisions.len(),
+            left.len(),
+            right.len()
+        ]
+        .iter()
+        .all(|&l| l == n),
         "split arrays do not have {n} entries"
     );
     let child = |c: i64| -> Result<Child> {
@@ -115,8 +140,15 @@ fn parse_tree(fields: &[(&str, &str)]) -> Result<Tree> {
         let missing = (decision >> 2) & 3;
         // Missing type Zero would send 0.0 down the default branch; rows never
         // carry NaN and training never sets zero_as_missing, so only None/NaN occur.
-        ensure!(missing != 1, "zero-as-missing split in node {i} is not supported");
-        ensure!(features[i] < FEATURE_COUNT, "split on feature {} outside the contract", features[i]);
+        ensure!(
+            missing != 1,
+            "zero-as-missing split in node {i} is not supported"
+        );
+        ensure!(
+            features[i] < FEATURE_COUNT,
+            "split on feature {} outside the contract",
+            features[i]
+        );
         splits.push(Split {
             feature: features[i],
             threshold: thresholds[i],
@@ -129,11 +161,21 @@ fn parse_tree(fields: &[(&str, &str)]) -> Result<Tree> {
 }
 
 fn ints(name: &str, values: Vec<i64>) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: values, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: values,
+        ..Default::default()
+    }
 }
 
 fn floats(name: &str, values: Vec<f32>) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Floats as i32, floats: values, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Floats as i32,
+        floats: values,
+        ..Default::default()
+    }
 }
 
 fn strings(name: &str, values: Vec<&str>) -> AttributeProto {
@@ -146,7 +188,12 @@ fn strings(name: &str, values: Vec<&str>) -> AttributeProto {
 }
 
 fn string(name: &str, value: &str) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::String as i32, s: value.as_bytes().to_vec(), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: value.as_bytes().to_vec(),
+        ..Default::default()
+    }
 }
 
 fn tensor_info(name: &str, elem_type: i32, dims: &[Option<i64>]) -> ValueInfoProto {
@@ -164,7 +211,10 @@ fn tensor_info(name: &str, elem_type: i32, dims: &[Option<i64>]) -> ValueInfoPro
         name: name.into(),
         r#type: Some(TypeProto {
             denotation: String::new(),
-            value: Some(TypeValue::TensorType(TensorType { elem_type, shape: Some(TensorShapeProto { dim }) })),
+            value: Some(TypeValue::TensorType(TensorType {
+                elem_type,
+                shape: Some(TensorShapeProto { dim }),
+            })),
         }),
         doc_string: String::new(),
     }
@@ -175,7 +225,8 @@ const INT64: i32 = 7;
 
 /// Builds the ONNX graph `features [batch, N] -> (label [batch], probabilities [batch, 2])`.
 pub fn onnx_model(trees: &[Tree], metadata: &BundleMetadata) -> ModelProto {
-    let (mut tree_ids, mut node_ids, mut feature_ids, mut modes, mut values) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut tree_ids, mut node_ids, mut feature_ids, mut modes, mut values) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let (mut true_ids, mut false_ids, mut missing_true) = (vec![], vec![], vec![]);
     let (mut leaf_tree_ids, mut leaf_node_ids, mut leaf_weights) = (vec![], vec![], vec![]);
     for (t, tree) in trees.iter().enumerate() {
@@ -236,8 +287,14 @@ pub fn onnx_model(trees: &[Tree], metadata: &BundleMetadata) -> ModelProto {
     ModelProto {
         ir_version: 8,
         opset_import: vec![
-            OperatorSetIdProto { domain: String::new(), version: 17 },
-            OperatorSetIdProto { domain: "ai.onnx.ml".into(), version: 1 },
+            OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            },
+            OperatorSetIdProto {
+                domain: "ai.onnx.ml".into(),
+                version: 1,
+            },
         ],
         producer_name: "cartscore-trainer".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
@@ -245,8 +302,15 @@ pub fn onnx_model(trees: &[Tree], metadata: &BundleMetadata) -> ModelProto {
         graph: Some(GraphProto {
             node: vec![node],
             name: "cartscore".into(),
-            input: vec![tensor_info("features", FLOAT, &[None, Some(FEATURE_COUNT as i64)])],
-            output: vec![tensor_info("label", INT64, &[None]), tensor_info("probabilities", FLOAT, &[None, Some(2)])],
+            input: vec![tensor_info(
+                "features",
+                FLOAT,
+                &[None, Some(FEATURE_COUNT as i64)],
+            )],
+            output: vec![
+                tensor_info("label", INT64, &[None]),
+                tensor_info("probabilities", FLOAT, &[None, Some(2)]),
+            ],
             ..Default::default()
         }),
         metadata_props: metadata.to_metadata_props(),
@@ -292,10 +356,22 @@ mod tests {
 
     #[test]
     fn threshold_keeps_every_f32_on_its_side() {
-        for t in [0.1f64, 1.0000000180025095e-35, 35.785, 1e30, -2.5, 0.0, 7.0, 1.0 / 3.0] {
+        for t in [
+            0.1f64,
+            1.0000000180025095e-35,
+            35.785,
+            1e30,
+            -2.5,
+            0.0,
+            7.0,
+            1.0 / 3.0,
+        ] {
             let f = f32_threshold(t);
             assert!(f64::from(f) <= t);
-            assert!(f64::from(f.next_up()) > t, "{t}: {f} is not the largest f32 below");
+            assert!(
+                f64::from(f.next_up()) > t,
+                "{t}: {f} is not the largest f32 below"
+            );
         }
     }
 

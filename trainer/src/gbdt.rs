@@ -24,7 +24,11 @@ pub struct Matrix {
 
 impl Matrix {
     pub fn new(width: usize) -> Self {
-        Self { values: Vec::new(), width, labels: Vec::new() }
+        Self {
+            values: Vec::new(),
+            width,
+            labels: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, row: &[f32], label: bool) {
@@ -52,12 +56,21 @@ impl Matrix {
     }
 
     fn float_labels(&self) -> Vec<f32> {
-        self.labels.iter().map(|&l| f32::from(u8::from(l))).collect()
+        self.labels
+            .iter()
+            .map(|&l| f32::from(u8::from(l)))
+            .collect()
     }
 
     fn dataset(&self, reference: Option<&Dataset>) -> Result<Dataset> {
-        Dataset::from_slice_with_reference(&self.values, &self.float_labels(), self.width as i32, true, reference)
-            .map_err(|e| anyhow!("LightGBM rejected the data set: {e}"))
+        Dataset::from_slice_with_reference(
+            &self.values,
+            &self.float_labels(),
+            self.width as i32,
+            true,
+            reference,
+        )
+        .map_err(|e| anyhow!("LightGBM rejected the data set: {e}"))
     }
 }
 
@@ -136,13 +149,19 @@ pub struct TuneConfig {
     pub early_stopping: u32,
 }
 
-fn train_one(train: &Matrix, valid: &Matrix, params: &serde_json::Value) -> Result<(String, Vec<f64>, i32)> {
+fn train_one(
+    train: &Matrix,
+    valid: &Matrix,
+    params: &serde_json::Value,
+) -> Result<(String, Vec<f64>, i32)> {
     let train_set = train.dataset(None)?;
     let valid_set = valid.dataset(Some(&train_set))?;
     let booster = Booster::train_with_valid(train_set, Some(valid_set), params)
         .map_err(|e| anyhow!("LightGBM training failed: {e}"))?;
     let predictions = predict(&booster, valid)?;
-    let text = booster.save_string().map_err(|e| anyhow!("cannot serialise the LightGBM model: {e}"))?;
+    let text = booster
+        .save_string()
+        .map_err(|e| anyhow!("cannot serialise the LightGBM model: {e}"))?;
     Ok((text, predictions, booster.num_iterations()))
 }
 
@@ -159,33 +178,49 @@ pub fn load(model_text: &str) -> Result<Booster> {
     Booster::from_string(model_text).map_err(|e| anyhow!("cannot load the LightGBM model: {e}"))
 }
 
+type TrialOutcome = Result<(Trial, String)>;
+
 /// Random search: every trial trains on `train`, early-stops and is scored on
 /// `valid`; the highest validation ROC-AUC wins (the lowest index on ties).
 pub fn tune(train: &Matrix, valid: &Matrix, config: &TuneConfig) -> Result<Tuned> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let candidates: Vec<TreeParams> =
-        (0..config.trials.max(1)).map(|_| TreeParams::sample(&mut rng, config.max_iterations)).collect();
+    let candidates: Vec<TreeParams> = (0..config.trials.max(1))
+        .map(|_| TreeParams::sample(&mut rng, config.max_iterations))
+        .collect();
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<(Trial, String)>>>> = Mutex::new((0..candidates.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<TrialOutcome>>> =
+        Mutex::new((0..candidates.len()).map(|_| None).collect());
     std::thread::scope(|scope| {
         for _ in 0..config.threads.clamp(1, candidates.len()) {
             scope.spawn(|| {
                 loop {
                     let index = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(params) = candidates.get(index) else { break };
+                    let Some(params) = candidates.get(index) else {
+                        break;
+                    };
                     let started = Instant::now();
-                    let outcome = train_one(train, valid, &params.lightgbm(config.seed + index as u64, config.early_stopping))
-                        .map(|(text, predictions, iterations)| {
-                            let trial = Trial {
-                                index,
-                                params: params.clone(),
-                                iterations,
-                                validation_auc: roc_auc(&predictions, &valid.labels),
-                                seconds: started.elapsed().as_secs_f64(),
-                            };
-                            tracing::info!(index, auc = trial.validation_auc, iterations, seconds = trial.seconds, "trial done");
-                            (trial, text)
-                        });
+                    let outcome = train_one(
+                        train,
+                        valid,
+                        &params.lightgbm(config.seed + index as u64, config.early_stopping),
+                    )
+                    .map(|(text, predictions, iterations)| {
+                        let trial = Trial {
+                            index,
+                            params: params.clone(),
+                            iterations,
+                            validation_auc: roc_auc(&predictions, &valid.labels),
+                            seconds: started.elapsed().as_secs_f64(),
+                        };
+                        tracing::info!(
+                            index,
+                            auc = trial.validation_auc,
+                            iterations,
+                            seconds = trial.seconds,
+                            "trial done"
+                        );
+                        (trial, text)
+                    });
                     if let Ok(mut slots) = results.lock() {
                         slots[index] = Some(outcome);
                     }
@@ -193,7 +228,9 @@ pub fn tune(train: &Matrix, valid: &Matrix, config: &TuneConfig) -> Result<Tuned
             });
         }
     });
-    let slots = results.into_inner().map_err(|_| anyhow!("a tuning thread panicked"))?;
+    let slots = results
+        .into_inner()
+        .map_err(|_| anyhow!("a tuning thread panicked"))?;
     let mut trials = Vec::new();
     let mut best: Option<(Trial, String)> = None;
     for slot in slots {
@@ -208,7 +245,11 @@ pub fn tune(train: &Matrix, valid: &Matrix, config: &TuneConfig) -> Result<Tuned
         }
     }
     let (best, model_text) = best.context("no tuning trial succeeded")?;
-    Ok(Tuned { model_text, best, trials })
+    Ok(Tuned {
+        model_text,
+        best,
+        trials,
+    })
 }
 
 /// The original stack's model: a single depth-1 tree.
@@ -218,5 +259,6 @@ pub fn stump(train: &Matrix) -> Result<Booster> {
         "learning_rate": 1.0, "min_data_in_leaf": 20, "deterministic": true,
         "force_col_wise": true, "num_threads": 1, "verbosity": -1,
     });
-    Booster::train(train.dataset(None)?, &params).map_err(|e| anyhow!("LightGBM stump training failed: {e}"))
+    Booster::train(train.dataset(None)?, &params)
+        .map_err(|e| anyhow!("LightGBM stump training failed: {e}"))
 }

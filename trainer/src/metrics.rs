@@ -73,7 +73,11 @@ pub fn log_loss(probabilities: &[f64], labels: &[bool]) -> f64 {
 }
 
 pub fn brier(probabilities: &[f64], labels: &[bool]) -> f64 {
-    let sum: f64 = probabilities.iter().zip(labels).map(|(&p, &y)| (p - f64::from(u8::from(y))).powi(2)).sum();
+    let sum: f64 = probabilities
+        .iter()
+        .zip(labels)
+        .map(|(&p, &y)| (p - f64::from(u8::from(y))).powi(2))
+        .sum();
     sum / probabilities.len().max(1) as f64
 }
 

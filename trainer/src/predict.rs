@@ -16,8 +16,14 @@ pub struct PredictSummary {
     pub invalid: u64,
 }
 
-pub fn run(inputs: &[PathBuf], model_path: &Path, out: &Path, error_budget: f64) -> Result<PredictSummary> {
-    let model = TractModel::load(model_path).with_context(|| format!("failed to load bundle {}", model_path.display()))?;
+pub fn run(
+    inputs: &[PathBuf],
+    model_path: &Path,
+    out: &Path,
+    error_budget: f64,
+) -> Result<PredictSummary> {
+    let model = TractModel::load(model_path)
+        .with_context(|| format!("failed to load bundle {}", model_path.display()))?;
     let mut source = MergedEvents::open(inputs, error_budget)?;
     let mut replay = Replay::new();
     while let Some(event) = source.next_event()? {
@@ -31,20 +37,35 @@ pub fn run(inputs: &[PathBuf], model_path: &Path, out: &Path, error_budget: f64)
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let probabilities = crate::train::predict_parallel(&model, &rows, threads)?;
 
-    let mut writer = csv::Writer::from_path(out).with_context(|| format!("failed to create {}", out.display()))?;
+    let mut writer = csv::Writer::from_path(out)
+        .with_context(|| format!("failed to create {}", out.display()))?;
     let mut header = vec!["event_time", "user_session", "product_id"];
     header.extend(FEATURE_NAMES);
     header.extend(["label", "probability", "model_version"]);
     writer.write_record(&header)?;
     for (i, example) in replay.examples.iter().enumerate() {
-        let mut record = vec![example.time.to_rfc3339(), example.session.to_string(), example.product_id.to_string()];
+        let mut record = vec![
+            example.time.to_rfc3339(),
+            example.session.to_string(),
+            example.product_id.to_string(),
+        ];
         // Shortest round-trip text, so readers get back the exact f32.
-        record.extend(rows[i * FEATURE_COUNT..(i + 1) * FEATURE_COUNT].iter().map(|v| v.to_string()));
+        record.extend(
+            rows[i * FEATURE_COUNT..(i + 1) * FEATURE_COUNT]
+                .iter()
+                .map(|v| v.to_string()),
+        );
         record.push(u8::from(example.label).to_string());
         record.push(probabilities[i].to_string());
         record.push(model.metadata.model_version.clone());
         writer.write_record(&record)?;
     }
-    writer.flush().with_context(|| format!("failed to write {}", out.display()))?;
-    Ok(PredictSummary { events: replay.events, carts: replay.examples.len(), invalid: source.stats.invalid })
+    writer
+        .flush()
+        .with_context(|| format!("failed to write {}", out.display()))?;
+    Ok(PredictSummary {
+        events: replay.events,
+        carts: replay.examples.len(),
+        invalid: source.stats.invalid,
+    })
 }

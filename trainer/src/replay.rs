@@ -11,7 +11,9 @@ use std::collections::HashMap;
 
 use cartscore_core::features::CategoricalKeys;
 use cartscore_core::state::{SESSION_IDLE_TIMEOUT_SECS, apply};
-use cartscore_core::{EncodingTables, Event, EventType, FeatureRow, SessionState, Timestamp, UserState};
+use cartscore_core::{
+    EncodingTables, Event, EventType, FeatureRow, SessionState, Timestamp, UserState,
+};
 
 /// How often (in events) expired sessions and users are dropped.
 const SWEEP_EVERY: u64 = 50_000;
@@ -139,7 +141,7 @@ impl Replay {
             EventType::View | EventType::RemoveFromCart => {}
         }
         apply(&mut track.state, user, event);
-        if self.events % SWEEP_EVERY == 0 {
+        if self.events.is_multiple_of(SWEEP_EVERY) {
             self.sweep();
         }
     }
@@ -151,8 +153,10 @@ impl Replay {
         // Only sessions idle past the timeout plus a grace period are dropped,
         // so an event arriving up to the grace period late still finds its
         // session exactly as a sweep-free replay would.
-        let horizon = Timestamp(now.micros() - (SESSION_IDLE_TIMEOUT_SECS + SWEEP_GRACE_SECS) * 1_000_000);
-        self.sessions.retain(|_, t| t.state.last_event_at >= horizon);
+        let horizon =
+            Timestamp(now.micros() - (SESSION_IDLE_TIMEOUT_SECS + SWEEP_GRACE_SECS) * 1_000_000);
+        self.sessions
+            .retain(|_, t| t.state.last_event_at >= horizon);
         self.users.retain(|_, u| u.is_live_at(now));
     }
 
@@ -230,12 +234,21 @@ mod tests {
     #[test]
     fn features_do_not_see_the_future() {
         // The same history with and without later events gives the same rows.
-        let history = [event(0, EventType::View, 1, "s"), event(30, EventType::Cart, 1, "s")];
-        let future = [event(40, EventType::View, 2, "s"), event(50, EventType::Purchase, 1, "s")];
+        let history = [
+            event(0, EventType::View, 1, "s"),
+            event(30, EventType::Cart, 1, "s"),
+        ];
+        let future = [
+            event(40, EventType::View, 2, "s"),
+            event(50, EventType::Purchase, 1, "s"),
+        ];
         let mut short = Replay::new();
         history.iter().for_each(|e| short.push(e));
         let mut long = Replay::new();
-        history.iter().chain(future.iter()).for_each(|e| long.push(e));
+        history
+            .iter()
+            .chain(future.iter())
+            .for_each(|e| long.push(e));
         assert_eq!(short.examples[0].row, long.examples[0].row);
         assert!(long.examples[0].label && !short.examples[0].label);
     }
@@ -244,7 +257,12 @@ mod tests {
     fn an_expired_session_id_starts_over_and_drops_pending_labels() {
         let mut replay = Replay::new();
         replay.push(&event(0, EventType::Cart, 1, "s"));
-        replay.push(&event(SESSION_IDLE_TIMEOUT_SECS + 10, EventType::Purchase, 1, "s"));
+        replay.push(&event(
+            SESSION_IDLE_TIMEOUT_SECS + 10,
+            EventType::Purchase,
+            1,
+            "s",
+        ));
         assert!(!replay.examples[0].label);
     }
 

@@ -15,30 +15,54 @@ pub fn text(report: &Value) -> String {
     let mut out = String::new();
     let r = report;
     let _ = writeln!(out, "cartscore training report");
-    let _ = writeln!(out, "model version      {}", r["model_version"].as_str().unwrap_or(""));
+    let _ = writeln!(
+        out,
+        "model version      {}",
+        r["model_version"].as_str().unwrap_or("")
+    );
     let _ = writeln!(out, "contract version   {}", r["contract_version"]);
-    let _ = writeln!(out, "data fingerprint   {}", r["data_fingerprint"].as_str().unwrap_or(""));
+    let _ = writeln!(
+        out,
+        "data fingerprint   {}",
+        r["data_fingerprint"].as_str().unwrap_or("")
+    );
     let _ = writeln!(
         out,
         "input              {} rows, {} valid, {} invalid {}",
-        r["input"]["rows"], r["input"]["valid"], r["input"]["invalid"], r["input"]["invalid_by_reason"]
+        r["input"]["rows"],
+        r["input"]["valid"],
+        r["input"]["invalid"],
+        r["input"]["invalid_by_reason"]
     );
-    let _ = writeln!(out, "replay             {} events, {} cart examples", r["replay"]["events"], r["replay"]["cart_examples"]);
+    let _ = writeln!(
+        out,
+        "replay             {} events, {} cart examples",
+        r["replay"]["events"], r["replay"]["cart_examples"]
+    );
     let _ = writeln!(out, "\nwindows (by time)");
     for name in ["train", "validation", "test"] {
         let w = &r["windows"][name];
         let _ = writeln!(
             out,
             "  {name:<11} {:>8} rows {:>7} positive   {} .. {}",
-            w["rows"], w["positives"], w["from"].as_str().unwrap_or(""), w["to"].as_str().unwrap_or("")
+            w["rows"],
+            w["positives"],
+            w["from"].as_str().unwrap_or(""),
+            w["to"].as_str().unwrap_or("")
         );
     }
-    let _ = writeln!(out, "\ntest window          ROC-AUC  PR-AUC  log-loss  Brier");
+    let _ = writeln!(
+        out,
+        "\ntest window          ROC-AUC  PR-AUC  log-loss  Brier"
+    );
     let mut line = |name: &str, s: &Value| {
         let _ = writeln!(
             out,
             "  {name:<18} {:>7}  {:>6}  {:>8}  {:>6}",
-            num(&s["roc_auc"]), num(&s["pr_auc"]), num(&s["log_loss"]), num(&s["brier"])
+            num(&s["roc_auc"]),
+            num(&s["pr_auc"]),
+            num(&s["log_loss"]),
+            num(&s["brier"])
         );
     };
     line("model", &r["test"]);
@@ -46,7 +70,11 @@ pub fn text(report: &Value) -> String {
     line("base rate", &r["baselines"]["base_rate"]);
     if !r["oracle"].is_null() {
         line("oracle", &r["oracle"]);
-        let _ = writeln!(out, "  model AUC / oracle AUC = {}", num(&r["auc_vs_oracle"]));
+        let _ = writeln!(
+            out,
+            "  model AUC / oracle AUC = {}",
+            num(&r["auc_vs_oracle"])
+        );
     }
     let _ = writeln!(out, "\ncalibration (test)   predicted  observed   count");
     for bin in r["test"]["calibration"].as_array().into_iter().flatten() {
@@ -75,8 +103,14 @@ pub fn text(report: &Value) -> String {
     let _ = writeln!(
         out,
         "tract parity       {} rows ({} on split edges), max |diff| {:e}",
-        p["rows"], p["edge_rows"], p["max_abs_diff"].as_f64().unwrap_or(f64::NAN)
+        p["rows"],
+        p["edge_rows"],
+        p["max_abs_diff"].as_f64().unwrap_or(f64::NAN)
     );
-    let _ = writeln!(out, "total time         {:.1} s", r["timings"]["total_seconds"].as_f64().unwrap_or(0.0));
+    let _ = writeln!(
+        out,
+        "total time         {:.1} s",
+        r["timings"]["total_seconds"].as_f64().unwrap_or(0.0)
+    );
     out
 }

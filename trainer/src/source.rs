@@ -12,7 +12,9 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, Float64Type, Int64Type, TimestampMicrosecondType, UInt64Type};
+use arrow_array::types::{
+    Float32Type, Float64Type, Int64Type, TimestampMicrosecondType, UInt64Type,
+};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 use cartscore_core::event::{RawEvent, RawValue};
@@ -24,7 +26,10 @@ use std::borrow::Cow;
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("input path {path} does not exist or cannot be read: {source}")]
-    Path { path: PathBuf, source: std::io::Error },
+    Path {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("input {path} holds no .csv or .parquet files")]
     Empty { path: PathBuf },
     #[error("cannot read CSV {path}: {source}")]
@@ -37,7 +42,12 @@ pub enum SourceError {
         "{invalid} of {rows} rows are invalid ({:.2}%), over the error budget of {:.2}%; first: {first}",
         100.0 * *invalid as f64 / *rows as f64, 100.0 * budget
     )]
-    OverBudget { invalid: u64, rows: u64, budget: f64, first: String },
+    OverBudget {
+        invalid: u64,
+        rows: u64,
+        budget: f64,
+        first: String,
+    },
 }
 
 /// A row that failed validation, with where it was.
@@ -82,13 +92,21 @@ impl ReadStats {
     }
 
     fn check_budget(&self, budget: f64, final_check: bool) -> Result<(), SourceError> {
-        if (final_check || self.rows >= BUDGET_MIN_ROWS) && self.rows > 0 && self.invalid as f64 > budget * self.rows as f64 {
+        if (final_check || self.rows >= BUDGET_MIN_ROWS)
+            && self.rows > 0
+            && self.invalid as f64 > budget * self.rows as f64
+        {
             let first = self
                 .invalid_samples
                 .first()
                 .map(|b| format!("{}:{}: {}", b.file, b.line, b.message))
                 .unwrap_or_default();
-            return Err(SourceError::OverBudget { invalid: self.invalid, rows: self.rows, budget, first });
+            return Err(SourceError::OverBudget {
+                invalid: self.invalid,
+                rows: self.rows,
+                budget,
+                first,
+            });
         }
         Ok(())
     }
@@ -98,7 +116,10 @@ impl ReadStats {
 pub fn list_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
     let mut files = Vec::new();
     for path in paths {
-        let meta = std::fs::metadata(path).map_err(|source| SourceError::Path { path: path.clone(), source })?;
+        let meta = std::fs::metadata(path).map_err(|source| SourceError::Path {
+            path: path.clone(),
+            source,
+        })?;
         if meta.is_file() {
             files.push(path.clone());
             continue;
@@ -113,7 +134,10 @@ pub fn list_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
 }
 
 fn collect_dir(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), SourceError> {
-    let io = |source| SourceError::Path { path: dir.to_path_buf(), source };
+    let io = |source| SourceError::Path {
+        path: dir.to_path_buf(),
+        source,
+    };
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io)?
         .map(|e| e.map(|e| e.path()))
@@ -121,13 +145,19 @@ fn collect_dir(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), SourceError> 
         .map_err(io)?;
     entries.sort();
     for entry in entries {
-        let hidden = entry.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        let hidden = entry
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
         if hidden {
             continue;
         }
         if entry.is_dir() {
             collect_dir(&entry, files)?;
-        } else if matches!(entry.extension().and_then(|e| e.to_str()), Some("csv" | "parquet")) {
+        } else if matches!(
+            entry.extension().and_then(|e| e.to_str()),
+            Some("csv" | "parquet")
+        ) {
             files.push(entry);
         }
     }
@@ -135,8 +165,16 @@ fn collect_dir(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), SourceError> 
 }
 
 enum FileReader {
-    Csv { reader: csv::Reader<BufReader<File>>, layout: CsvLayout, record: csv::ByteRecord },
-    Parquet { reader: ParquetRecordBatchReader, batch: Option<RecordBatch>, row: usize },
+    Csv {
+        reader: csv::Reader<BufReader<File>>,
+        layout: CsvLayout,
+        record: csv::ByteRecord,
+    },
+    Parquet {
+        reader: ParquetRecordBatchReader,
+        batch: Option<RecordBatch>,
+        row: usize,
+    },
 }
 
 struct OpenFile {
@@ -149,22 +187,47 @@ struct OpenFile {
 impl OpenFile {
     fn open(path: &Path) -> Result<Self, SourceError> {
         let is_parquet = path.extension().and_then(|e| e.to_str()) == Some("parquet");
-        let file = File::open(path).map_err(|source| SourceError::Path { path: path.into(), source })?;
+        let file = File::open(path).map_err(|source| SourceError::Path {
+            path: path.into(),
+            source,
+        })?;
         let reader = if is_parquet {
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .and_then(|b| b.with_batch_size(8192).build())
-                .map_err(|e| SourceError::Parquet { path: path.into(), reason: e.to_string() })?;
-            FileReader::Parquet { reader, batch: None, row: 0 }
+                .map_err(|e| SourceError::Parquet {
+                    path: path.into(),
+                    reason: e.to_string(),
+                })?;
+            FileReader::Parquet {
+                reader,
+                batch: None,
+                row: 0,
+            }
         } else {
             let mut reader = csv::ReaderBuilder::new()
                 .flexible(true)
                 .buffer_capacity(1 << 20)
                 .from_reader(BufReader::with_capacity(1 << 20, file));
-            let header = reader.byte_headers().map_err(|source| SourceError::Csv { path: path.into(), source })?;
-            let layout = CsvLayout::from_header(header).map_err(|source| SourceError::Header { path: path.into(), source })?;
-            FileReader::Csv { reader, layout, record: csv::ByteRecord::new() }
+            let header = reader.byte_headers().map_err(|source| SourceError::Csv {
+                path: path.into(),
+                source,
+            })?;
+            let layout = CsvLayout::from_header(header).map_err(|source| SourceError::Header {
+                path: path.into(),
+                source,
+            })?;
+            FileReader::Csv {
+                reader,
+                layout,
+                record: csv::ByteRecord::new(),
+            }
         };
-        Ok(Self { path: path.into(), reader, line: 1, last_time: None })
+        Ok(Self {
+            path: path.into(),
+            reader,
+            line: 1,
+            last_time: None,
+        })
     }
 
     /// The next valid event of this file; invalid rows are counted and skipped.
@@ -172,15 +235,26 @@ impl OpenFile {
         loop {
             self.line += 1;
             let parsed = match &mut self.reader {
-                FileReader::Csv { reader, layout, record } => {
+                FileReader::Csv {
+                    reader,
+                    layout,
+                    record,
+                } => {
                     match reader.read_byte_record(record) {
                         Ok(false) => return Ok(None),
                         Ok(true) => Event::from_csv(record, layout),
                         // A broken quote or bad UTF-8 in one row is that row's problem.
                         Err(err) if !matches!(err.kind(), csv::ErrorKind::Io(_)) => {
-                            Err(EventError::Malformed { reason: err.to_string() })
+                            Err(EventError::Malformed {
+                                reason: err.to_string(),
+                            })
                         }
-                        Err(source) => return Err(SourceError::Csv { path: self.path.clone(), source }),
+                        Err(source) => {
+                            return Err(SourceError::Csv {
+                                path: self.path.clone(),
+                                source,
+                            });
+                        }
                     }
                 }
                 FileReader::Parquet { reader, batch, row } => {
@@ -194,7 +268,10 @@ impl OpenFile {
                                 continue;
                             }
                             Some(Err(e)) => {
-                                return Err(SourceError::Parquet { path: self.path.clone(), reason: e.to_string() });
+                                return Err(SourceError::Parquet {
+                                    path: self.path.clone(),
+                                    reason: e.to_string(),
+                                });
                             }
                         }
                     }
@@ -223,17 +300,23 @@ impl OpenFile {
 /// Reads one Parquet row through the same validation as every other form.
 fn parquet_row(batch: &RecordBatch, row: usize) -> Result<Event, EventError> {
     let value = |name: &str| -> RawValue<'_> {
-        let Some(column) = batch.column_by_name(name) else { return RawValue::Missing };
+        let Some(column) = batch.column_by_name(name) else {
+            return RawValue::Missing;
+        };
         if column.is_null(row) {
             return RawValue::Null;
         }
         match column.data_type() {
             DataType::Utf8 => RawValue::Str(Cow::Borrowed(column.as_string::<i32>().value(row))),
-            DataType::LargeUtf8 => RawValue::Str(Cow::Borrowed(column.as_string::<i64>().value(row))),
+            DataType::LargeUtf8 => {
+                RawValue::Str(Cow::Borrowed(column.as_string::<i64>().value(row)))
+            }
             DataType::Int64 => RawValue::Signed(column.as_primitive::<Int64Type>().value(row)),
             DataType::UInt64 => RawValue::Unsigned(column.as_primitive::<UInt64Type>().value(row)),
             DataType::Float64 => RawValue::Float(column.as_primitive::<Float64Type>().value(row)),
-            DataType::Float32 => RawValue::Float(f64::from(column.as_primitive::<Float32Type>().value(row))),
+            DataType::Float32 => {
+                RawValue::Float(f64::from(column.as_primitive::<Float32Type>().value(row)))
+            }
             DataType::Timestamp(TimeUnit::Microsecond, _) => {
                 RawValue::Signed(column.as_primitive::<TimestampMicrosecondType>().value(row))
             }
@@ -275,7 +358,13 @@ impl MergedEvents {
             files.push(OpenFile::open(path)?);
             stats.files.push(path.display().to_string());
         }
-        let mut merged = Self { heads: BinaryHeap::new(), pending: vec![None; files.len()], files, stats, budget: error_budget };
+        let mut merged = Self {
+            heads: BinaryHeap::new(),
+            pending: vec![None; files.len()],
+            files,
+            stats,
+            budget: error_budget,
+        };
         for i in 0..merged.files.len() {
             merged.refill(i)?;
         }
@@ -322,12 +411,20 @@ mod tests {
     #[test]
     fn merges_files_by_time_and_reports_bad_rows_with_lines() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "a.csv", &[
-            "2019-10-01 00:00:00 UTC,view,1,2,,,1.00,3,s1",
-            "2019-10-01 00:00:10 UTC,view,1,2,,,-1.00,3,s1",
-            "2019-10-01 00:00:20 UTC,cart,1,2,,,1.00,3,s1",
-        ]);
-        write(dir.path(), "b.csv", &["2019-10-01 00:00:05 UTC,view,9,2,,,1.00,4,s2"]);
+        write(
+            dir.path(),
+            "a.csv",
+            &[
+                "2019-10-01 00:00:00 UTC,view,1,2,,,1.00,3,s1",
+                "2019-10-01 00:00:10 UTC,view,1,2,,,-1.00,3,s1",
+                "2019-10-01 00:00:20 UTC,cart,1,2,,,1.00,3,s1",
+            ],
+        );
+        write(
+            dir.path(),
+            "b.csv",
+            &["2019-10-01 00:00:05 UTC,view,9,2,,,1.00,4,s2"],
+        );
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
         let mut merged = MergedEvents::open(&[dir.path().to_path_buf()], 0.5).unwrap();
         let mut products = Vec::new();
@@ -344,7 +441,14 @@ mod tests {
     #[test]
     fn error_budget_stops_the_run() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "a.csv", &["x,view,1,2,,,1.00,3,s1", "2019-10-01 00:00:00 UTC,view,1,2,,,1.00,3,s1"]);
+        write(
+            dir.path(),
+            "a.csv",
+            &[
+                "x,view,1,2,,,1.00,3,s1",
+                "2019-10-01 00:00:00 UTC,view,1,2,,,1.00,3,s1",
+            ],
+        );
         let mut merged = MergedEvents::open(&[dir.path().to_path_buf()], 0.1).unwrap();
         let err = loop {
             match merged.next_event() {
@@ -358,7 +462,9 @@ mod tests {
 
     #[test]
     fn missing_input_is_a_clear_error() {
-        let err = MergedEvents::open(&[PathBuf::from("/nonexistent/events.csv")], 0.0).err().unwrap();
+        let err = MergedEvents::open(&[PathBuf::from("/nonexistent/events.csv")], 0.0)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("/nonexistent/events.csv"), "{err}");
     }
 }

@@ -13,13 +13,13 @@
 //! event time, so memory is bounded by the number of users, not events.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::io::Write;
 
 use anyhow::{Context, Result};
 use cartscore_core::Timestamp;
-use rand::{Rng, SeedableRng};
 use rand::distr::{Distribution, weighted::WeightedIndex};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Exp, LogNormal, Normal, Zipf};
 
@@ -28,20 +28,57 @@ const START_SECS: i64 = 1_569_888_000;
 const SPAN_DAYS: i64 = 30;
 
 const L1: [&str; 13] = [
-    "electronics", "appliances", "computers", "apparel", "furniture", "construction", "kids",
-    "auto", "accessories", "sport", "medicine", "country_yard", "stationery",
+    "electronics",
+    "appliances",
+    "computers",
+    "apparel",
+    "furniture",
+    "construction",
+    "kids",
+    "auto",
+    "accessories",
+    "sport",
+    "medicine",
+    "country_yard",
+    "stationery",
 ];
 const L2: [&str; 16] = [
-    "smartphone", "audio", "video", "kitchen", "environment", "notebook", "desktop", "shoes",
-    "living_room", "bedroom", "tools", "toys", "bag", "bicycle", "personal", "components",
+    "smartphone",
+    "audio",
+    "video",
+    "kitchen",
+    "environment",
+    "notebook",
+    "desktop",
+    "shoes",
+    "living_room",
+    "bedroom",
+    "tools",
+    "toys",
+    "bag",
+    "bicycle",
+    "personal",
+    "components",
 ];
-const L3: [&str; 8] = ["washer", "headphone", "tv", "sofa", "drill", "keyboard", "sneakers", "refrigerators"];
-const SYLLABLES: [&str; 16] = ["sa", "mi", "ko", "ra", "len", "vo", "ti", "zen", "bo", "lu", "ne", "pha", "ri", "cor", "da", "x"];
+const L3: [&str; 8] = [
+    "washer",
+    "headphone",
+    "tv",
+    "sofa",
+    "drill",
+    "keyboard",
+    "sneakers",
+    "refrigerators",
+];
+const SYLLABLES: [&str; 16] = [
+    "sa", "mi", "ko", "ra", "len", "vo", "ti", "zen", "bo", "lu", "ne", "pha", "ri", "cor", "da",
+    "x",
+];
 
 /// Hourly weights of session starts (UTC): quiet nights, busy evenings.
 const HOUR_WEIGHTS: [f64; 24] = [
-    2.0, 1.2, 0.8, 0.6, 0.6, 0.9, 1.6, 2.6, 3.6, 4.2, 4.6, 4.8, 5.0, 5.0, 4.9, 4.9, 5.2, 5.8, 6.5, 7.0, 6.8,
-    5.8, 4.4, 3.0,
+    2.0, 1.2, 0.8, 0.6, 0.6, 0.9, 1.6, 2.6, 3.6, 4.2, 4.6, 4.8, 5.0, 5.0, 4.9, 4.9, 5.2, 5.8, 6.5,
+    7.0, 6.8, 5.8, 4.4, 3.0,
 ];
 /// Acceptance of a session start by weekday (Monday first): weekends are busier.
 const WEEKDAY_WEIGHTS: [f64; 7] = [0.85, 0.8, 0.8, 0.82, 0.9, 1.0, 0.97];
@@ -104,7 +141,11 @@ impl World {
                     format!("{l1_name}.{l2}")
                 };
                 // Like the real data, about a third of category ids carry no code.
-                let code = if rng.random_bool(0.33) { String::new() } else { code };
+                let code = if rng.random_bool(0.33) {
+                    String::new()
+                } else {
+                    code
+                };
                 categories.push(Category {
                     id: rng.random_range(2_053_013_552_000_000_000..2_232_732_100_000_000_000),
                     code,
@@ -118,7 +159,9 @@ impl World {
         let brands: Vec<String> = (0..n_brands)
             .map(|i| {
                 let parts = 2 + i % 2;
-                let mut name: String = (0..parts).map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())]).collect();
+                let mut name: String = (0..parts)
+                    .map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())])
+                    .collect();
                 name.push_str(&(i % 97).to_string());
                 name
             })
@@ -132,17 +175,24 @@ impl World {
         }
 
         let n_products = (events / 40).clamp(2_000, 200_000) as usize;
-        let category_pick = Zipf::new(categories.len() as f64, 0.9).expect("constant distribution parameters are valid");
-        let brand_pick = Zipf::new(n_brands as f64, 1.1).expect("constant distribution parameters are valid");
+        let category_pick = Zipf::new(categories.len() as f64, 0.9)
+            .expect("constant distribution parameters are valid");
+        let brand_pick =
+            Zipf::new(n_brands as f64, 1.1).expect("constant distribution parameters are valid");
         let mut products = Vec::with_capacity(n_products);
         for i in 0..n_products {
             let category = (category_pick.sample(rng) as usize - 1).min(categories.len() - 1);
-            let brand = (!rng.random_bool(0.14)).then(|| (brand_pick.sample(rng) as u32 - 1).min(n_brands as u32 - 1));
+            let brand = (!rng.random_bool(0.14))
+                .then(|| (brand_pick.sample(rng) as u32 - 1).min(n_brands as u32 - 1));
             let price = LogNormal::new(categories[category].log_price_mean, 0.6)
                 .map(|d| d.sample(rng))
                 .unwrap_or(10.0);
             // Some real rows have price 0; keep a few.
-            let cents = if rng.random_bool(0.002) { 0 } else { (price * 100.0).round().max(1.0) as u64 };
+            let cents = if rng.random_bool(0.002) {
+                0
+            } else {
+                (price * 100.0).round().max(1.0) as u64
+            };
             categories[category].products.push(i as u32);
             products.push(Product {
                 id: 1_000_000 + i as u64 * 13 + rng.random_range(0..13),
@@ -151,8 +201,16 @@ impl World {
                 cents,
             });
         }
-        let product_popularity = Zipf::new(n_products as f64, 1.05).expect("constant distribution parameters are valid");
-        Self { categories, brands, brand_effect, l1_effect, products, product_popularity }
+        let product_popularity =
+            Zipf::new(n_products as f64, 1.05).expect("constant distribution parameters are valid");
+        Self {
+            categories,
+            brands,
+            brand_effect,
+            l1_effect,
+            products,
+            product_popularity,
+        }
     }
 
     fn price(&self, product: u32) -> f64 {
@@ -177,9 +235,15 @@ fn purchase_probability(d: &PurchaseDrivers) -> f64 {
         Some(mean) if mean > 0.0 && d.price > 0.0 => (d.price / mean).ln().clamp(-2.0, 2.0),
         _ => 0.0,
     };
-    let z = -0.35 + 0.6 * f64::from(d.product_views).ln_1p() - 0.8 * relative + d.brand_effect + d.l1_effect
+    let z = -0.35 + 0.6 * f64::from(d.product_views).ln_1p() - 0.8 * relative
+        + d.brand_effect
+        + d.l1_effect
         + 0.4 * f64::from(d.user_prev_purchases.min(4))
-        + if (18..=22).contains(&d.hour) { 0.3 } else { 0.0 }
+        + if (18..=22).contains(&d.hour) {
+            0.3
+        } else {
+            0.0
+        }
         - 0.25 * f64::from(d.session_carts_before.min(4))
         - 0.25 * (1.0 + d.price / 100.0).ln();
     1.0 / (1.0 + (-z).exp())
@@ -222,10 +286,19 @@ struct Row {
 }
 
 pub struct Generator {
+    /// The last formatted second: rows come in time order, so most rows reuse it.
+    time_text: (i64, Vec<u8>),
     rng: ChaCha8Rng,
     world: World,
     users: Vec<User>,
+    /// Users acting before `horizon`, ordered by (time, user).
     heap: BinaryHeap<Reverse<(i64, u32)>>,
+    /// Users acting at or after `horizon`, bucketed by hour. Most users wait
+    /// days between sessions; keeping them out of the heap keeps it (and the
+    /// users it touches) small and cache-resident. Pops are still in exact
+    /// (time, user) order.
+    future: BTreeMap<i64, Vec<(i64, u32)>>,
+    horizon: i64,
     hours: WeightedIndex<f64>,
     step_gap: Exp<f64>,
     session_gap: Exp<f64>,
@@ -237,14 +310,19 @@ impl Generator {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let world = World::build(&mut rng, config.events);
         let n_users = (config.events / 12).max(50) as usize;
-        let hours = WeightedIndex::new(HOUR_WEIGHTS).expect("constant distribution parameters are valid");
+        let hours =
+            WeightedIndex::new(HOUR_WEIGHTS).expect("constant distribution parameters are valid");
         let mut generator = Self {
+            time_text: (i64::MIN, Vec::new()),
             world,
             users: Vec::with_capacity(n_users),
-            heap: BinaryHeap::with_capacity(n_users),
+            heap: BinaryHeap::new(),
+            future: BTreeMap::new(),
+            horizon: i64::MIN,
             hours,
             step_gap: Exp::new(1.0 / 35.0).expect("constant distribution parameters are valid"),
-            session_gap: Exp::new(1.0 / (3.0 * 86_400.0)).expect("constant distribution parameters are valid"),
+            session_gap: Exp::new(1.0 / (3.0 * 86_400.0))
+                .expect("constant distribution parameters are valid"),
             config,
             rng,
         };
@@ -258,9 +336,29 @@ impl Generator {
             });
             let day = generator.rng.random_range(0..SPAN_DAYS);
             let start = generator.session_start(START_SECS + day * 86_400);
-            generator.heap.push(Reverse((start, i as u32)));
+            generator.schedule(start, i as u32);
         }
         generator
+    }
+
+    fn schedule(&mut self, time: i64, user: u32) {
+        if time < self.horizon {
+            self.heap.push(Reverse((time, user)));
+        } else {
+            self.future.entry(time.div_euclid(3600)).or_default().push((time, user));
+        }
+    }
+
+    /// The user acting next, in (time, user) order.
+    fn next_actor(&mut self) -> Option<(i64, u32)> {
+        loop {
+            if let Some(Reverse(next)) = self.heap.pop() {
+                return Some(next);
+            }
+            let (hour, due) = self.future.pop_first()?;
+            self.horizon = (hour + 1) * 3600;
+            self.heap.extend(due.into_iter().map(Reverse));
+        }
     }
 
     /// A session start on or after `from`, following hour and weekday seasonality.
@@ -280,7 +378,9 @@ impl Generator {
     fn new_session(&mut self) -> Session {
         let id = self.rng.random::<u128>();
         // Heavy-tailed session length: most are short, some browse for long.
-        let steps = LogNormal::new(2.2, 0.9).map(|d| d.sample(&mut self.rng)).unwrap_or(8.0);
+        let steps = LogNormal::new(2.2, 0.9)
+            .map(|d| d.sample(&mut self.rng))
+            .unwrap_or(8.0);
         Session {
             id,
             steps_left: (steps as u32).clamp(1, 400),
@@ -296,16 +396,18 @@ impl Generator {
     }
 
     fn pick_product(&mut self, near: Option<u32>) -> u32 {
-        if let Some(last) = near {
-            if self.rng.random_bool(0.55) {
-                let category = &self.world.categories[self.world.products[last as usize].category as usize];
-                let n = category.products.len();
-                // Within a category, popularity still decides (low indexes are popular).
-                let k = ((self.rng.random::<f64>().powi(3)) * n as f64) as usize;
-                return category.products[k.min(n - 1)];
-            }
+        if let Some(last) = near
+            && self.rng.random_bool(0.55)
+        {
+            let category =
+                &self.world.categories[self.world.products[last as usize].category as usize];
+            let n = category.products.len();
+            // Within a category, popularity still decides (low indexes are popular).
+            let k = ((self.rng.random::<f64>().powi(3)) * n as f64) as usize;
+            return category.products[k.min(n - 1)];
         }
-        (self.world.product_popularity.sample(&mut self.rng) as u32 - 1).min(self.world.products.len() as u32 - 1)
+        (self.world.product_popularity.sample(&mut self.rng) as u32 - 1)
+            .min(self.world.products.len() as u32 - 1)
     }
 
     /// Advances user `u` by one event at `time`; returns the row and when the user acts next.
@@ -319,27 +421,58 @@ impl Generator {
         };
         session.step += 1;
 
-        let due = session.pending.iter().position(|(step, _)| *step <= session.step);
+        let due = session
+            .pending
+            .iter()
+            .position(|(step, _)| *step <= session.step);
         let row = if let Some(i) = due {
             let (_, what) = session.pending.swap_remove(i);
             match what {
                 Pending::Purchase(p) => {
                     self.users[u as usize].prev_purchases += 1;
-                    Row { time, session: session.id, kind: "purchase", product: p, user: u, oracle: None }
+                    Row {
+                        time,
+                        session: session.id,
+                        kind: "purchase",
+                        product: p,
+                        user: u,
+                        oracle: None,
+                    }
                 }
-                Pending::Remove(p) => Row { time, session: session.id, kind: "remove_from_cart", product: p, user: u, oracle: None },
+                Pending::Remove(p) => Row {
+                    time,
+                    session: session.id,
+                    kind: "remove_from_cart",
+                    product: p,
+                    user: u,
+                    oracle: None,
+                },
             }
         } else {
             let r: f64 = self.rng.random();
             let candidate = session.last_product.filter(|p| !session.carted.contains(p));
             if let (true, Some(p)) = (r < 0.024, candidate) {
                 let oracle = self.cart(&mut session, u, p, time);
-                Row { time, session: session.id, kind: "cart", product: p, user: u, oracle: Some(oracle) }
+                Row {
+                    time,
+                    session: session.id,
+                    kind: "cart",
+                    product: p,
+                    user: u,
+                    oracle: Some(oracle),
+                }
             } else if let (true, Some(p)) = (r < 0.0285, candidate) {
                 // A purchase without a recorded cart, as the real data has.
                 self.users[u as usize].prev_purchases += 1;
                 session.carted.push(p);
-                Row { time, session: session.id, kind: "purchase", product: p, user: u, oracle: None }
+                Row {
+                    time,
+                    session: session.id,
+                    kind: "purchase",
+                    product: p,
+                    user: u,
+                    oracle: None,
+                }
             } else {
                 let p = if self.rng.random_bool(0.15) && !session.viewed.is_empty() {
                     session.viewed[self.rng.random_range(0..session.viewed.len())].0
@@ -356,7 +489,14 @@ impl Generator {
                     session.view_priced += 1;
                 }
                 session.last_product = Some(p);
-                Row { time, session: session.id, kind: "view", product: p, user: u, oracle: None }
+                Row {
+                    time,
+                    session: session.id,
+                    kind: "view",
+                    product: p,
+                    user: u,
+                    oracle: None,
+                }
             }
         };
 
@@ -380,11 +520,22 @@ impl Generator {
         let product = &self.world.products[p as usize];
         let category = &self.world.categories[product.category as usize];
         let drivers = PurchaseDrivers {
-            product_views: session.viewed.iter().find(|(q, _)| *q == p).map_or(0, |(_, n)| *n),
+            product_views: session
+                .viewed
+                .iter()
+                .find(|(q, _)| *q == p)
+                .map_or(0, |(_, n)| *n),
             price: self.world.price(p),
-            mean_view_price: (session.view_priced > 0).then(|| session.view_price_sum / f64::from(session.view_priced)),
-            brand_effect: product.brand.map_or(-0.2, |b| self.world.brand_effect[b as usize]),
-            l1_effect: if category.code.is_empty() { 0.0 } else { self.world.l1_effect[category.l1] },
+            mean_view_price: (session.view_priced > 0)
+                .then(|| session.view_price_sum / f64::from(session.view_priced)),
+            brand_effect: product
+                .brand
+                .map_or(-0.2, |b| self.world.brand_effect[b as usize]),
+            l1_effect: if category.code.is_empty() {
+                0.0
+            } else {
+                self.world.l1_effect[category.l1]
+            },
             user_prev_purchases: self.users[u as usize].prev_purchases,
             hour: Timestamp::from_secs(time).hour(),
             session_carts_before: session.carts,
@@ -407,7 +558,10 @@ impl Generator {
         out: &mut impl Write,
         mut oracle: Option<&mut dyn Write>,
     ) -> Result<SynthSummary> {
-        let mut summary = SynthSummary { users: self.users.len() as u64, ..Default::default() };
+        let mut summary = SynthSummary {
+            users: self.users.len() as u64,
+            ..Default::default()
+        };
         out.write_all(b"event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n")?;
         if let Some(o) = oracle.as_deref_mut() {
             o.write_all(b"event_time,user_session,product_id,probability\n")?;
@@ -415,13 +569,15 @@ impl Generator {
         let mut line = Vec::with_capacity(256);
         let mut sessions_seen = 0u64;
         while summary.events < self.config.events {
-            let Some(Reverse((time, u))) = self.heap.pop() else { break };
+            let Some((time, u)) = self.next_actor() else {
+                break;
+            };
             if self.users[u as usize].session.is_none() {
                 sessions_seen += 1;
             }
             let (row, next) = self.step(u, time);
             if let Some(next) = next {
-                self.heap.push(Reverse((next, u)));
+                self.schedule(next, u);
             }
             line.clear();
             self.format_row(&row, &mut line);
@@ -437,10 +593,14 @@ impl Generator {
                 }
                 if let (Some(o), Some(p)) = (oracle.as_deref_mut(), row.oracle) {
                     let mut text = Vec::with_capacity(96);
-                    Timestamp::from_secs(row.time).write_dataset_form(&mut text);
+                    text.extend_from_slice(self.time_text(row.time));
                     text.push(b',');
                     write_uuid(row.session, &mut text);
-                    writeln!(text, ",{},{p:.6}", self.world.products[row.product as usize].id)?;
+                    writeln!(
+                        text,
+                        ",{},{p:.6}",
+                        self.world.products[row.product as usize].id
+                    )?;
                     o.write_all(&text)?;
                 }
             }
@@ -455,11 +615,20 @@ impl Generator {
         Ok(summary)
     }
 
-    fn format_row(&self, row: &Row, out: &mut Vec<u8>) {
+    fn time_text(&mut self, secs: i64) -> &[u8] {
+        if self.time_text.0 != secs {
+            self.time_text.1.clear();
+            Timestamp::from_secs(secs).write_dataset_form(&mut self.time_text.1);
+            self.time_text.0 = secs;
+        }
+        &self.time_text.1
+    }
+
+    fn format_row(&mut self, row: &Row, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.time_text(row.time));
         let product = &self.world.products[row.product as usize];
         let category = &self.world.categories[product.category as usize];
         let mut buf = itoa::Buffer::new();
-        Timestamp::from_secs(row.time).write_dataset_form(out);
         out.push(b',');
         out.extend_from_slice(row.kind.as_bytes());
         out.push(b',');
@@ -511,24 +680,37 @@ fn write_uuid(bits: u128, out: &mut Vec<u8>) {
         if matches!(i, 8 | 12 | 16 | 20) {
             out.push(b'-');
         }
-        let nibble = if i == 12 { 4 } else { (bits >> (124 - 4 * i)) as usize & 0xf };
+        let nibble = if i == 12 {
+            4
+        } else {
+            (bits >> (124 - 4 * i)) as usize & 0xf
+        };
         out.push(HEX[nibble]);
     }
 }
 
 /// Writes the CSV (and the oracle file, when given) to the named paths.
-pub fn run(config: SynthConfig, out: &std::path::Path, oracle: Option<&std::path::Path>) -> Result<SynthSummary> {
-    let file = std::fs::File::create(out).with_context(|| format!("failed to create {}", out.display()))?;
+pub fn run(
+    config: SynthConfig,
+    out: &std::path::Path,
+    oracle: Option<&std::path::Path>,
+) -> Result<SynthSummary> {
+    let file = std::fs::File::create(out)
+        .with_context(|| format!("failed to create {}", out.display()))?;
     let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut oracle_writer = match oracle {
         Some(path) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("failed to create {}", path.display()))?,
+            std::fs::File::create(path)
+                .with_context(|| format!("failed to create {}", path.display()))?,
         )),
         None => None,
     };
     let generator = Generator::new(config);
     let summary = generator
-        .write(&mut writer, oracle_writer.as_mut().map(|w| w as &mut dyn Write))
+        .write(
+            &mut writer,
+            oracle_writer.as_mut().map(|w| w as &mut dyn Write),
+        )
         .with_context(|| format!("failed to write {}", out.display()))?;
     Ok(summary)
 }

@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail, ensure};
 use cartscore_core::encoding::{DEFAULT_MIN_COUNT, DEFAULT_SMOOTHING};
 use cartscore_core::features::ORIGINAL_SIX;
 use cartscore_core::{
-    BundleMetadata, CONTRACT_VERSION, CategoryTable, EncodingTables, FEATURE_COUNT, FEATURE_NAMES, GoldenVector,
-    Timestamp, TractModel,
+    BundleMetadata, CONTRACT_VERSION, CategoryTable, EncodingTables, FEATURE_COUNT, FEATURE_NAMES,
+    GoldenVector, Timestamp, TractModel,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -58,14 +58,22 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, value: String, why: &str| anyhow::anyhow!("config field `{field}` = {value}: {why}");
+        let bad = |field: &str, value: String, why: &str| {
+            anyhow::anyhow!("config field `{field}` = {value}: {why}")
+        };
         if self.trials == 0 {
             return Err(bad("trials", self.trials.to_string(), "must be at least 1"));
         }
         if !(0.1..0.95).contains(&self.train_fraction) {
-            return Err(bad("train_fraction", self.train_fraction.to_string(), "must be in [0.1, 0.95)"));
+            return Err(bad(
+                "train_fraction",
+                self.train_fraction.to_string(),
+                "must be in [0.1, 0.95)",
+            ));
         }
-        if !(0.01..0.5).contains(&self.validation_fraction) || self.train_fraction + self.validation_fraction >= 0.99 {
+        if !(0.01..0.5).contains(&self.validation_fraction)
+            || self.train_fraction + self.validation_fraction >= 0.99
+        {
             return Err(bad(
                 "validation_fraction",
                 self.validation_fraction.to_string(),
@@ -73,7 +81,11 @@ impl TrainConfig {
             ));
         }
         if !(0.0..=1.0).contains(&self.error_budget) {
-            return Err(bad("error_budget", self.error_budget.to_string(), "must be a fraction in [0, 1]"));
+            return Err(bad(
+                "error_budget",
+                self.error_budget.to_string(),
+                "must be a fraction in [0, 1]",
+            ));
         }
         if self.golden_vectors == 0 {
             return Err(bad("golden_vectors", "0".into(), "must be at least 1"));
@@ -100,7 +112,11 @@ struct Window {
     to: Timestamp,
 }
 
-fn window(examples: &[Example], range: std::ops::Range<usize>, encoded: &[[f32; FEATURE_COUNT]]) -> Window {
+fn window(
+    examples: &[Example],
+    range: std::ops::Range<usize>,
+    encoded: &[[f32; FEATURE_COUNT]],
+) -> Window {
     let mut matrix = Matrix::new(FEATURE_COUNT);
     for i in range.clone() {
         matrix.push(&encoded[i], examples[i].label);
@@ -108,7 +124,9 @@ fn window(examples: &[Example], range: std::ops::Range<usize>, encoded: &[[f32; 
     Window {
         matrix,
         from: examples.get(range.start).map_or(Timestamp(0), |e| e.time),
-        to: examples.get(range.end.saturating_sub(1)).map_or(Timestamp(0), |e| e.time),
+        to: examples
+            .get(range.end.saturating_sub(1))
+            .map_or(Timestamp(0), |e| e.time),
         examples: range.collect(),
     }
 }
@@ -123,7 +141,10 @@ fn cut(examples: &[Example], fraction: f64) -> usize {
     i.min(examples.len())
 }
 
-fn learn_tables<'a>(examples: impl Iterator<Item = &'a Example> + Clone, names: &Interner) -> EncodingTables {
+fn learn_tables<'a>(
+    examples: impl Iterator<Item = &'a Example> + Clone,
+    names: &Interner,
+) -> EncodingTables {
     let column = |k: usize| {
         CategoryTable::learn(
             examples.clone().map(|e| (names.name(e.keys[k]), e.label)),
@@ -131,7 +152,11 @@ fn learn_tables<'a>(examples: impl Iterator<Item = &'a Example> + Clone, names: 
             DEFAULT_MIN_COUNT,
         )
     };
-    EncodingTables { brand: column(0), category_l1: column(1), category_l2: column(2) }
+    EncodingTables {
+        brand: column(0),
+        category_l1: column(1),
+        category_l2: column(2),
+    }
 }
 
 const FOLDS: usize = 5;
@@ -139,30 +164,57 @@ const FOLDS: usize = 5;
 /// Training rows get out-of-fold encodings (a row never sees its own label
 /// through its brand's rate); validation and test rows use the tables learned
 /// on the whole training window, which the bundle ships.
-fn encode_all(examples: &[Example], train_end: usize, names: &Interner) -> (EncodingTables, Vec<[f32; FEATURE_COUNT]>) {
+fn encode_all(
+    examples: &[Example],
+    train_end: usize,
+    names: &Interner,
+) -> (EncodingTables, Vec<[f32; FEATURE_COUNT]>) {
     let train = &examples[..train_end];
     let tables = learn_tables(train.iter(), names);
     let mut encoded: Vec<[f32; FEATURE_COUNT]> = Vec::with_capacity(examples.len());
     let fold_tables: Vec<EncodingTables> = (0..FOLDS)
-        .map(|fold| learn_tables(train.iter().enumerate().filter(|(i, _)| i % FOLDS != fold).map(|(_, e)| e), names))
+        .map(|fold| {
+            learn_tables(
+                train
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % FOLDS != fold)
+                    .map(|(_, e)| e),
+                names,
+            )
+        })
         .collect();
     for (i, example) in examples.iter().enumerate() {
-        let t = if i < train_end { &fold_tables[i % FOLDS] } else { &tables };
+        let t = if i < train_end {
+            &fold_tables[i % FOLDS]
+        } else {
+            &tables
+        };
         encoded.push(example.encoded(names, t).0);
     }
     (tables, encoded)
 }
 
 fn load_oracle(path: &Path) -> Result<HashMap<(i64, String, u64), f64>> {
-    let mut reader = csv::Reader::from_path(path).with_context(|| format!("failed to open oracle file {}", path.display()))?;
+    let mut reader = csv::Reader::from_path(path)
+        .with_context(|| format!("failed to open oracle file {}", path.display()))?;
     let mut out = HashMap::new();
     for (i, record) in reader.records().enumerate() {
-        let record = record.with_context(|| format!("{}:{}: bad oracle row", path.display(), i + 2))?;
+        let record =
+            record.with_context(|| format!("{}:{}: bad oracle row", path.display(), i + 2))?;
         let parse = || -> Option<((i64, String, u64), f64)> {
             let time = Timestamp::parse(record.get(0)?).ok()?;
-            Some(((time.micros(), record.get(1)?.to_owned(), record.get(2)?.parse().ok()?), record.get(3)?.parse().ok()?))
+            Some((
+                (
+                    time.micros(),
+                    record.get(1)?.to_owned(),
+                    record.get(2)?.parse().ok()?,
+                ),
+                record.get(3)?.parse().ok()?,
+            ))
         };
-        let (key, p) = parse().with_context(|| format!("{}:{}: bad oracle row", path.display(), i + 2))?;
+        let (key, p) =
+            parse().with_context(|| format!("{}:{}: bad oracle row", path.display(), i + 2))?;
         out.insert(key, p);
     }
     Ok(out)
@@ -187,14 +239,27 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
     }
     let read_stats = source.stats.clone();
     let replay_seconds = started.elapsed().as_secs_f64();
-    tracing::info!(events = replay.events, examples = replay.examples.len(), seconds = replay_seconds, "replay done");
+    tracing::info!(
+        events = replay.events,
+        examples = replay.examples.len(),
+        seconds = replay_seconds,
+        "replay done"
+    );
     let examples = &replay.examples;
-    ensure!(examples.len() >= 100, "only {} cart events in the input: too few to train on", examples.len());
+    ensure!(
+        examples.len() >= 100,
+        "only {} cart events in the input: too few to train on",
+        examples.len()
+    );
 
     // 2. Split by time.
     let train_end = cut(examples, config.train_fraction);
-    let valid_end = cut(examples, config.train_fraction + config.validation_fraction).max(train_end + 1);
-    ensure!(valid_end < examples.len(), "the test window is empty: add data or lower the training fractions");
+    let valid_end =
+        cut(examples, config.train_fraction + config.validation_fraction).max(train_end + 1);
+    ensure!(
+        valid_end < examples.len(),
+        "the test window is empty: add data or lower the training fractions"
+    );
     let (tables, encoded) = encode_all(examples, train_end, &replay.interner);
     let train = window(examples, 0..train_end, &encoded);
     let valid = window(examples, train_end..valid_end, &encoded);
@@ -202,7 +267,10 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
     for (name, w) in [("train", &train), ("validation", &valid), ("test", &test)] {
         let positives = w.matrix.labels.iter().filter(|&&l| l).count();
         if positives == 0 || positives == w.matrix.rows() {
-            bail!("the {name} window ({} rows) has only one class: add data", w.matrix.rows());
+            bail!(
+                "the {name} window ({} rows) has only one class: add data",
+                w.matrix.rows()
+            );
         }
     }
 
@@ -227,13 +295,20 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
     let valid_p = gbdt::predict(&booster, &valid.matrix)?;
     let test_scores = Scores::of(&test_p, &test.matrix.labels);
     let valid_scores = Scores::of(&valid_p, &valid.matrix.labels);
-    let base_rate = train.matrix.labels.iter().filter(|&&l| l).count() as f64 / train.matrix.rows() as f64;
+    let base_rate =
+        train.matrix.labels.iter().filter(|&&l| l).count() as f64 / train.matrix.rows() as f64;
     let base_p = vec![base_rate; test.matrix.rows()];
     let stump = gbdt::stump(&train.matrix.select(&ORIGINAL_SIX))?;
     let stump_p = gbdt::predict(&stump, &test.matrix.select(&ORIGINAL_SIX))?;
     let mut baselines = serde_json::Map::new();
-    baselines.insert("base_rate".into(), serde_json::to_value(Scores::of(&base_p, &test.matrix.labels))?);
-    baselines.insert("original_stack".into(), serde_json::to_value(Scores::of(&stump_p, &test.matrix.labels))?);
+    baselines.insert(
+        "base_rate".into(),
+        serde_json::to_value(Scores::of(&base_p, &test.matrix.labels))?,
+    );
+    baselines.insert(
+        "original_stack".into(),
+        serde_json::to_value(Scores::of(&stump_p, &test.matrix.labels))?,
+    );
 
     let oracle = match &request.oracle {
         None => serde_json::Value::Null,
@@ -242,12 +317,17 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
             let (mut p, mut labels) = (Vec::new(), Vec::new());
             for &i in &test.examples {
                 let e = &examples[i];
-                if let Some(&q) = table.get(&(e.time.micros(), e.session.to_string(), e.product_id)) {
+                if let Some(&q) = table.get(&(e.time.micros(), e.session.to_string(), e.product_id))
+                {
                     p.push(q);
                     labels.push(e.label);
                 }
             }
-            ensure!(!p.is_empty(), "the oracle file {} matches no test-window cart event", path.display());
+            ensure!(
+                !p.is_empty(),
+                "the oracle file {} matches no test-window cart event",
+                path.display()
+            );
             let scores = Scores::of(&p, &labels);
             json!({ "matched": p.len(), "roc_auc": scores.roc_auc, "pr_auc": scores.pr_auc,
                     "log_loss": scores.log_loss, "brier": scores.brier })
@@ -267,11 +347,17 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
     let golden_vectors: Vec<GoldenVector> = golden_rows
         .chunks(FEATURE_COUNT)
         .zip(&golden_p)
-        .map(|(row, &p)| GoldenVector { features: row.to_vec(), probability: p })
+        .map(|(row, &p)| GoldenVector {
+            features: row.to_vec(),
+            probability: p,
+        })
         .collect();
     let fingerprint = replay.fingerprint();
     let model_hash = blake3::hash(tuned.model_text.as_bytes()).to_hex()[..8].to_string();
-    let model_version = request.model_version.clone().unwrap_or_else(|| format!("{}-{model_hash}", &fingerprint[..8]));
+    let model_version = request
+        .model_version
+        .clone()
+        .unwrap_or_else(|| format!("{}-{model_hash}", &fingerprint[..8]));
     let metrics = BTreeMap::from([
         ("test_roc_auc".to_string(), test_scores.roc_auc),
         ("test_pr_auc".to_string(), test_scores.pr_auc),
@@ -300,7 +386,8 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
     };
     let bytes = export::encode(&export::onnx_model(&trees, &metadata));
     let parity_started = Instant::now();
-    let tract = TractModel::from_bytes(&bytes).context("the exported bundle does not load in tract")?;
+    let tract =
+        TractModel::from_bytes(&bytes).context("the exported bundle does not load in tract")?;
     let mut parity_rows = test.matrix.values.clone();
     let edge = export::edge_rows(&trees, &test.matrix.values, 2_000);
     parity_rows.extend_from_slice(&edge);
@@ -308,7 +395,11 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
         .predict_with_params(&parity_rows, FEATURE_COUNT as i32, true, "num_threads=1")
         .map_err(|e| anyhow::anyhow!("LightGBM prediction failed: {e}"))?;
     let tract_p = predict_parallel(&tract, &parity_rows, config.threads)?;
-    let max_diff = reference.iter().zip(&tract_p).map(|(&a, &b)| (a - f64::from(b)).abs()).fold(0.0, f64::max);
+    let max_diff = reference
+        .iter()
+        .zip(&tract_p)
+        .map(|(&a, &b)| (a - f64::from(b)).abs())
+        .fold(0.0, f64::max);
     ensure!(
         max_diff <= cartscore_core::bundle::GOLDEN_TOLERANCE,
         "tract disagrees with LightGBM by {max_diff:e} on the test window: the export is wrong"
@@ -316,16 +407,28 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
     let parity_seconds = parity_started.elapsed().as_secs_f64();
 
     // 6. Write the bundle atomically, then the reports.
-    std::fs::create_dir_all(&request.out).with_context(|| format!("failed to create {}", request.out.display()))?;
+    std::fs::create_dir_all(&request.out)
+        .with_context(|| format!("failed to create {}", request.out.display()))?;
     let model_path = request.out.join("model.onnx");
     write_atomically(&model_path, &bytes)?;
     let importance = booster
         .feature_importance(lightgbm3::ImportanceType::Gain)
-        .map(|g| FEATURE_NAMES.iter().zip(g).map(|(n, v)| (n.to_string(), v)).collect::<BTreeMap<_, _>>())
+        .map(|g| {
+            FEATURE_NAMES
+                .iter()
+                .zip(g)
+                .map(|(n, v)| (n.to_string(), v))
+                .collect::<BTreeMap<_, _>>()
+        })
         .unwrap_or_default();
-    let window_json = |w: &Window| json!({ "rows": w.matrix.rows(), "positives": w.matrix.labels.iter().filter(|&&l| l).count(),
-        "from": w.from.to_rfc3339(), "to": w.to.to_rfc3339() });
-    let auc_vs_oracle = oracle.get("roc_auc").and_then(|v| v.as_f64()).map(|o| test_scores.roc_auc / o);
+    let window_json = |w: &Window| {
+        json!({ "rows": w.matrix.rows(), "positives": w.matrix.labels.iter().filter(|&&l| l).count(),
+        "from": w.from.to_rfc3339(), "to": w.to.to_rfc3339() })
+    };
+    let auc_vs_oracle = oracle
+        .get("roc_auc")
+        .and_then(|v| v.as_f64())
+        .map(|o| test_scores.roc_auc / o);
     let report = json!({
         "model_version": model_version,
         "contract_version": CONTRACT_VERSION,
@@ -348,8 +451,14 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
         "feature_importance_gain": importance,
         "timings": { "replay_seconds": replay_seconds, "total_seconds": started.elapsed().as_secs_f64() },
     });
-    write_atomically(&request.out.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
-    write_atomically(&request.out.join("report.txt"), crate::report::text(&report).as_bytes())?;
+    write_atomically(
+        &request.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    write_atomically(
+        &request.out.join("report.txt"),
+        crate::report::text(&report).as_bytes(),
+    )?;
     if request.write_test_rows {
         write_test_rows(&request.out.join("test_rows.csv"), &test.matrix, &test_p)?;
     }
@@ -362,7 +471,8 @@ pub fn predict_parallel(model: &TractModel, rows: &[f32], threads: usize) -> Res
     const CHUNK_ROWS: usize = 256;
     let chunks: Vec<&[f32]> = rows.chunks(CHUNK_ROWS * FEATURE_COUNT).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Vec<f32>>>> = chunks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let results: Vec<std::sync::Mutex<Option<Vec<f32>>>> =
+        chunks.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let failed = std::sync::Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
@@ -392,7 +502,12 @@ pub fn predict_parallel(model: &TractModel, rows: &[f32], threads: usize) -> Res
     }
     let mut out = Vec::with_capacity(rows.len() / FEATURE_COUNT);
     for slot in results {
-        out.extend(slot.into_inner().ok().flatten().context("a scoring thread did not finish")?);
+        out.extend(
+            slot.into_inner()
+                .ok()
+                .flatten()
+                .context("a scoring thread did not finish")?,
+        );
     }
     Ok(out)
 }
@@ -400,14 +515,15 @@ pub fn predict_parallel(model: &TractModel, rows: &[f32], threads: usize) -> Res
 /// Test-window rows with the trainer's probabilities, for independent readers
 /// (the ONNX Runtime parity test).
 fn write_test_rows(path: &Path, matrix: &Matrix, probabilities: &[f64]) -> Result<()> {
-    let mut writer = csv::Writer::from_path(path).with_context(|| format!("failed to create {}", path.display()))?;
+    let mut writer = csv::Writer::from_path(path)
+        .with_context(|| format!("failed to create {}", path.display()))?;
     let mut header: Vec<String> = FEATURE_NAMES.iter().map(|s| s.to_string()).collect();
     header.extend(["label".into(), "probability".into()]);
     writer.write_record(&header)?;
-    for i in 0..matrix.rows() {
+    for (i, (label, probability)) in matrix.labels.iter().zip(probabilities).enumerate() {
         let mut record: Vec<String> = matrix.row(i).iter().map(|v| v.to_string()).collect();
-        record.push(u8::from(matrix.labels[i]).to_string());
-        record.push(format!("{:.9}", probabilities[i]));
+        record.push(u8::from(*label).to_string());
+        record.push(format!("{probability:.9}"));
         writer.write_record(&record)?;
     }
     writer.flush()?;
@@ -420,6 +536,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("failed to write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("failed to move {} into place", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("failed to move {} into place", path.display()))?;
     Ok(())
 }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# README command 2: installs whatever the tests need and is missing, then runs
+# formatting, lint and every test (unit, property and end-to-end) in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/cartscore/target}
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------
+apt_missing=()
+dpkg -s libclang-dev >/dev/null 2>&1 || apt_missing+=(libclang-dev)
+command -v g++ >/dev/null 2>&1 || apt_missing+=(g++)
+command -v python3 >/dev/null 2>&1 || apt_missing+=(python3 python3-pip)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${apt_missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+fi
+
+# --- CMake >= 3.28 for LightGBM (Debian 12 ships 3.25) --------------------
+cmake_ok() {
+  command -v cmake >/dev/null 2>&1 || return 1
+  local v; v=$(cmake --version | head -1 | awk '{print $3}')
+  [ "$(printf '%s\n3.28\n' "$v" | sort -V | head -1)" = "3.28" ]
+}
+if ! cmake_ok; then
+  log "installing CMake >= 3.28 from PyPI"
+  python3 -m pip install -q 'cmake>=3.28'
+  hash -r
+  cmake_ok || { echo "cmake >= 3.28 is still not on PATH ($(command -v cmake || echo none))" >&2; exit 1; }
+fi
+
+# --- Python readers used by the parity tests --------------------------------
+if ! python3 -c 'import onnxruntime, onnx, numpy' 2>/dev/null; then
+  log "installing onnxruntime, onnx and numpy from PyPI"
+  python3 -m pip install -q onnxruntime onnx numpy
+fi
+
+# --- the real data slice -----------------------------------------------------
+export CARTSCORE_DATASET=${CARTSCORE_DATASET:-$(pwd)/../shared/data/2019-Oct-head.csv}
+[ -r "$CARTSCORE_DATASET" ] || { echo "data slice not found at $CARTSCORE_DATASET (set CARTSCORE_DATASET)" >&2; exit 1; }
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (warnings are errors)"
+cargo clippy --release --workspace --all-targets -q -- -D warnings
+
+log "cargo test --release --workspace"
+cargo test --release --workspace 2>&1 | tee "${TMPDIR:-/tmp}/cartscore-test.log"
+status=${PIPESTATUS[0]}
+passed=$(grep -Eo 'test result: .*' "${TMPDIR:-/tmp}/cartscore-test.log" | awk '{p+=$4; f+=$6} END {print p+0, f+0}')
+read -r p f <<<"$passed"
+echo "$p passed, $f failed"
+exit "$status"
