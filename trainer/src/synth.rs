@@ -345,7 +345,10 @@ impl Generator {
         if time < self.horizon {
             self.heap.push(Reverse((time, user)));
         } else {
-            self.future.entry(time.div_euclid(3600)).or_default().push((time, user));
+            self.future
+                .entry(time.div_euclid(3600))
+                .or_default()
+                .push((time, user));
         }
     }
 
