@@ -9,6 +9,7 @@
 //! [`bundle`] is the deployable model's metadata contract.
 
 pub mod bundle;
+pub mod compiled;
 pub mod encoding;
 pub mod event;
 pub mod features;

@@ -1,0 +1,342 @@
+//! A tree ensemble compiled into a flat, cache-friendly evaluator.
+//!
+//! Stock tract runs `TreeEnsembleClassifier` with a linear scan over leaves
+//! (milliseconds per row for a few hundred trees). A bundle whose graph is one
+//! binary `TreeEnsembleClassifier` with LOGISTIC output is compiled here
+//! instead: every tree becomes a run of 16-byte nodes walked by index. The
+//! result is only trusted after [`CompiledEnsemble::verify_against`] agrees
+//! with tract.
+
+use thiserror::Error;
+use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto};
+
+use crate::features::FEATURE_COUNT;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum CompileError {
+    #[error("graph is not a single TreeEnsembleClassifier (it has {nodes} nodes, first `{first}`)")]
+    NotATreeEnsemble { nodes: usize, first: String },
+    #[error("attribute `{name}` is missing or has the wrong type")]
+    Attribute { name: &'static str },
+    #[error("attribute `{name}` has {found} entries, expected {expected}")]
+    Length {
+        name: &'static str,
+        found: usize,
+        expected: usize,
+    },
+    #[error("unsupported {what}: {value}")]
+    Unsupported { what: &'static str, value: String },
+    #[error("tree {tree}: {reason}")]
+    BadTree { tree: usize, reason: String },
+}
+
+const LEAF: u32 = u32::MAX;
+const MISSING_LEFT: u32 = 1 << 31;
+
+/// One node: a split (`x[feature] <= threshold` goes left) or a leaf whose
+/// value index is in `left`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+struct Node {
+    /// Feature index, with [`MISSING_LEFT`] set when NaN goes left; [`LEAF`] for leaves.
+    feature: u32,
+    threshold: f32,
+    left: u32,
+    right: u32,
+}
+
+/// The compiled ensemble: trees stored back to back, roots listed in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledEnsemble {
+    nodes: Vec<Node>,
+    roots: Vec<u32>,
+    leaf_values: Vec<f32>,
+    base: f32,
+}
+
+fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+fn ints<'a>(node: &'a NodeProto, name: &'static str) -> Result<&'a [i64], CompileError> {
+    attr(node, name)
+        .map(|a| a.ints.as_slice())
+        .ok_or(CompileError::Attribute { name })
+}
+
+fn floats<'a>(node: &'a NodeProto, name: &'static str) -> Result<&'a [f32], CompileError> {
+    attr(node, name)
+        .map(|a| a.floats.as_slice())
+        .ok_or(CompileError::Attribute { name })
+}
+
+fn same_len(name: &'static str, found: usize, expected: usize) -> Result<(), CompileError> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(CompileError::Length {
+            name,
+            found,
+            expected,
+        })
+    }
+}
+
+impl CompiledEnsemble {
+    /// Compiles the bundle's graph, or says why it is not a plain binary ensemble.
+    pub fn compile(model: &ModelProto) -> Result<Self, CompileError> {
+        let nodes = model
+            .graph
+            .as_ref()
+            .map(|g| g.node.as_slice())
+            .unwrap_or_default();
+        let [node] = nodes else {
+            return Err(CompileError::NotATreeEnsemble {
+                nodes: nodes.len(),
+                first: nodes.first().map(|n| n.op_type.clone()).unwrap_or_default(),
+            });
+        };
+        if node.op_type != "TreeEnsembleClassifier" || node.domain != "ai.onnx.ml" {
+            return Err(CompileError::NotATreeEnsemble {
+                nodes: 1,
+                first: node.op_type.clone(),
+            });
+        }
+        let transform =
+            attr(node, "post_transform").map(|a| String::from_utf8_lossy(&a.s).into_owned());
+        if transform.as_deref() != Some("LOGISTIC") {
+            return Err(CompileError::Unsupported {
+                what: "post_transform",
+                value: format!("{transform:?}"),
+            });
+        }
+        let labels = ints(node, "classlabels_int64s")?;
+        if labels.len() != 2 {
+            return Err(CompileError::Unsupported {
+                what: "class labels",
+                value: format!("{labels:?}"),
+            });
+        }
+        let tree_ids = ints(node, "nodes_treeids")?;
+        let n = tree_ids.len();
+        let node_ids = ints(node, "nodes_nodeids")?;
+        let features = ints(node, "nodes_featureids")?;
+        let values = floats(node, "nodes_values")?;
+        let true_ids = ints(node, "nodes_truenodeids")?;
+        let false_ids = ints(node, "nodes_falsenodeids")?;
+        let missing = attr(node, "nodes_missing_value_tracks_true")
+            .map(|a| a.ints.as_slice())
+            .unwrap_or(&[]);
+        let modes = attr(node, "nodes_modes")
+            .map(|a| a.strings.as_slice())
+            .ok_or(CompileError::Attribute {
+                name: "nodes_modes",
+            })?;
+        for (name, len) in [
+            ("nodes_nodeids", node_ids.len()),
+            ("nodes_featureids", features.len()),
+            ("nodes_values", values.len()),
+            ("nodes_truenodeids", true_ids.len()),
+            ("nodes_falsenodeids", false_ids.len()),
+            ("nodes_modes", modes.len()),
+        ] {
+            same_len(name, len, n)?;
+        }
+        if !missing.is_empty() {
+            same_len("nodes_missing_value_tracks_true", missing.len(), n)?;
+        }
+        let leaf_trees = ints(node, "class_treeids")?;
+        let leaf_nodes = ints(node, "class_nodeids")?;
+        let leaf_classes = ints(node, "class_ids")?;
+        let leaf_weights = floats(node, "class_weights")?;
+        same_len("class_nodeids", leaf_nodes.len(), leaf_trees.len())?;
+        same_len("class_ids", leaf_classes.len(), leaf_trees.len())?;
+        same_len("class_weights", leaf_weights.len(), leaf_trees.len())?;
+        if let Some(c) = leaf_classes.iter().find(|&&c| c != 0) {
+            return Err(CompileError::Unsupported {
+                what: "leaf class id (binary layout needs 0)",
+                value: c.to_string(),
+            });
+        }
+        let base = match attr(node, "base_values") {
+            Some(a) if a.floats.len() == 1 => a.floats[0],
+            Some(a) if !a.floats.is_empty() => {
+                return Err(CompileError::Unsupported {
+                    what: "base_values",
+                    value: format!("{:?}", a.floats),
+                });
+            }
+            _ => 0.0,
+        };
+
+        let n_trees = tree_ids.iter().copied().max().map_or(0, |m| m as usize + 1);
+        // Group node positions by tree; node ids index within a tree.
+        let mut by_tree: Vec<Vec<usize>> = vec![Vec::new(); n_trees];
+        for (pos, &t) in tree_ids.iter().enumerate() {
+            let t = usize::try_from(t).map_err(|_| CompileError::BadTree {
+                tree: 0,
+                reason: format!("negative tree id {t}"),
+            })?;
+            by_tree[t].push(pos);
+        }
+        let mut leaf_of: std::collections::HashMap<(i64, i64), f32> =
+            std::collections::HashMap::new();
+        for ((&t, &id), &w) in leaf_trees.iter().zip(leaf_nodes).zip(leaf_weights) {
+            *leaf_of.entry((t, id)).or_default() += w;
+        }
+
+        let mut compiled = Self {
+            nodes: Vec::with_capacity(n),
+            roots: Vec::with_capacity(n_trees),
+            leaf_values: Vec::new(),
+            base,
+        };
+        for (tree, positions) in by_tree.iter().enumerate() {
+            let bad = |reason: String| CompileError::BadTree { tree, reason };
+            let offset = compiled.nodes.len() as u32;
+            let max_id = positions
+                .iter()
+                .map(|&p| node_ids[p])
+                .max()
+                .ok_or_else(|| bad("no nodes".into()))?;
+            let size = usize::try_from(max_id).map_err(|_| bad("negative node id".into()))? + 1;
+            if size != positions.len() {
+                return Err(bad(format!("node ids are not 0..{}", positions.len())));
+            }
+            let mut local = vec![None; size];
+            for &p in positions {
+                let id = node_ids[p] as usize;
+                if local[id].replace(p).is_some() {
+                    return Err(bad(format!("node id {id} appears twice")));
+                }
+            }
+            let child = |id: i64| -> Result<u32, CompileError> {
+                if id < 0 || id as usize >= size {
+                    return Err(bad(format!("child {id} out of range")));
+                }
+                Ok(offset + id as u32)
+            };
+            for (id, p) in local.into_iter().enumerate() {
+                let p = p.ok_or_else(|| bad(format!("node id {id} missing")))?;
+                let mode = String::from_utf8_lossy(&modes[p]);
+                let node = match mode.as_ref() {
+                    "LEAF" => {
+                        let value = leaf_of
+                            .get(&(tree as i64, id as i64))
+                            .copied()
+                            .unwrap_or(0.0);
+                        compiled.leaf_values.push(value);
+                        Node {
+                            feature: LEAF,
+                            threshold: 0.0,
+                            left: compiled.leaf_values.len() as u32 - 1,
+                            right: 0,
+                        }
+                    }
+                    "BRANCH_LEQ" | "BRANCH_LT" => {
+                        let feature = usize::try_from(features[p])
+                            .ok()
+                            .filter(|&f| f < FEATURE_COUNT)
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "feature {} outside the {FEATURE_COUNT}-column row",
+                                    features[p]
+                                ))
+                            })?;
+                        // `x < t` on f32 is `x <= largest f32 below t`.
+                        let threshold = if mode == "BRANCH_LT" {
+                            values[p].next_down()
+                        } else {
+                            values[p]
+                        };
+                        let nan_left = missing.get(p).is_some_and(|&m| m != 0);
+                        Node {
+                            feature: feature as u32 | if nan_left { MISSING_LEFT } else { 0 },
+                            threshold,
+                            left: child(true_ids[p])?,
+                            right: child(false_ids[p])?,
+                        }
+                    }
+                    other => {
+                        return Err(CompileError::Unsupported {
+                            what: "node mode",
+                            value: other.to_string(),
+                        });
+                    }
+                };
+                compiled.nodes.push(node);
+            }
+            compiled.roots.push(offset);
+        }
+        compiled.check_acyclic()?;
+        Ok(compiled)
+    }
+
+    /// Children must point forward within their tree, so every walk ends.
+    fn check_acyclic(&self) -> Result<(), CompileError> {
+        for (tree, &root) in self.roots.iter().enumerate() {
+            let end = self
+                .roots
+                .get(tree + 1)
+                .copied()
+                .unwrap_or(self.nodes.len() as u32);
+            for i in root..end {
+                let n = self.nodes[i as usize];
+                if n.feature != LEAF
+                    && (n.left <= i || n.right <= i || n.left >= end || n.right >= end)
+                {
+                    return Err(CompileError::BadTree {
+                        tree,
+                        reason: format!("node {} does not point forward", i - root),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn trees(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// The raw score (sum of leaves plus base) of one row.
+    #[inline]
+    pub fn raw_score(&self, row: &[f32; FEATURE_COUNT]) -> f32 {
+        let mut sum = self.base;
+        for &root in &self.roots {
+            let mut i = root as usize;
+            loop {
+                let n = self.nodes[i];
+                if n.feature == LEAF {
+                    sum += self.leaf_values[n.left as usize];
+                    break;
+                }
+                let x = row[(n.feature & !MISSING_LEFT) as usize];
+                let go_left = if x.is_nan() {
+                    n.feature & MISSING_LEFT != 0
+                } else {
+                    x <= n.threshold
+                };
+                i = if go_left { n.left } else { n.right } as usize;
+            }
+        }
+        sum
+    }
+
+    /// P(purchase) for one row.
+    #[inline]
+    pub fn predict(&self, row: &[f32; FEATURE_COUNT]) -> f32 {
+        1.0 / (1.0 + (-self.raw_score(row)).exp())
+    }
+
+    /// The largest difference to `reference` over `rows` (row-major).
+    pub fn max_difference(&self, rows: &[f32], reference: &[f32]) -> f32 {
+        rows.chunks_exact(FEATURE_COUNT)
+            .zip(reference)
+            .map(|(row, &r)| {
+                let row: &[f32; FEATURE_COUNT] = row.try_into().unwrap_or(&[0.0; FEATURE_COUNT]);
+                (self.predict(row) - r).abs()
+            })
+            .fold(0.0, f32::max)
+    }
+}
