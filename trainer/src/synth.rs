@@ -428,54 +428,26 @@ impl Generator {
             .pending
             .iter()
             .position(|(step, _)| *step <= session.step);
-        let row = if let Some(i) = due {
+        let (kind, product, oracle) = if let Some(i) = due {
             let (_, what) = session.pending.swap_remove(i);
             match what {
                 Pending::Purchase(p) => {
                     self.users[u as usize].prev_purchases += 1;
-                    Row {
-                        time,
-                        session: session.id,
-                        kind: "purchase",
-                        product: p,
-                        user: u,
-                        oracle: None,
-                    }
+                    ("purchase", p, None)
                 }
-                Pending::Remove(p) => Row {
-                    time,
-                    session: session.id,
-                    kind: "remove_from_cart",
-                    product: p,
-                    user: u,
-                    oracle: None,
-                },
+                Pending::Remove(p) => ("remove_from_cart", p, None),
             }
         } else {
             let r: f64 = self.rng.random();
             let candidate = session.last_product.filter(|p| !session.carted.contains(p));
             if let (true, Some(p)) = (r < 0.024, candidate) {
                 let oracle = self.cart(&mut session, u, p, time);
-                Row {
-                    time,
-                    session: session.id,
-                    kind: "cart",
-                    product: p,
-                    user: u,
-                    oracle: Some(oracle),
-                }
+                ("cart", p, Some(oracle))
             } else if let (true, Some(p)) = (r < 0.0285, candidate) {
                 // A purchase without a recorded cart, as the real data has.
                 self.users[u as usize].prev_purchases += 1;
                 session.carted.push(p);
-                Row {
-                    time,
-                    session: session.id,
-                    kind: "purchase",
-                    product: p,
-                    user: u,
-                    oracle: None,
-                }
+                ("purchase", p, None)
             } else {
                 let p = if self.rng.random_bool(0.15) && !session.viewed.is_empty() {
                     session.viewed[self.rng.random_range(0..session.viewed.len())].0
@@ -492,15 +464,17 @@ impl Generator {
                     session.view_priced += 1;
                 }
                 session.last_product = Some(p);
-                Row {
-                    time,
-                    session: session.id,
-                    kind: "view",
-                    product: p,
-                    user: u,
-                    oracle: None,
-                }
+                ("view", p, None)
             }
+        };
+
+        let row = Row {
+            time,
+            session: session.id,
+            kind,
+            product,
+            user: u,
+            oracle,
         };
 
         session.steps_left = session.steps_left.saturating_sub(1);
