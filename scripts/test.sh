@@ -19,6 +19,11 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   apt-get install -y -qq "${apt_missing[@]}" >/dev/null
 fi
 
+# Console scripts that pip installs (cmake) live in the interpreter's scripts
+# folder; under pyenv its shims only appear after a rehash, so put it first.
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
+
 # --- CMake >= 3.28 for LightGBM (Debian 12 ships 3.25) --------------------
 cmake_ok() {
   command -v cmake >/dev/null 2>&1 || return 1
