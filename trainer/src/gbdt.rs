@@ -1,8 +1,6 @@
 //! Gradient-boosted trees with LightGBM: random-search tuning on the
 //! validation window with early stopping, trials run in parallel.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
@@ -187,54 +185,37 @@ pub fn tune(train: &Matrix, valid: &Matrix, config: &TuneConfig) -> Result<Tuned
     let candidates: Vec<TreeParams> = (0..config.trials.max(1))
         .map(|_| TreeParams::sample(&mut rng, config.max_iterations))
         .collect();
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<TrialOutcome>>> =
-        Mutex::new((0..candidates.len()).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..config.threads.clamp(1, candidates.len()) {
-            scope.spawn(|| {
-                loop {
-                    let index = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(params) = candidates.get(index) else {
-                        break;
-                    };
-                    let started = Instant::now();
-                    let outcome = train_one(
-                        train,
-                        valid,
-                        &params.lightgbm(config.seed + index as u64, config.early_stopping),
-                    )
-                    .map(|(text, predictions, iterations)| {
-                        let trial = Trial {
-                            index,
-                            params: params.clone(),
-                            iterations,
-                            validation_auc: roc_auc(&predictions, &valid.labels),
-                            seconds: started.elapsed().as_secs_f64(),
-                        };
-                        tracing::info!(
-                            index,
-                            auc = trial.validation_auc,
-                            iterations,
-                            seconds = trial.seconds,
-                            "trial done"
-                        );
-                        (trial, text)
-                    });
-                    if let Ok(mut slots) = results.lock() {
-                        slots[index] = Some(outcome);
-                    }
-                }
-            });
-        }
-    });
-    let slots = results
-        .into_inner()
-        .map_err(|_| anyhow!("a tuning thread panicked"))?;
+    let outcomes = crate::parallel::map(
+        &candidates,
+        config.threads,
+        |index, params| -> TrialOutcome {
+            let started = Instant::now();
+            let (text, predictions, iterations) = train_one(
+                train,
+                valid,
+                &params.lightgbm(config.seed + index as u64, config.early_stopping),
+            )?;
+            let trial = Trial {
+                index,
+                params: params.clone(),
+                iterations,
+                validation_auc: roc_auc(&predictions, &valid.labels),
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            tracing::info!(
+                index,
+                auc = trial.validation_auc,
+                iterations,
+                seconds = trial.seconds,
+                "trial done"
+            );
+            Ok((trial, text))
+        },
+    );
     let mut trials = Vec::new();
     let mut best: Option<(Trial, String)> = None;
-    for slot in slots {
-        let (trial, text) = slot.context("a tuning trial did not run")??;
+    for outcome in outcomes {
+        let (trial, text) = outcome?;
         trials.push(trial.clone());
         let better = match &best {
             None => true,

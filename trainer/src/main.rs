@@ -7,6 +7,7 @@ mod cli;
 mod export;
 mod gbdt;
 mod metrics;
+mod parallel;
 mod predict;
 mod replay;
 mod report;

@@ -470,44 +470,9 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
 pub fn predict_parallel(model: &TractModel, rows: &[f32], threads: usize) -> Result<Vec<f32>> {
     const CHUNK_ROWS: usize = 256;
     let chunks: Vec<&[f32]> = rows.chunks(CHUNK_ROWS * FEATURE_COUNT).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Vec<f32>>>> =
-        chunks.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    let failed = std::sync::Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.max(1) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let Some(chunk) = chunks.get(i) else { break };
-                    match model.predict(chunk) {
-                        Ok(p) => {
-                            if let Ok(mut slot) = results[i].lock() {
-                                *slot = Some(p);
-                            }
-                        }
-                        Err(e) => {
-                            if let Ok(mut f) = failed.lock() {
-                                *f = Some(e);
-                            }
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(e.into());
-    }
     let mut out = Vec::with_capacity(rows.len() / FEATURE_COUNT);
-    for slot in results {
-        out.extend(
-            slot.into_inner()
-                .ok()
-                .flatten()
-                .context("a scoring thread did not finish")?,
-        );
+    for scored in crate::parallel::map(&chunks, threads, |_, chunk| model.predict(chunk)) {
+        out.extend(scored?);
     }
     Ok(out)
 }
