@@ -4,7 +4,7 @@
 
 use crate::encoding::EncodingTables;
 use crate::event::Event;
-use crate::state::{SessionState, UserState};
+use crate::state::{SessionFacts, SessionState, UserFacts, UserState};
 
 /// Bumped whenever a feature's meaning, order or the state rules change.
 pub const CONTRACT_VERSION: u32 = 1;
@@ -125,6 +125,20 @@ impl FeatureRow {
         user: Option<&UserState>,
         cart: &Event,
     ) -> Self {
+        Self::from_facts(
+            session.map(|s| s.facts(cart.product_id)),
+            user.map(UserState::facts),
+            cart,
+        )
+    }
+
+    /// [`FeatureRow::from_state`] over facts, which the appliance reads from
+    /// archived state without deserialising it.
+    pub fn from_facts(
+        session: Option<SessionFacts>,
+        user: Option<UserFacts>,
+        cart: &Event,
+    ) -> Self {
         let t = cart.event_time;
         let session = session.filter(|s| s.is_live_at(t));
         let user = user.filter(|u| u.is_live_at(t));
@@ -136,7 +150,7 @@ impl FeatureRow {
 
         match session {
             Some(s) => {
-                let product = s.product(cart.product_id);
+                let product = s.product;
                 f[col::SESSION_EVENTS] = (s.events + 1) as f32;
                 f[col::SESSION_VIEWS] = s.views as f32;
                 f[col::SESSION_CARTS] = (s.carts + 1) as f32;
@@ -144,11 +158,11 @@ impl FeatureRow {
                 f[col::SESSION_PURCHASES] = s.purchases as f32;
                 f[col::SESSION_DISTINCT_PRODUCTS] =
                     (s.distinct_products + u32::from(product.is_none())) as f32;
-                f[col::PRODUCT_VIEWS_IN_SESSION] = product.map_or(0, |p| p.views) as f32;
-                f[col::PRODUCT_PREV_CARTS_IN_SESSION] = product.map_or(0, |p| p.carts) as f32;
+                f[col::PRODUCT_VIEWS_IN_SESSION] = product.map_or(0, |p| p.0) as f32;
+                f[col::PRODUCT_PREV_CARTS_IN_SESSION] = product.map_or(0, |p| p.1) as f32;
                 f[col::SESSION_AGE_SECONDS] = t.secs_since(s.started_at).max(0.0);
                 f[col::SECONDS_SINCE_PREV_EVENT] = t.secs_since(s.last_event_at).max(0.0);
-                f[col::PRICE_TO_MEAN_VIEW_PRICE] = match s.mean_view_price() {
+                f[col::PRICE_TO_MEAN_VIEW_PRICE] = match s.mean_view_price {
                     Some(mean) if mean > 0.0 => (cart.price / mean) as f32,
                     _ => NOT_AVAILABLE,
                 };

@@ -17,7 +17,9 @@ pub const USER_IDLE_TIMEOUT_SECS: i64 = 90 * 86_400;
 pub const MAX_TRACKED_PRODUCTS: usize = 64;
 
 /// Activity on one product within one session.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct ProductActivity {
     pub product_id: u64,
     pub last_seen_at: Timestamp,
@@ -28,7 +30,7 @@ pub struct ProductActivity {
 }
 
 /// What is known about one `user_session` so far.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SessionState {
     pub user_id: u64,
     pub started_at: Timestamp,
@@ -47,7 +49,7 @@ pub struct SessionState {
 }
 
 /// What is known about one user across sessions.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct UserState {
     pub first_seen_at: Timestamp,
     pub last_event_at: Timestamp,
@@ -110,8 +112,7 @@ impl SessionState {
 
     /// Mean price of the products viewed so far in the session, when any.
     pub fn mean_view_price(&self) -> Option<f64> {
-        (self.view_count_priced > 0)
-            .then(|| self.view_price_sum / f64::from(self.view_count_priced))
+        mean(self.view_price_sum, self.view_count_priced)
     }
 }
 
@@ -127,6 +128,118 @@ impl UserState {
 
 /// Folds one valid event into its session's and its user's state. Callers pass
 /// `SessionState::default()` / `UserState::default()` for unknown keys.
+/// What a cart's feature row reads from a session: the same numbers whether
+/// they come from a [`SessionState`] or from its archived (zero-copy, LMDB)
+/// form, so the trainer and the appliance cannot compute them differently.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionFacts {
+    pub started_at: Timestamp,
+    pub last_event_at: Timestamp,
+    pub events: u32,
+    pub views: u32,
+    pub carts: u32,
+    pub removes: u32,
+    pub purchases: u32,
+    pub distinct_products: u32,
+    pub mean_view_price: Option<f64>,
+    /// `(views, carts)` of the cart's product in this session, if tracked.
+    pub product: Option<(u32, u32)>,
+}
+
+impl SessionFacts {
+    pub fn is_live_at(&self, now: Timestamp) -> bool {
+        self.events > 0 && !idle_longer_than(self.last_event_at, now, SESSION_IDLE_TIMEOUT_SECS)
+    }
+}
+
+/// What a cart's feature row reads from a user.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UserFacts {
+    pub first_seen_at: Timestamp,
+    pub last_event_at: Timestamp,
+    pub events: u32,
+    pub sessions: u32,
+    pub carts: u32,
+    pub purchases: u32,
+}
+
+impl UserFacts {
+    pub fn is_live_at(&self, now: Timestamp) -> bool {
+        self.events > 0 && !idle_longer_than(self.last_event_at, now, USER_IDLE_TIMEOUT_SECS)
+    }
+}
+
+fn mean(sum: f64, count: u32) -> Option<f64> {
+    (count > 0).then(|| sum / f64::from(count))
+}
+
+impl SessionState {
+    pub fn facts(&self, product_id: u64) -> SessionFacts {
+        SessionFacts {
+            started_at: self.started_at,
+            last_event_at: self.last_event_at,
+            events: self.events,
+            views: self.views,
+            carts: self.carts,
+            removes: self.removes,
+            purchases: self.purchases,
+            distinct_products: self.distinct_products,
+            mean_view_price: self.mean_view_price(),
+            product: self.product(product_id).map(|p| (p.views, p.carts)),
+        }
+    }
+}
+
+impl ArchivedSessionState {
+    pub fn facts(&self, product_id: u64) -> SessionFacts {
+        SessionFacts {
+            started_at: self.started_at.get(),
+            last_event_at: self.last_event_at.get(),
+            events: self.events.to_native(),
+            views: self.views.to_native(),
+            carts: self.carts.to_native(),
+            removes: self.removes.to_native(),
+            purchases: self.purchases.to_native(),
+            distinct_products: self.distinct_products.to_native(),
+            mean_view_price: mean(
+                self.view_price_sum.to_native(),
+                self.view_count_priced.to_native(),
+            ),
+            product: self
+                .products
+                .iter()
+                .find(|p| p.product_id.to_native() == product_id)
+                .map(|p| (p.views.to_native(), p.carts.to_native())),
+        }
+    }
+}
+
+impl UserState {
+    pub fn facts(&self) -> UserFacts {
+        UserFacts {
+            first_seen_at: self.first_seen_at,
+            last_event_at: self.last_event_at,
+            events: self.events,
+            sessions: self.sessions,
+            carts: self.carts,
+            purchases: self.purchases,
+        }
+    }
+}
+
+impl ArchivedUserState {
+    pub fn facts(&self) -> UserFacts {
+        UserFacts {
+            first_seen_at: self.first_seen_at.get(),
+            last_event_at: self.last_event_at.get(),
+            events: self.events.to_native(),
+            sessions: self.sessions.to_native(),
+            carts: self.carts.to_native(),
+            purchases: self.purchases.to_native(),
+        }
+    }
+}
+
 pub fn apply(session: &mut SessionState, user: &mut UserState, event: &Event) {
     let t = event.event_time;
     if !user.is_live_at(t) {
@@ -234,6 +347,31 @@ mod tests {
         apply(&mut s, &mut u, &event(50, EventType::View, 2, 10.0));
         assert_eq!(s.last_event_at, Timestamp::from_secs(1_569_888_100));
         assert_eq!(s.events, 2);
+    }
+
+    #[test]
+    fn archived_state_gives_the_same_facts() {
+        let (mut s, mut u) = (SessionState::default(), UserState::default());
+        apply(&mut s, &mut u, &event(0, EventType::View, 1, 10.0));
+        apply(&mut s, &mut u, &event(5, EventType::View, 2, 30.5));
+        apply(&mut s, &mut u, &event(9, EventType::Cart, 2, 30.5));
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&s).unwrap();
+        // Unaligned archives read from any offset, as LMDB values may sit.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        let archived =
+            rkyv::access::<ArchivedSessionState, rkyv::rancor::Error>(&shifted[1..]).unwrap();
+        for product in [1, 2, 3] {
+            assert_eq!(archived.facts(product), s.facts(product));
+        }
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&u).unwrap();
+        let archived = rkyv::access::<ArchivedUserState, rkyv::rancor::Error>(&bytes).unwrap();
+        assert_eq!(archived.facts(), u.facts());
+        let back: SessionState = rkyv::deserialize::<SessionState, rkyv::rancor::Error>(
+            rkyv::access::<ArchivedSessionState, rkyv::rancor::Error>(&shifted[1..]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

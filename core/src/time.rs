@@ -13,8 +13,27 @@ pub const MIN_EVENT_TIME: Timestamp = Timestamp(946_684_800 * MICROS_PER_SEC);
 pub const MAX_EVENT_TIME: Timestamp = Timestamp(4_102_444_800 * MICROS_PER_SEC);
 
 /// A UTC instant with microsecond precision (the data set's CDC sources carry micros).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct Timestamp(pub i64);
+
+impl ArchivedTimestamp {
+    pub fn get(&self) -> Timestamp {
+        Timestamp(self.0.to_native())
+    }
+}
 
 impl Timestamp {
     pub fn from_secs(secs: i64) -> Self {

@@ -1,0 +1,145 @@
+//! The in-process score path (LMDB snapshot + state lookup + features +
+//! compiled ensemble) next to the model alone and to tract, on the demo
+//! bundle, with the state of the real data slice in the store.
+//!
+//! `cargo bench -p cartscore-appliance --bench score` runs criterion, then
+//! times 200,000 single calls of the full path into an HDR histogram and
+//! prints its percentiles (criterion reports means, the target is a p99).
+//! ONNX Runtime on the same bundle: `python3 appliance/benches/onnxruntime_latency.py`.
+#![allow(clippy::unwrap_used)]
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cartscore_appliance::config::StoreConfig;
+use cartscore_appliance::model::ServingModel;
+use cartscore_appliance::score;
+use cartscore_appliance::store::Store;
+use cartscore_core::{CsvLayout, Event, EventType, FEATURE_COUNT, TractModel};
+use criterion::Criterion;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    store: Store,
+    model: ServingModel,
+    tract: TractModel,
+    carts: Vec<Event>,
+}
+
+fn setup() -> Setup {
+    let dataset = std::env::var_os("CARTSCORE_DATASET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/data/2019-Oct-head.csv"));
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(&dataset)
+        .unwrap_or_else(|e| panic!("{}: {e} (set CARTSCORE_DATASET)", dataset.display()));
+    let layout = CsvLayout::from_header(reader.byte_headers().unwrap()).unwrap();
+    let events: Vec<Event> = reader
+        .byte_records()
+        .filter_map(|r| Event::from_csv(&r.ok()?, &layout).ok())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreConfig {
+        path: dir.path().join("lmdb"),
+        map_size_mib: 256,
+        sync: false,
+        ..StoreConfig::default()
+    })
+    .unwrap();
+    for chunk in events.chunks(1000) {
+        store.apply(chunk, &[]).unwrap();
+    }
+    let carts: Vec<Event> = events
+        .into_iter()
+        .filter(|e| e.event_type == EventType::Cart)
+        .collect();
+    let bundle = repo().join("models/demo/model.onnx");
+    Setup {
+        _dir: dir,
+        store,
+        model: ServingModel::load(&bundle, 256).unwrap(),
+        tract: TractModel::load(&bundle).unwrap(),
+        carts,
+    }
+}
+
+fn percentiles(s: &Setup) {
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
+    let calls = 200_000;
+    for i in 0..calls {
+        let cart = &s.carts[i % s.carts.len()];
+        let started = Instant::now();
+        let reader = s.store.reader().unwrap();
+        let scored = score::score(&s.model, &reader, cart).unwrap();
+        drop(reader);
+        let nanos = started.elapsed().as_nanos() as u64;
+        black_box(scored);
+        histogram.record(nanos.max(1)).unwrap();
+    }
+    println!(
+        "\nfull score path, {calls} single calls ({} distinct carts of the real slice, {} trees):",
+        s.carts.len(),
+        s.model.trees
+    );
+    for q in [50.0, 90.0, 99.0, 99.9] {
+        println!(
+            "  p{q:<5} {:>7.2} µs",
+            histogram.value_at_percentile(q) as f64 / 1e3
+        );
+    }
+    println!("  max    {:>7.2} µs", histogram.max() as f64 / 1e3);
+}
+
+fn benches(c: &mut Criterion, s: &Setup) {
+    let mut i = 0;
+    c.bench_function("score: snapshot + state + features + compiled model", |b| {
+        b.iter(|| {
+            i = (i + 1) % s.carts.len();
+            let reader = s.store.reader().unwrap();
+            black_box(score::score(&s.model, &reader, &s.carts[i]).unwrap())
+        })
+    });
+    let reader = s.store.reader().unwrap();
+    let rows: Vec<_> = s
+        .carts
+        .iter()
+        .map(|cart| score::features(&s.model, &reader, cart).unwrap().0)
+        .collect();
+    drop(reader);
+    c.bench_function("features only: snapshot + state + features", |b| {
+        b.iter(|| {
+            i = (i + 1) % s.carts.len();
+            let reader = s.store.reader().unwrap();
+            black_box(score::features(&s.model, &reader, &s.carts[i]).unwrap())
+        })
+    });
+    c.bench_function("model only: compiled ensemble, one row", |b| {
+        b.iter(|| {
+            i = (i + 1) % rows.len();
+            black_box(s.model.predict(&rows[i]).unwrap())
+        })
+    });
+    let mut group = c.benchmark_group("reference");
+    group.sample_size(10);
+    group.bench_function("model only: tract TreeEnsembleClassifier, one row", |b| {
+        b.iter(|| {
+            i = (i + 1) % rows.len();
+            black_box(s.tract.predict(&rows[i].0[..FEATURE_COUNT]).unwrap())
+        })
+    });
+    group.finish();
+}
+
+fn main() {
+    let setup = setup();
+    let mut criterion = Criterion::default().configure_from_args();
+    benches(&mut criterion, &setup);
+    criterion.final_summary();
+    percentiles(&setup);
+}

@@ -1,0 +1,204 @@
+//! Wiring of the daemon: store, models, writer, listeners, signals, drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::ApplianceConfig;
+use crate::http::{AppState, router};
+use crate::ingest::Ingestor;
+use crate::metrics::Metrics;
+use crate::model::ServingModel;
+use crate::reload::{self, ModelRegistry, ReloadRequest, ReloadTrigger};
+use crate::store::Store;
+use crate::tcp::{Shared, TcpServer};
+
+/// The bundle a start-up would serve: the newest one that verifies.
+pub fn newest_valid_model(config: &ApplianceConfig) -> Result<ServingModel> {
+    let dir = &config.model.dir;
+    let files = reload::candidates(dir)
+        .with_context(|| format!("failed to list the model folder {}", dir.display()))?;
+    let mut reasons = Vec::new();
+    for file in files {
+        match ServingModel::load(&file.path, config.model.verify_random_rows) {
+            Ok(model) => return Ok(model),
+            Err(error) => reasons.push(error.to_string()),
+        }
+    }
+    if reasons.is_empty() {
+        bail!("no *.onnx bundle in {}", dir.display());
+    }
+    bail!("every bundle was rejected:\n  {}", reasons.join("\n  "))
+}
+
+fn print_banner(
+    config: &ApplianceConfig,
+    http: SocketAddr,
+    tcp: Option<&TcpServer>,
+    models: &ModelRegistry,
+) {
+    let model = models.current().map_or_else(
+        || "NO MODEL (not ready; drop a bundle into the model folder)".to_owned(),
+        |m| {
+            format!(
+                "model {} ({} evaluator, {} trees)",
+                m.version(),
+                m.evaluator_name(),
+                m.trees
+            )
+        },
+    );
+    let tcp = tcp.map_or_else(
+        || "disabled".to_owned(),
+        |t| {
+            format!(
+                "{} ({}, {} cores)",
+                t.local_addr, t.driver, config.tcp.cores
+            )
+        },
+    );
+    println!(
+        "cartscore {version} is serving {model}\n  \
+         HTTP   http://{http}\n  \
+         TCP    {tcp}\n  \
+         store  {store}   models {dir}\n\
+         Try it:\n  \
+         curl -s http://{http}/v1/events -d '{{\"event_time\":\"2019-10-01 09:00:00 UTC\",\"event_type\":\"view\",\"product_id\":1004856,\"category_id\":2053013555631882655,\"category_code\":\"electronics.smartphone\",\"brand\":\"samsung\",\"price\":130.76,\"user_id\":543272936,\"user_session\":\"demo-session\"}}'\n  \
+         curl -s 'http://{http}/v1/score?explain=true' -d '{{\"event_time\":\"2019-10-01 09:01:00 UTC\",\"event_type\":\"cart\",\"product_id\":1004856,\"category_id\":2053013555631882655,\"category_code\":\"electronics.smartphone\",\"brand\":\"samsung\",\"price\":130.76,\"user_id\":543272936,\"user_session\":\"demo-session\"}}'\n  \
+         curl -s http://{http}/v1/sessions/demo-session\n  \
+         curl -s http://{http}/metrics\n\
+         Stop with Ctrl-C (SIGTERM drains in-flight requests).",
+        version = env!("CARGO_PKG_VERSION"),
+        store = config.store.path.display(),
+        dir = config.model.dir.display(),
+    );
+}
+
+pub async fn run(config: ApplianceConfig) -> Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(Store::open(&config.store).context("failed to open the store")?);
+    std::fs::create_dir_all(&config.model.dir).with_context(|| {
+        format!(
+            "failed to create the model folder {}",
+            config.model.dir.display()
+        )
+    })?;
+    let models = Arc::new(ModelRegistry::new(
+        config.model.dir.clone(),
+        config.model.verify_random_rows,
+        Arc::clone(&metrics),
+    ));
+    let startup = {
+        let models = Arc::clone(&models);
+        tokio::task::spawn_blocking(move || models.reload(ReloadTrigger::Startup))
+            .await
+            .context("failed to load the initial model")?
+    };
+    if startup.serving_version.is_none() {
+        tracing::warn!(dir = %config.model.dir.display(), "no valid model bundle: not ready until one is delivered");
+    }
+    let (reload_tx, reload_rx) = std::sync::mpsc::channel::<ReloadRequest>();
+    let _reloader = reload::spawn_reloader(Arc::clone(&models), reload_rx)
+        .context("failed to start the reload thread")?;
+    let watcher = if config.model.watch {
+        Some(
+            reload::watch(&config.model.dir, reload_tx.clone())
+                .with_context(|| format!("failed to watch {}", config.model.dir.display()))?,
+        )
+    } else {
+        None
+    };
+    let (ingestor, writer) = Ingestor::start(
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+        config.store.max_batch_events,
+    )
+    .context("failed to start the store writer")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let state = Arc::new(AppState {
+        store: Arc::clone(&store),
+        models: Arc::clone(&models),
+        metrics: Arc::clone(&metrics),
+        ingestor,
+        reload: reload_tx.clone(),
+        config: config.http.clone(),
+        tcp_ready: AtomicBool::new(!config.tcp.enabled),
+    });
+    let tcp = if config.tcp.enabled {
+        let shared = Arc::new(Shared {
+            store: Arc::clone(&store),
+            models: Arc::clone(&models),
+            metrics: Arc::clone(&metrics),
+            stop: Arc::clone(&stop),
+            max_frame: config.tcp.max_frame_bytes as usize,
+            grace,
+        });
+        let server = TcpServer::start(&config.tcp, shared)
+            .context("failed to start the binary-protocol server")?;
+        state.tcp_ready.store(true, Ordering::Relaxed);
+        Some(server)
+    } else {
+        None
+    };
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("failed to listen on {} for HTTP", config.http.listen))?;
+    let http_addr = listener
+        .local_addr()
+        .context("failed to read the HTTP address")?;
+    tracing::info!(%http_addr, "HTTP API listening");
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(
+        axum::serve(listener, router(Arc::clone(&state)))
+            .with_graceful_shutdown(async {
+                let _ = drain_rx.await;
+            })
+            .into_future(),
+    );
+    print_banner(&config, http_addr, tcp.as_ref(), &models);
+
+    let mut hangup = signal(SignalKind::hangup()).context("failed to install SIGHUP")?;
+    let mut terminate = signal(SignalKind::terminate()).context("failed to install SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("failed to install SIGINT")?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the model folder");
+                let _ = reload_tx.send(ReloadRequest { trigger: ReloadTrigger::Signal, reply: None });
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+
+    tracing::info!(
+        grace_ms = config.shutdown_grace_ms,
+        "draining: no new connections, finishing in-flight requests"
+    );
+    stop.store(true, Ordering::Relaxed);
+    state.tcp_ready.store(false, Ordering::Relaxed);
+    let _ = drain_tx.send(());
+    match tokio::time::timeout(grace, http).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "HTTP server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "HTTP server task failed"),
+        Err(_) => tracing::warn!("HTTP drain timed out"),
+    }
+    if let Some(tcp) = tcp {
+        let _ = tokio::task::spawn_blocking(move || tcp.join()).await;
+    }
+    drop(watcher);
+    drop(reload_tx);
+    drop(state);
+    // The writer applies what is queued, then exits when its last handle is gone.
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,421 @@
+//! The appliance's settings: embedded defaults < TOML file < `CARTSCORE_*`
+//! environment < command-line flags, then validated as a whole so that a bad
+//! value is reported by its field name before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cartscore_core::state::{SESSION_IDLE_TIMEOUT_SECS, USER_IDLE_TIMEOUT_SECS};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Environment variables override file settings as
+/// `CARTSCORE_<SECTION>__<FIELD>`, e.g. `CARTSCORE_HTTP__LISTEN=0.0.0.0:8080`.
+pub const ENV_PREFIX: &str = "CARTSCORE_";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApplianceConfig {
+    pub store: StoreConfig,
+    pub model: ModelConfig,
+    pub http: HttpConfig,
+    pub tcp: TcpConfig,
+    pub log: LogConfig,
+    /// How long SIGTERM waits for in-flight requests before exiting anyway.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Folder of the LMDB environment (created if missing).
+    pub path: PathBuf,
+    /// Size of the memory map: the most the store can hold.
+    pub map_size_mib: u64,
+    /// Sessions idle this long (in event time) are deleted. At least the
+    /// feature contract's 2 h session timeout, or live features would change.
+    pub session_idle_expiry_secs: u64,
+    /// Users idle this long (in event time) are deleted; at least 90 days.
+    pub user_idle_expiry_secs: u64,
+    /// Most sessions or users deleted per sweep transaction, so a sweep never
+    /// holds the writer for long.
+    pub sweep_batch: usize,
+    /// Most events applied in one write transaction.
+    pub max_batch_events: usize,
+    /// fsync every commit. Off trades the last transactions on power loss
+    /// (never on a process crash) for write throughput.
+    pub sync: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Folder watched for `.onnx` bundles; the newest valid one serves.
+    pub dir: PathBuf,
+    /// Reload when files change in the folder (SIGHUP and /admin/reload work
+    /// regardless).
+    pub watch: bool,
+    /// Random feature rows on which a compiled ensemble must match tract
+    /// before it may serve (in addition to the bundle's golden vectors).
+    pub verify_random_rows: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Most events in one /v1/score batch or rows in one KServe infer call.
+    pub max_batch: usize,
+    /// Most events in one /v1/events request.
+    pub max_ingest_events: usize,
+    /// Bearer token for /admin/*; empty means no token is required.
+    pub admin_token: String,
+    /// Tokio worker threads for the HTTP API.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, epoll otherwise.
+    Auto,
+    /// Always epoll (monoio's legacy driver).
+    Epoll,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Serving threads, each with its own SO_REUSEPORT listener; 0 = one per CPU.
+    pub cores: usize,
+    pub driver: IoDriver,
+    /// Largest accepted request frame (bytes after the length prefix).
+    pub max_frame_bytes: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `info,cartscore_appliance=debug`;
+    /// `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for ApplianceConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreConfig::default(),
+            model: ModelConfig::default(),
+            http: HttpConfig::default(),
+            tcp: TcpConfig::default(),
+            log: LogConfig::default(),
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("var/cartscore"),
+            map_size_mib: 1024,
+            session_idle_expiry_secs: SESSION_IDLE_TIMEOUT_SECS as u64,
+            user_idle_expiry_secs: USER_IDLE_TIMEOUT_SECS as u64,
+            sweep_batch: 1_000,
+            max_batch_events: 10_000,
+            sync: true,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("models/demo"),
+            watch: true,
+            verify_random_rows: 256,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_batch: 1_000,
+            max_ingest_events: 10_000,
+            admin_token: String::new(),
+            workers: 1,
+        }
+    }
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            cores: 0,
+            driver: IoDriver::Auto,
+            max_frame_bytes: 4096,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config file {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid value for {field} ({value}): {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Settings given on the command line, applied last.
+#[derive(Debug, Default, Clone)]
+pub struct CliOverrides {
+    pub http_listen: Option<SocketAddr>,
+    pub tcp_listen: Option<SocketAddr>,
+    pub store_path: Option<PathBuf>,
+    pub model_dir: Option<PathBuf>,
+}
+
+impl CliOverrides {
+    fn nested(&self) -> serde_json::Value {
+        let mut root = serde_json::Map::new();
+        let mut set = |section: &str, field: &str, value: serde_json::Value| {
+            let entry = root
+                .entry(section)
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if let serde_json::Value::Object(map) = entry {
+                map.insert(field.into(), value);
+            }
+        };
+        if let Some(v) = self.http_listen {
+            set("http", "listen", v.to_string().into());
+        }
+        if let Some(v) = self.tcp_listen {
+            set("tcp", "listen", v.to_string().into());
+        }
+        if let Some(v) = &self.store_path {
+            set("store", "path", v.display().to_string().into());
+        }
+        if let Some(v) = &self.model_dir {
+            set("model", "dir", v.display().to_string().into());
+        }
+        serde_json::Value::Object(root)
+    }
+}
+
+impl ApplianceConfig {
+    /// Defaults, then `file` (if any), then the environment, then `cli`.
+    pub fn load(file: Option<&Path>, cli: &CliOverrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Missing { path: path.into() });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // Only `CARTSCORE_<SECTION>__<FIELD>` variables are settings; other
+        // CARTSCORE_* variables (the trainer's, the test harness's) are not.
+        let env = Env::prefixed(ENV_PREFIX)
+            .filter(|key| key.as_str().contains("__"))
+            .split("__");
+        let mut config: Self = figment
+            .merge(env)
+            .merge(Serialized::defaults(cli.nested()))
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.normalise();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn normalise(&mut self) {
+        if self.tcp.cores == 0 {
+            self.tcp.cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+    }
+
+    /// Every rule a running appliance relies on, each naming its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(field: &'static str, value: impl ToString, reason: &str) -> ConfigError {
+            ConfigError::Invalid {
+                field,
+                value: value.to_string(),
+                reason: reason.into(),
+            }
+        }
+        let s = &self.store;
+        if s.map_size_mib < 1 {
+            return Err(invalid(
+                "store.map_size_mib",
+                s.map_size_mib,
+                "must be at least 1",
+            ));
+        }
+        if s.map_size_mib > 1 << 24 {
+            return Err(invalid(
+                "store.map_size_mib",
+                s.map_size_mib,
+                "must be at most 16 TiB",
+            ));
+        }
+        if s.session_idle_expiry_secs < SESSION_IDLE_TIMEOUT_SECS as u64 {
+            return Err(invalid(
+                "store.session_idle_expiry_secs",
+                s.session_idle_expiry_secs,
+                "must be at least the feature contract's session timeout (7200 s): expiring sooner would change live features",
+            ));
+        }
+        if s.user_idle_expiry_secs < USER_IDLE_TIMEOUT_SECS as u64 {
+            return Err(invalid(
+                "store.user_idle_expiry_secs",
+                s.user_idle_expiry_secs,
+                "must be at least the feature contract's user timeout (7776000 s)",
+            ));
+        }
+        if s.sweep_batch == 0 {
+            return Err(invalid("store.sweep_batch", 0, "must be at least 1"));
+        }
+        if s.max_batch_events == 0 {
+            return Err(invalid("store.max_batch_events", 0, "must be at least 1"));
+        }
+        if s.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "\"\"", "must not be empty"));
+        }
+        if self.model.dir.as_os_str().is_empty() {
+            return Err(invalid("model.dir", "\"\"", "must not be empty"));
+        }
+        let h = &self.http;
+        if h.max_body_bytes < 1024 {
+            return Err(invalid(
+                "http.max_body_bytes",
+                h.max_body_bytes,
+                "must be at least 1024",
+            ));
+        }
+        if h.max_batch == 0 {
+            return Err(invalid("http.max_batch", 0, "must be at least 1"));
+        }
+        if h.max_ingest_events == 0 {
+            return Err(invalid("http.max_ingest_events", 0, "must be at least 1"));
+        }
+        if h.workers == 0 {
+            return Err(invalid("http.workers", 0, "must be at least 1"));
+        }
+        let t = &self.tcp;
+        if !(64..=1 << 20).contains(&t.max_frame_bytes) {
+            return Err(invalid(
+                "tcp.max_frame_bytes",
+                t.max_frame_bytes,
+                "must be between 64 and 1048576",
+            ));
+        }
+        if t.cores > 1024 {
+            return Err(invalid("tcp.cores", t.cores, "must be at most 1024"));
+        }
+        if t.enabled && t.listen == h.listen && t.listen.port() != 0 {
+            return Err(invalid(
+                "tcp.listen",
+                t.listen,
+                "must differ from http.listen",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
+            return Err(invalid(
+                "log.filter",
+                &self.log.filter,
+                "not a tracing filter",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_shipped_example() {
+        let config = ApplianceConfig::load(None, &CliOverrides::default()).unwrap();
+        assert_eq!(config.http.listen.port(), 8080);
+        assert_eq!(config.tcp.listen.port(), 7070);
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/appliance.toml");
+        let from_file = ApplianceConfig::load(Some(&example), &CliOverrides::default()).unwrap();
+        assert_eq!(from_file, config);
+    }
+
+    #[test]
+    fn file_then_cli() {
+        let file = write("[http]\nlisten = \"127.0.0.1:9000\"\nmax_batch = 7\n");
+        let cli = CliOverrides {
+            http_listen: Some("127.0.0.1:9001".parse().unwrap()),
+            ..Default::default()
+        };
+        let config = ApplianceConfig::load(Some(file.path()), &cli).unwrap();
+        assert_eq!(config.http.listen.port(), 9001);
+        assert_eq!(config.http.max_batch, 7);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let file = write("[http]\nlisen = \"127.0.0.1:9000\"\n");
+        let err = ApplianceConfig::load(Some(file.path()), &CliOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let file = write("[store]\nsession_idle_expiry_secs = 60\n");
+        let err = ApplianceConfig::load(Some(file.path()), &CliOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.session_idle_expiry_secs (60)"), "{err}");
+        let file = write("[tcp]\nmax_frame_bytes = 1\n");
+        let err = ApplianceConfig::load(Some(file.path()), &CliOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tcp.max_frame_bytes"), "{err}");
+        let missing = ApplianceConfig::load(
+            Some(Path::new("/nonexistent.toml")),
+            &CliOverrides::default(),
+        );
+        assert!(matches!(missing, Err(ConfigError::Missing { .. })));
+    }
+}

@@ -1,0 +1,221 @@
+//! The single writer. Every source of events (/v1/events today, the Kafka
+//! consumer next) hands validated batches to this thread, which groups what
+//! is queued into one write transaction (group commit) and, between batches,
+//! sweeps expired state in small transactions.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use cartscore_core::Event;
+use thiserror::Error;
+
+use crate::metrics::{Metrics, ReasonLabels, SourceLabels};
+use crate::store::{AppliedBatch, Store, StoreError, StreamOffset};
+
+/// How often expired state is looked for when no events arrive.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Error)]
+pub enum IngestError {
+    #[error("{message}")]
+    Store {
+        reason: &'static str,
+        message: String,
+    },
+    #[error("the ingest writer has stopped")]
+    Stopped,
+}
+
+impl IngestError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Store { reason, .. } => reason,
+            Self::Stopped => "shutting_down",
+        }
+    }
+
+    fn from_store(error: &StoreError) -> Self {
+        Self::Store {
+            reason: error.reason(),
+            message: error.to_string(),
+        }
+    }
+}
+
+struct IngestJob {
+    events: Vec<Event>,
+    offsets: Vec<StreamOffset>,
+    source: &'static str,
+    reply: tokio::sync::oneshot::Sender<Result<AppliedBatch, IngestError>>,
+}
+
+/// Handle to the writer thread; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Ingestor {
+    jobs: Sender<IngestJob>,
+}
+
+impl std::fmt::Debug for IngestJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestJob")
+            .field("events", &self.events.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingestor {
+    /// Starts the writer thread. It stops once every `Ingestor` is dropped,
+    /// after applying what is queued.
+    pub fn start(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        max_batch_events: usize,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(&store, &metrics, &queue, max_batch_events))?;
+        Ok((Self { jobs }, handle))
+    }
+
+    /// Applies `events` (and records `offsets`) in order, atomically.
+    pub async fn apply(
+        &self,
+        events: Vec<Event>,
+        offsets: Vec<StreamOffset>,
+        source: &'static str,
+    ) -> Result<AppliedBatch, IngestError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(IngestJob {
+                events,
+                offsets,
+                source,
+                reply,
+            })
+            .map_err(|_| IngestError::Stopped)?;
+        done.await.map_err(|_| IngestError::Stopped)?
+    }
+
+    /// [`Ingestor::apply`] for threads outside an async runtime.
+    pub fn apply_blocking(
+        &self,
+        events: Vec<Event>,
+        offsets: Vec<StreamOffset>,
+        source: &'static str,
+    ) -> Result<AppliedBatch, IngestError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(IngestJob {
+                events,
+                offsets,
+                source,
+                reply,
+            })
+            .map_err(|_| IngestError::Stopped)?;
+        done.blocking_recv().map_err(|_| IngestError::Stopped)?
+    }
+}
+
+fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, max_events: usize) {
+    let mut last_sweep = Instant::now();
+    let mut sweep_pending = true;
+    loop {
+        let wait = if sweep_pending {
+            Duration::ZERO
+        } else {
+            SWEEP_INTERVAL.saturating_sub(last_sweep.elapsed())
+        };
+        match queue.recv_timeout(wait) {
+            Ok(first) => {
+                let mut group = vec![first];
+                let mut queued = group[0].events.len();
+                while queued < max_events {
+                    match queue.try_recv() {
+                        Ok(job) => {
+                            queued += job.events.len();
+                            group.push(job);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                apply_group(store, metrics, group);
+                sweep_pending = true;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if sweep_pending || last_sweep.elapsed() >= SWEEP_INTERVAL {
+            // One small transaction at a time, so queued events wait at most
+            // one sweep batch.
+            sweep_pending = match store.sweep() {
+                Ok(outcome) => {
+                    metrics.sessions_expired.inc_by(outcome.sessions as u64);
+                    metrics.users_expired.inc_by(outcome.users as u64);
+                    outcome.more
+                }
+                Err(error) => {
+                    note_store_error(metrics, &error);
+                    tracing::error!(%error, "expiry sweep failed");
+                    false
+                }
+            };
+            last_sweep = Instant::now();
+        }
+    }
+}
+
+fn note_store_error(metrics: &Metrics, error: &StoreError) {
+    metrics
+        .store_write_errors
+        .get_or_create(&ReasonLabels {
+            reason: error.reason(),
+        })
+        .inc();
+    if matches!(error, StoreError::MapFull { .. }) {
+        metrics.store_map_full.inc();
+    }
+}
+
+fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
+    let started = Instant::now();
+    let result = if group.len() == 1 {
+        store.apply(&group[0].events, &group[0].offsets)
+    } else {
+        let events: Vec<Event> = group
+            .iter()
+            .flat_map(|j| j.events.iter().cloned())
+            .collect();
+        let offsets: Vec<StreamOffset> = group
+            .iter()
+            .flat_map(|j| j.offsets.iter().cloned())
+            .collect();
+        store.apply(&events, &offsets)
+    };
+    metrics
+        .ingest_batch_duration
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(_) => {
+            for job in group {
+                metrics
+                    .events_applied
+                    .get_or_create(&SourceLabels { source: job.source })
+                    .inc_by(job.events.len() as u64);
+                let _ = job.reply.send(Ok(AppliedBatch {
+                    events: job.events.len(),
+                    ..AppliedBatch::default()
+                }));
+            }
+        }
+        Err(error) => {
+            note_store_error(metrics, &error);
+            tracing::error!(%error, events = group.iter().map(|j| j.events.len()).sum::<usize>(), "write transaction failed; nothing of it was applied");
+            let shared = IngestError::from_store(&error);
+            for job in group {
+                let _ = job.reply.send(Err(shared.clone()));
+            }
+        }
+    }
+}

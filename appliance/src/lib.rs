@@ -1,0 +1,21 @@
+//! The cartscore appliance: scores add-to-cart events in microseconds from
+//! per-session state in LMDB, over a thread-per-core binary protocol and a
+//! JSON API, with models hot-reloaded from a folder.
+//!
+//! Data flow: [`http`]/[`tcp`] (and the stream) -> `core` validation ->
+//! [`ingest`] -> [`store`]; scoring reads [`store`] -> `core` features ->
+//! [`model`] (compiled ensemble) -> [`score`]. [`reload`] swaps models in.
+
+pub mod app;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod protocol;
+pub mod reload;
+pub mod score;
+pub mod store;
+pub mod tcp;

@@ -1,0 +1,679 @@
+//! Session and user state in LMDB. Values are rkyv archives read in place
+//! (no deserialisation on the scoring path); the single writer applies
+//! events through `core::state::apply` in batched write transactions that
+//! also record the stream offsets they consumed.
+//!
+//! Databases:
+//! - `sessions`: session id -> archived `SessionState`
+//! - `users`: user id (u64 BE) -> archived `UserState`
+//! - `session_expiry` / `user_expiry`: (last event time BE, key) -> (), the
+//!   index the sweeper walks oldest first
+//! - `offsets`: `topic/partition` -> next offset to consume (i64 BE)
+//! - `meta`: `watermark` -> latest event time applied (µs, i64 BE)
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::path::{Path, PathBuf};
+
+use cartscore_core::Event;
+use cartscore_core::state::{ArchivedSessionState, ArchivedUserState, apply};
+use cartscore_core::{SessionState, Timestamp, UserState};
+use heed::byteorder::BigEndian;
+use heed::types::{Bytes, I64, Str, U64, Unit};
+use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, MdbError, RoTxn, RwTxn, WithoutTls};
+use rkyv::rancor;
+use thiserror::Error;
+
+use crate::config::StoreConfig;
+
+const MIB: u64 = 1024 * 1024;
+const WATERMARK: &str = "watermark";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("failed to open the LMDB store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: heed::Error,
+    },
+    #[error(
+        "the LMDB map is full ({map_size_mib} MiB): raise store.map_size_mib and restart; nothing of this batch was applied"
+    )]
+    MapFull { map_size_mib: u64 },
+    #[error("LMDB {operation} failed: {source}")]
+    Lmdb {
+        operation: &'static str,
+        #[source]
+        source: heed::Error,
+    },
+    #[error("stored {database} value for key {key} is not a valid archive: {reason}")]
+    Corrupt {
+        database: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("failed to encode {what}: {reason}")]
+    Encode { what: &'static str, reason: String },
+}
+
+impl StoreError {
+    /// A stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Open { .. } => "open",
+            Self::MapFull { .. } => "map_full",
+            Self::Lmdb { .. } => "lmdb",
+            Self::Corrupt { .. } => "corrupt",
+            Self::Encode { .. } => "encode",
+        }
+    }
+}
+
+/// A consumed position in the event stream; stored with the state it produced.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamOffset {
+    pub topic: String,
+    pub partition: i32,
+    /// The next offset to consume.
+    pub next_offset: i64,
+}
+
+impl StreamOffset {
+    fn key(&self) -> String {
+        format!("{}/{}", self.topic, self.partition)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppliedBatch {
+    pub events: usize,
+    pub sessions_written: usize,
+    pub users_written: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    pub sessions: usize,
+    pub users: usize,
+    /// More expired entries remain than one sweep batch removes.
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    pub sessions: u64,
+    pub users: u64,
+    pub used_bytes: u64,
+    pub map_size_bytes: u64,
+    pub watermark_micros: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    session_micros: i64,
+    user_micros: i64,
+    sweep_batch: usize,
+}
+
+pub struct Store {
+    env: Env<WithoutTls>,
+    path: PathBuf,
+    map_size_mib: u64,
+    expiry: Expiry,
+    sessions: Database<'static, Str, Bytes>,
+    users: Database<'static, U64<BigEndian>, Bytes>,
+    session_expiry: Database<'static, Bytes, Unit>,
+    user_expiry: Database<'static, Bytes, Unit>,
+    offsets: Database<'static, Str, I64<BigEndian>>,
+    meta: Database<'static, Str, I64<BigEndian>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn lmdb(operation: &'static str, map_size_mib: u64) -> impl Fn(heed::Error) -> StoreError {
+    move |source| match source {
+        heed::Error::Mdb(MdbError::MapFull) => StoreError::MapFull { map_size_mib },
+        source => StoreError::Lmdb { operation, source },
+    }
+}
+
+/// Index key: event time first so that a range scan yields the idlest first.
+fn expiry_key(at: Timestamp, id: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + id.len());
+    // Flipping the sign bit keeps signed order under unsigned byte order.
+    key.extend_from_slice(&((at.micros() as u64) ^ (1 << 63)).to_be_bytes());
+    key.extend_from_slice(id);
+    key
+}
+
+fn expiry_time(key: &[u8]) -> Option<i64> {
+    let bytes: [u8; 8] = key.get(..8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(bytes) ^ (1 << 63)) as i64)
+}
+
+fn archive<T>(value: &T, what: &'static str) -> Result<rkyv::util::AlignedVec, StoreError>
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                rkyv::util::AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rancor::Error,
+            >,
+        >,
+{
+    rkyv::to_bytes::<rancor::Error>(value).map_err(|e| StoreError::Encode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn read_session<'a>(bytes: &'a [u8], key: &str) -> Result<&'a ArchivedSessionState, StoreError> {
+    rkyv::access::<ArchivedSessionState, rancor::Error>(bytes).map_err(|e| StoreError::Corrupt {
+        database: "sessions",
+        key: key.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_user(bytes: &[u8], key: u64) -> Result<&ArchivedUserState, StoreError> {
+    rkyv::access::<ArchivedUserState, rancor::Error>(bytes).map_err(|e| StoreError::Corrupt {
+        database: "users",
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let path = config.path.clone();
+        let open_error = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&path).map_err(|e| open_error(heed::Error::Io(e)))?;
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options
+            .map_size((config.map_size_mib * MIB) as usize)
+            .max_dbs(8)
+            .max_readers(1024);
+        if !config.sync {
+            // SAFETY: NO_SYNC only drops the fsync at commit; LMDB stays
+            // consistent after a process crash, and the setting is documented.
+            #[allow(unsafe_code)]
+            unsafe {
+                options.flags(heed::EnvFlags::NO_SYNC);
+            }
+        }
+        // SAFETY: LMDB forbids opening the same environment twice in one
+        // process; the appliance opens its store exactly once, at start-up.
+        #[allow(unsafe_code)]
+        let env = unsafe { options.open(&path) }.map_err(open_error)?;
+        let wtxn = env.write_txn().map_err(open_error)?;
+        let (sessions, users, session_expiry, user_expiry, offsets, meta) = env
+            .create_databases_and_commit(wtxn, |opener, wtxn| -> heed::Result<_> {
+                Ok(CommitOrAbort::<_, ()>::Commit((
+                    opener.create_database::<Str, Bytes>(wtxn, Some("sessions"))?,
+                    opener.create_database::<U64<BigEndian>, Bytes>(wtxn, Some("users"))?,
+                    opener.create_database::<Bytes, Unit>(wtxn, Some("session_expiry"))?,
+                    opener.create_database::<Bytes, Unit>(wtxn, Some("user_expiry"))?,
+                    opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("offsets"))?,
+                    opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("meta"))?,
+                )))
+            })
+            .map_err(open_error)?
+            .unwrap_commit();
+        Ok(Self {
+            env,
+            path,
+            map_size_mib: config.map_size_mib,
+            expiry: Expiry {
+                session_micros: config.session_idle_expiry_secs as i64 * 1_000_000,
+                user_micros: config.user_idle_expiry_secs as i64 * 1_000_000,
+                sweep_batch: config.sweep_batch,
+            },
+            sessions,
+            users,
+            session_expiry,
+            user_expiry,
+            offsets,
+            meta,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, operation: &'static str) -> impl Fn(heed::Error) -> StoreError {
+        lmdb(operation, self.map_size_mib)
+    }
+
+    /// A consistent snapshot for reads; cheap, and never blocks the writer.
+    /// Keep it short-lived: an open snapshot pins the pages it sees.
+    pub fn reader(&self) -> Result<StoreReader<'_>, StoreError> {
+        Ok(StoreReader {
+            store: self,
+            txn: self.env.read_txn().map_err(self.err("read_txn"))?,
+        })
+    }
+
+    fn watermark(&self, txn: &RoTxn) -> Result<i64, StoreError> {
+        Ok(self
+            .meta
+            .get(txn, WATERMARK)
+            .map_err(self.err("get watermark"))?
+            .unwrap_or(i64::MIN))
+    }
+
+    /// Applies `events` in order and records `offsets`, all in one write
+    /// transaction: either everything is stored or nothing is.
+    pub fn apply(
+        &self,
+        events: &[Event],
+        offsets: &[StreamOffset],
+    ) -> Result<AppliedBatch, StoreError> {
+        let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
+        let mut watermark = self.watermark(&wtxn)?;
+        // Each touched state is decoded once, updated in memory for the whole
+        // batch and written back once.
+        let mut sessions: HashMap<&str, (SessionState, Option<Timestamp>)> = HashMap::new();
+        let mut users: HashMap<u64, (UserState, Option<Timestamp>)> = HashMap::new();
+        for event in events {
+            let session = match sessions.entry(event.user_session.as_str()) {
+                Entry::Occupied(slot) => &mut slot.into_mut().0,
+                Entry::Vacant(slot) => {
+                    let loaded = self.load_session(&wtxn, slot.key())?;
+                    let previous = loaded.as_ref().map(|s| s.last_event_at);
+                    &mut slot.insert((loaded.unwrap_or_default(), previous)).0
+                }
+            };
+            let user = match users.entry(event.user_id) {
+                Entry::Occupied(slot) => &mut slot.into_mut().0,
+                Entry::Vacant(slot) => {
+                    let loaded = self.load_user(&wtxn, event.user_id)?;
+                    let previous = loaded.as_ref().map(|u| u.last_event_at);
+                    &mut slot.insert((loaded.unwrap_or_default(), previous)).0
+                }
+            };
+            apply(session, user, event);
+            watermark = watermark.max(event.event_time.micros());
+        }
+        let applied = AppliedBatch {
+            events: events.len(),
+            sessions_written: sessions.len(),
+            users_written: users.len(),
+        };
+        for (key, (state, previous)) in &sessions {
+            self.write_indexed(
+                &mut wtxn,
+                self.session_expiry,
+                key.as_bytes(),
+                *previous,
+                state.last_event_at,
+            )?;
+            let bytes = archive(state, "session state")?;
+            self.sessions
+                .put(&mut wtxn, key, &bytes)
+                .map_err(self.err("put session"))?;
+        }
+        for (key, (state, previous)) in &users {
+            self.write_indexed(
+                &mut wtxn,
+                self.user_expiry,
+                &key.to_be_bytes(),
+                *previous,
+                state.last_event_at,
+            )?;
+            let bytes = archive(state, "user state")?;
+            self.users
+                .put(&mut wtxn, key, &bytes)
+                .map_err(self.err("put user"))?;
+        }
+        for offset in offsets {
+            self.offsets
+                .put(&mut wtxn, &offset.key(), &offset.next_offset)
+                .map_err(self.err("put offset"))?;
+        }
+        if watermark != i64::MIN {
+            self.meta
+                .put(&mut wtxn, WATERMARK, &watermark)
+                .map_err(self.err("put watermark"))?;
+        }
+        wtxn.commit().map_err(self.err("commit"))?;
+        Ok(applied)
+    }
+
+    fn write_indexed(
+        &self,
+        wtxn: &mut RwTxn,
+        index: Database<'static, Bytes, Unit>,
+        id: &[u8],
+        previous: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if previous == Some(now) {
+            return Ok(());
+        }
+        if let Some(previous) = previous {
+            index
+                .delete(wtxn, &expiry_key(previous, id))
+                .map_err(self.err("delete expiry key"))?;
+        }
+        index
+            .put(wtxn, &expiry_key(now, id), &())
+            .map_err(self.err("put expiry key"))
+    }
+
+    fn load_session(&self, txn: &RoTxn, key: &str) -> Result<Option<SessionState>, StoreError> {
+        let Some(bytes) = self
+            .sessions
+            .get(txn, key)
+            .map_err(self.err("get session"))?
+        else {
+            return Ok(None);
+        };
+        let archived = read_session(bytes, key)?;
+        rkyv::deserialize::<SessionState, rancor::Error>(archived)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                database: "sessions",
+                key: key.into(),
+                reason: e.to_string(),
+            })
+    }
+
+    fn load_user(&self, txn: &RoTxn, key: u64) -> Result<Option<UserState>, StoreError> {
+        let Some(bytes) = self.users.get(txn, &key).map_err(self.err("get user"))? else {
+            return Ok(None);
+        };
+        let archived = read_user(bytes, key)?;
+        rkyv::deserialize::<UserState, rancor::Error>(archived)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                database: "users",
+                key: key.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Deletes up to one sweep batch of sessions and users idle past their
+    /// expiry, measured against the event-time watermark (not the wall
+    /// clock, so a replay expires exactly what the live run expired).
+    pub fn sweep(&self) -> Result<SweepOutcome, StoreError> {
+        let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
+        let watermark = self.watermark(&wtxn)?;
+        if watermark == i64::MIN {
+            return Ok(SweepOutcome::default());
+        }
+        let limit = self.expiry.sweep_batch;
+        let stale_sessions = self.stale(
+            &wtxn,
+            self.session_expiry,
+            watermark - self.expiry.session_micros,
+            limit,
+        )?;
+        let stale_users = self.stale(
+            &wtxn,
+            self.user_expiry,
+            watermark - self.expiry.user_micros,
+            limit,
+        )?;
+        for key in &stale_sessions {
+            self.session_expiry
+                .delete(&mut wtxn, key)
+                .map_err(self.err("delete expiry key"))?;
+            let id = std::str::from_utf8(&key[8..]).unwrap_or_default();
+            self.sessions
+                .delete(&mut wtxn, id)
+                .map_err(self.err("delete session"))?;
+        }
+        for key in &stale_users {
+            self.user_expiry
+                .delete(&mut wtxn, key)
+                .map_err(self.err("delete expiry key"))?;
+            let id = key[8..].try_into().map(u64::from_be_bytes).unwrap_or(0);
+            self.users
+                .delete(&mut wtxn, &id)
+                .map_err(self.err("delete user"))?;
+        }
+        wtxn.commit().map_err(self.err("commit sweep"))?;
+        Ok(SweepOutcome {
+            sessions: stale_sessions.len(),
+            users: stale_users.len(),
+            more: stale_sessions.len() == limit || stale_users.len() == limit,
+        })
+    }
+
+    fn stale(
+        &self,
+        txn: &RoTxn,
+        index: Database<'static, Bytes, Unit>,
+        horizon_micros: i64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = Vec::new();
+        for entry in index.iter(txn).map_err(self.err("iterate expiry"))? {
+            let (key, ()) = entry.map_err(self.err("iterate expiry"))?;
+            match expiry_time(key) {
+                Some(t) if t < horizon_micros && keys.len() < limit => keys.push(key.to_vec()),
+                _ => break,
+            }
+        }
+        Ok(keys)
+    }
+
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
+        let info = self.env.info();
+        let page_size = u64::from(self.env.unnamed_database_stat().page_size);
+        Ok(StoreStats {
+            sessions: self
+                .sessions
+                .len(&txn)
+                .map_err(self.err("count sessions"))?,
+            users: self.users.len(&txn).map_err(self.err("count users"))?,
+            used_bytes: (info.last_page_number as u64 + 1) * page_size,
+            map_size_bytes: info.map_size as u64,
+            watermark_micros: self.watermark(&txn)?,
+        })
+    }
+
+    /// Every recorded stream position.
+    pub fn offsets(&self) -> Result<Vec<StreamOffset>, StoreError> {
+        let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
+        let mut out = Vec::new();
+        for entry in self
+            .offsets
+            .iter(&txn)
+            .map_err(self.err("iterate offsets"))?
+        {
+            let (key, next_offset) = entry.map_err(self.err("iterate offsets"))?;
+            if let Some((topic, partition)) = key.rsplit_once('/')
+                && let Ok(partition) = partition.parse()
+            {
+                out.push(StreamOffset {
+                    topic: topic.into(),
+                    partition,
+                    next_offset,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A read snapshot of the store.
+pub struct StoreReader<'a> {
+    store: &'a Store,
+    txn: RoTxn<'a, WithoutTls>,
+}
+
+impl std::fmt::Debug for StoreReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreReader").finish_non_exhaustive()
+    }
+}
+
+impl StoreReader<'_> {
+    pub fn session(&self, id: &str) -> Result<Option<&ArchivedSessionState>, StoreError> {
+        self.store
+            .sessions
+            .get(&self.txn, id)
+            .map_err(self.store.err("get session"))?
+            .map(|bytes| read_session(bytes, id))
+            .transpose()
+    }
+
+    pub fn user(&self, id: u64) -> Result<Option<&ArchivedUserState>, StoreError> {
+        self.store
+            .users
+            .get(&self.txn, &id)
+            .map_err(self.store.err("get user"))?
+            .map(|bytes| read_user(bytes, id))
+            .transpose()
+    }
+
+    /// Latest event time applied, if any event was.
+    pub fn watermark(&self) -> Result<Option<Timestamp>, StoreError> {
+        let w = self.store.watermark(&self.txn)?;
+        Ok((w != i64::MIN).then_some(Timestamp(w)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cartscore_core::EventType;
+
+    fn config(dir: &Path) -> StoreConfig {
+        StoreConfig {
+            path: dir.join("lmdb"),
+            map_size_mib: 16,
+            sweep_batch: 2,
+            ..StoreConfig::default()
+        }
+    }
+
+    fn event(secs: i64, session: &str, user: u64, kind: EventType) -> Event {
+        Event {
+            event_time: Timestamp::from_secs(1_569_888_000 + secs),
+            event_type: kind,
+            product_id: 5,
+            category_id: 1,
+            category_code: None,
+            brand: None,
+            price: 10.0,
+            user_id: user,
+            user_session: session.into(),
+        }
+    }
+
+    #[test]
+    fn applies_like_core_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = [
+            event(0, "a", 1, EventType::View),
+            event(5, "a", 1, EventType::Cart),
+            event(7, "b", 2, EventType::View),
+        ];
+        let (mut s, mut u) = (SessionState::default(), UserState::default());
+        for e in &events[..2] {
+            apply(&mut s, &mut u, e);
+        }
+        {
+            let store = Store::open(&config(dir.path())).unwrap();
+            // Two transactions: state carries over between batches.
+            store.apply(&events[..1], &[]).unwrap();
+            let offset = StreamOffset {
+                topic: "t".into(),
+                partition: 3,
+                next_offset: 42,
+            };
+            store.apply(&events[1..], std::slice::from_ref(&offset)).unwrap();
+            assert_eq!(store.offsets().unwrap(), vec![offset]);
+        }
+        let store = Store::open(&config(dir.path())).unwrap();
+        let reader = store.reader().unwrap();
+        let archived = reader.session("a").unwrap().unwrap();
+        assert_eq!(archived.facts(5), s.facts(5));
+        assert_eq!(reader.user(1).unwrap().unwrap().facts(), u.facts());
+        assert!(reader.session("zzz").unwrap().is_none());
+        assert_eq!(
+            reader.watermark().unwrap(),
+            Some(Timestamp::from_secs(1_569_888_007))
+        );
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.sessions, stats.users), (2, 2));
+    }
+
+    #[test]
+    fn sweeps_idle_sessions_by_event_time_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        let old: Vec<Event> = (0..5)
+            .map(|i| event(i, &format!("old{i}"), 100, EventType::View))
+            .collect();
+        store.apply(&old, &[]).unwrap();
+        // Touching old0 again keeps it; the watermark moves past the others' expiry.
+        let later = 7_200 + 10;
+        store
+            .apply(
+                &[
+                    event(later - 100, "old0", 100, EventType::View),
+                    event(later, "new", 100, EventType::View),
+                ],
+                &[],
+            )
+            .unwrap();
+        let first = store.sweep().unwrap();
+        assert_eq!((first.sessions, first.more), (2, true));
+        let second = store.sweep().unwrap();
+        assert_eq!(second.sessions, 2);
+        assert_eq!(store.sweep().unwrap().sessions, 0);
+        let reader = store.reader().unwrap();
+        assert!(reader.session("old0").unwrap().is_some());
+        assert!(reader.session("new").unwrap().is_some());
+        assert!(reader.session("old3").unwrap().is_none());
+        assert_eq!(store.stats().unwrap().sessions, 2);
+    }
+
+    #[test]
+    fn full_map_is_an_error_and_keeps_what_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreConfig {
+            map_size_mib: 1,
+            ..config(dir.path())
+        })
+        .unwrap();
+        store
+            .apply(&[event(0, "kept", 1, EventType::View)], &[])
+            .unwrap();
+        let mut full = None;
+        for round in 0..200 {
+            let batch: Vec<Event> = (0..500)
+                .map(|i| {
+                    event(
+                        1,
+                        &format!("s{round}-{i}"),
+                        round * 1000 + i,
+                        EventType::View,
+                    )
+                })
+                .collect();
+            if let Err(e) = store.apply(&batch, &[]) {
+                full = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(full, Some(StoreError::MapFull { map_size_mib: 1 })),
+            "{full:?}"
+        );
+        assert!(store.reader().unwrap().session("kept").unwrap().is_some());
+    }
+}

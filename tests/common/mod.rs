@@ -1,0 +1,283 @@
+//! Starts the real `cartscore` binary on free loopback ports with its own
+//! store and model folder, and talks to it over HTTP and TCP.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use cartscore_core::BundleMetadata;
+use prost::Message;
+use serde_json::Value;
+use tract_onnx::pb::ModelProto;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn demo_model() -> PathBuf {
+    repo_root().join("models/demo/model.onnx")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// Extra `CARTSCORE_*` settings.
+    pub env: Vec<(String, String)>,
+    /// Wait for /readyz (a model is expected) rather than /healthz.
+    pub expect_no_model: bool,
+}
+
+pub struct Appliance {
+    child: Option<Child>,
+    pub http: String,
+    pub tcp: SocketAddr,
+    pub model_dir: PathBuf,
+    pub store_dir: PathBuf,
+    stderr: PathBuf,
+    agent: ureq::Agent,
+}
+
+impl Appliance {
+    /// Starts `cartscore` with the model folder `model_dir` and the store under `work`.
+    pub fn start(work: &Path, model_dir: &Path, options: &Options) -> Self {
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let store_dir = work.join("store");
+        let stderr = work.join(format!("cartscore-{}.log", http.port()));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cartscore"));
+        command
+            .args(["--http-listen", &http.to_string()])
+            .args(["--tcp-listen", &tcp.to_string()])
+            .arg("--store-path")
+            .arg(&store_dir)
+            .arg("--model-dir")
+            .arg(model_dir)
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LOG", "info")
+            .env("CARTSCORE_STORE__SYNC", "false")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        for (key, value) in &options.env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("failed to start cartscore");
+        let mut appliance = Self {
+            child: Some(child),
+            http: format!("http://{http}"),
+            tcp,
+            model_dir: model_dir.into(),
+            store_dir,
+            stderr,
+            agent: agent(),
+        };
+        let probe = if options.expect_no_model {
+            "/healthz"
+        } else {
+            "/readyz"
+        };
+        appliance.wait_for(probe);
+        appliance
+    }
+
+    fn wait_for(&mut self, path: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
+                panic!(
+                    "cartscore exited with {status} during start-up:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(response) = self.agent.get(format!("{}{path}", self.http)).call()
+                && response.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cartscore did not become ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", self.http))
+            .call()
+            .unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        (
+            response.status().as_u16(),
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn get_text(&self, path: &str) -> String {
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", self.http))
+            .call()
+            .unwrap();
+        response.body_mut().read_to_string().unwrap()
+    }
+
+    pub fn post(&self, path: &str, body: impl AsRef<[u8]>) -> (u16, Value) {
+        self.post_with(path, body, &[])
+    }
+
+    pub fn post_with(
+        &self,
+        path: &str,
+        body: impl AsRef<[u8]>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut request = self.agent.post(format!("{}{path}", self.http));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let mut response = request.send(body.as_ref()).unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        (
+            response.status().as_u16(),
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// The value of one sample in /metrics, 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.get_text("/metrics")
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(sample)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        self.signal("TERM");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, self.log());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "cartscore did not stop within 30 s after SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn serving_version(&self) -> Option<String> {
+        let (_, model) = self.get("/v1/model");
+        model["model"]["model_version"].as_str().map(str::to_owned)
+    }
+
+    /// Waits until `version` serves, or panics after `timeout`.
+    pub fn wait_for_version(&self, version: &str, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        while self.serving_version().as_deref() != Some(version) {
+            assert!(
+                started.elapsed() < timeout,
+                "{version} did not start serving; /v1/model: {}",
+                self.get("/v1/model").1
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Delivers a bundle the documented way: a hidden temp file in the folder,
+/// then an atomic rename.
+pub fn deliver(dir: &Path, name: &str, bytes: &[u8]) {
+    let temp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&temp, bytes).unwrap();
+    std::fs::rename(&temp, dir.join(name)).unwrap();
+}
+
+/// The demo bundle with its metadata changed by `edit` (still a valid
+/// graph; golden vectors untouched unless `edit` changes them).
+pub fn demo_variant(edit: impl FnOnce(&mut BundleMetadata)) -> Vec<u8> {
+    let bytes = std::fs::read(demo_model()).unwrap();
+    let mut proto = ModelProto::decode(bytes.as_slice()).unwrap();
+    let mut metadata = BundleMetadata::from_metadata_props(&proto.metadata_props).unwrap();
+    edit(&mut metadata);
+    proto.metadata_props = metadata.to_metadata_props();
+    proto.encode_to_vec()
+}
+
+/// A model folder holding a copy of the demo bundle.
+pub fn model_dir_with_demo(work: &Path) -> PathBuf {
+    let dir = work.join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(demo_model(), dir.join("model.onnx")).unwrap();
+    dir
+}
+
+/// A cart event as JSON, for HTTP.
+pub fn cart_json(session: &str, secs: i64, product: u64, price: f64) -> String {
+    format!(
+        r#"{{"event_time":{micros},"event_type":"cart","product_id":{product},"category_id":2053013555631882655,"category_code":"electronics.smartphone","brand":"samsung","price":{price},"user_id":543272936,"user_session":"{session}"}}"#,
+        micros = (1_569_920_400 + secs) * 1_000_000
+    )
+}
+
+pub fn view_json(session: &str, secs: i64, product: u64, price: f64) -> String {
+    cart_json(session, secs, product, price).replace("\"cart\"", "\"view\"")
+}
