@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cartscore_core::features::col;
 use cartscore_core::state::{ArchivedSessionState, ArchivedUserState};
+use cartscore_core::validate::MAX_SESSION_BYTES;
 use cartscore_core::{
     Event, EventError, EventType, FEATURE_COUNT, FEATURE_NAMES, FeatureRow, Timestamp,
 };
@@ -304,17 +305,7 @@ async fn score_handler(
             .into_response())
         }
         Some(items) => {
-            if items.len() > app.config.max_batch {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "batch_too_large",
-                    format!(
-                        "{} events; the limit is {}",
-                        items.len(),
-                        app.config.max_batch
-                    ),
-                ));
-            }
+            check_batch(items.len(), app.config.max_batch)?;
             let results = items
                 .iter()
                 .map(|raw| match Event::from_json(raw.get().as_bytes()) {
@@ -332,6 +323,17 @@ async fn score_handler(
             .into_response())
         }
     }
+}
+
+fn check_batch(len: usize, limit: usize) -> Result<(), ApiError> {
+    if len > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("{len} events; the limit is {limit}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The raw items of an ingest body: a JSON array, or JSON lines.
@@ -354,17 +356,7 @@ async fn events_handler(
 ) -> Result<Json<Value>, ApiError> {
     let body = body.map_err(ApiError::body)?;
     let items = ingest_items(&body)?;
-    if items.len() > app.config.max_ingest_events {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
-            format!(
-                "{} events; the limit is {}",
-                items.len(),
-                app.config.max_ingest_events
-            ),
-        ));
-    }
+    check_batch(items.len(), app.config.max_ingest_events)?;
     let mut valid = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (index, item) in items.iter().enumerate() {
@@ -472,7 +464,13 @@ async fn session_handler(
     let Query(query) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     let reader = app.store.reader().map_err(|e| ApiError::store(&e))?;
-    let Some(session) = reader.session(&id).map_err(|e| ApiError::store(&e))? else {
+    // No valid event carries a longer id, and LMDB refuses over-long keys.
+    let stored = if id.len() <= MAX_SESSION_BYTES {
+        reader.session(&id).map_err(|e| ApiError::store(&e))?
+    } else {
+        None
+    };
+    let Some(session) = stored else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "session_not_found",

@@ -43,6 +43,8 @@ impl IngestError {
     }
 }
 
+type Reply = tokio::sync::oneshot::Receiver<Result<AppliedBatch, IngestError>>;
+
 struct IngestJob {
     events: Vec<Event>,
     offsets: Vec<StreamOffset>,
@@ -79,13 +81,12 @@ impl Ingestor {
         Ok((Self { jobs }, handle))
     }
 
-    /// Applies `events` (and records `offsets`) in order, atomically.
-    pub async fn apply(
+    fn enqueue(
         &self,
         events: Vec<Event>,
         offsets: Vec<StreamOffset>,
         source: &'static str,
-    ) -> Result<AppliedBatch, IngestError> {
+    ) -> Result<Reply, IngestError> {
         let (reply, done) = tokio::sync::oneshot::channel();
         self.jobs
             .send(IngestJob {
@@ -95,6 +96,17 @@ impl Ingestor {
                 reply,
             })
             .map_err(|_| IngestError::Stopped)?;
+        Ok(done)
+    }
+
+    /// Applies `events` (and records `offsets`) in order, atomically.
+    pub async fn apply(
+        &self,
+        events: Vec<Event>,
+        offsets: Vec<StreamOffset>,
+        source: &'static str,
+    ) -> Result<AppliedBatch, IngestError> {
+        let done = self.enqueue(events, offsets, source)?;
         done.await.map_err(|_| IngestError::Stopped)?
     }
 
@@ -105,15 +117,7 @@ impl Ingestor {
         offsets: Vec<StreamOffset>,
         source: &'static str,
     ) -> Result<AppliedBatch, IngestError> {
-        let (reply, done) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(IngestJob {
-                events,
-                offsets,
-                source,
-                reply,
-            })
-            .map_err(|_| IngestError::Stopped)?;
+        let done = self.enqueue(events, offsets, source)?;
         done.blocking_recv().map_err(|_| IngestError::Stopped)?
     }
 }

@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use cartscore_core::bundle::GOLDEN_TOLERANCE;
-use cartscore_core::compiled::CompiledEnsemble;
+use cartscore_core::compiled::{CompiledEnsemble, check_rows};
 use cartscore_core::features::CategoricalKeys;
 use cartscore_core::{BundleMetadata, FEATURE_COUNT, FeatureRow, ModelError, TractModel};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -86,28 +84,6 @@ pub struct ServingModel {
     pub verified_max_diff: f64,
     pub verified_rows: usize,
     pub trees: usize,
-}
-
-/// Feature rows near the golden vectors: columns mixed between golden rows,
-/// scaled, negated or zeroed, so splits are exercised on both sides.
-fn check_rows(golden: &[Vec<f32>], count: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut rows = Vec::with_capacity(count * FEATURE_COUNT);
-    for _ in 0..count {
-        for col in 0..FEATURE_COUNT {
-            let donor = &golden[rng.random_range(0..golden.len())];
-            let base = donor.get(col).copied().unwrap_or(0.0);
-            let value = match rng.random_range(0..6) {
-                0 | 1 => base,
-                2 => base * rng.random_range(0.0f32..3.0),
-                3 => base + rng.random_range(-1.0f32..1.0),
-                4 => 0.0,
-                _ => -1.0,
-            };
-            rows.push(value);
-        }
-    }
-    rows
 }
 
 impl ServingModel {

@@ -594,7 +594,9 @@ mod tests {
                 partition: 3,
                 next_offset: 42,
             };
-            store.apply(&events[1..], std::slice::from_ref(&offset)).unwrap();
+            store
+                .apply(&events[1..], std::slice::from_ref(&offset))
+                .unwrap();
             assert_eq!(store.offsets().unwrap(), vec![offset]);
         }
         let store = Store::open(&config(dir.path())).unwrap();

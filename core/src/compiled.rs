@@ -340,3 +340,42 @@ impl CompiledEnsemble {
             .fold(0.0, f32::max)
     }
 }
+
+/// Deterministic rows near `golden` for checking an evaluator against a
+/// reference: each starts from a golden row and perturbs some columns
+/// (scaled, small counts, negative or price-like values), so tree walks reach
+/// deep leaves and both sides of many splits. Row-major.
+pub fn check_rows(golden: &[Vec<f32>], count: usize, seed: u64) -> Vec<f32> {
+    // xorshift64*: reproducible without a dependency.
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let mut out = Vec::with_capacity(count * FEATURE_COUNT);
+    if golden.is_empty() {
+        return out;
+    }
+    for _ in 0..count {
+        let base = &golden[(next() % golden.len() as u64) as usize];
+        for c in 0..FEATURE_COUNT {
+            let v = base.get(c).copied().unwrap_or(0.0);
+            let r = next();
+            out.push(match r % 4 {
+                0 => v,
+                1 => v * (0.5 + (r >> 32) as f32 / u32::MAX as f32),
+                2 => ((r >> 40) % 50) as f32,
+                _ => {
+                    if c == crate::features::col::PRICE {
+                        ((r >> 20) % 100_000) as f32 / 100.0
+                    } else {
+                        -1.0 + (r >> 50) as f32 / 4096.0
+                    }
+                }
+            });
+        }
+    }
+    out
+}

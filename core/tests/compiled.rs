@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use cartscore_core::compiled::{CompileError, CompiledEnsemble};
+use cartscore_core::compiled::{CompileError, CompiledEnsemble, check_rows};
 use cartscore_core::{FEATURE_COUNT, TractModel};
 use tract_onnx::pb::ModelProto;
 
@@ -13,38 +13,6 @@ fn demo() -> (TractModel, CompiledEnsemble) {
     let tract = TractModel::load(&path).expect("demo bundle loads in tract");
     let compiled = CompiledEnsemble::compile(&tract.proto).expect("demo bundle compiles");
     (tract, compiled)
-}
-
-/// xorshift64*: a deterministic source of rows without another dependency.
-fn rows(n: usize, golden: &[Vec<f32>]) -> Vec<f32> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    };
-    let mut out = Vec::with_capacity(n * FEATURE_COUNT);
-    for _ in 0..n {
-        // Start from a real row and perturb some columns, so walks reach deep leaves.
-        let base = &golden[(next() % golden.len() as u64) as usize];
-        for (c, &v) in base.iter().enumerate() {
-            let r = next();
-            out.push(match r % 4 {
-                0 => v,
-                1 => v * (0.5 + (r >> 32) as f32 / u32::MAX as f32),
-                2 => ((r >> 40) % 50) as f32,
-                _ => {
-                    if c == 2 {
-                        ((r >> 20) % 100_000) as f32 / 100.0
-                    } else {
-                        -1.0 + (r >> 50) as f32 / 4096.0
-                    }
-                }
-            });
-        }
-    }
-    out
 }
 
 #[test]
@@ -61,7 +29,7 @@ fn compiled_demo_matches_tract() {
         let row: [f32; FEATURE_COUNT] = g.features.as_slice().try_into().unwrap();
         assert!((f64::from(compiled.predict(&row)) - g.probability).abs() <= 1e-5);
     }
-    let random = rows(5_000, &golden);
+    let random = check_rows(&golden, 5_000, 0x9e37_79b9_7f4a_7c15);
     let reference = tract.predict(&random).unwrap();
     let worst = compiled.max_difference(&random, &reference);
     assert!(

@@ -1,17 +1,14 @@
 //! The skew test: the real data slice replayed in order into the running
 //! appliance, every cart scored over HTTP and TCP just before it is ingested,
 //! must give exactly what the offline `cartscore-trainer predict` gives.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::common::{Appliance, Options, repo_root};
 use cartscore_appliance::client::TcpClient;
 use cartscore_appliance::protocol::Status;
 use cartscore_core::{CsvLayout, Event, EventType, FEATURE_COUNT, FEATURE_NAMES};
-use common::{Appliance, Options, repo_root};
 
 const TOLERANCE: f64 = 1e-6;
 
@@ -61,7 +58,7 @@ fn offline_predictions(work: &std::path::Path) -> Vec<Offline> {
         .arg("--input")
         .arg(dataset())
         .arg("--model")
-        .arg(common::demo_model())
+        .arg(crate::common::demo_model())
         .arg("--out")
         .arg(&out)
         .env("RUST_BACKTRACE", "0")
@@ -101,7 +98,7 @@ fn live_scores_equal_offline_predict_on_the_real_slice() {
     let offline = offline_predictions(work.path());
     assert!(offline.len() > 100, "the slice has {} carts", offline.len());
 
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(work.path(), &models, &Options::default());
     let mut tcp = TcpClient::connect(app.tcp).unwrap();
 

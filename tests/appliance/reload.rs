@@ -1,17 +1,14 @@
 //! Hot reload against the real binary: new bundles under load with zero
 //! failed requests, every kind of bad bundle refused while the old model
 //! keeps serving, temp and dot files ignored, SIGHUP.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::{Appliance, Options, cart_json, deliver, demo_variant};
 use cartscore_appliance::client::TcpClient;
 use cartscore_appliance::protocol::Status;
-use common::{Appliance, Options, cart_json, deliver, demo_variant};
 
 const RELOADS: usize = 5;
 
@@ -22,7 +19,7 @@ fn cart() -> cartscore_core::Event {
 #[test]
 fn reloads_under_load_fail_no_request() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(work.path(), &models, &Options::default());
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -63,7 +60,7 @@ fn reloads_under_load_fail_no_request() {
         let (stop, http_failures) = (stop.clone(), http_failures.clone());
         let url = format!("{}/v1/score", app.http);
         load.push(std::thread::spawn(move || {
-            let agent = common::agent();
+            let agent = crate::common::agent();
             let body = cart_json("load", 30, 11, 100.0);
             while !stop.load(Ordering::Relaxed) {
                 let status = agent
@@ -110,9 +107,9 @@ fn reloads_under_load_fail_no_request() {
 #[test]
 fn bad_bundles_are_rejected_while_the_old_model_serves() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(work.path(), &models, &Options::default());
-    let demo = std::fs::read(common::demo_model()).unwrap();
+    let demo = std::fs::read(crate::common::demo_model()).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "truncated.onnx",
@@ -208,7 +205,7 @@ fn bad_bundles_are_rejected_while_the_old_model_serves() {
 #[test]
 fn sighup_reloads_when_watching_is_off() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let options = Options {
         env: vec![("CARTSCORE_MODEL__WATCH".into(), "false".into())],
         ..Options::default()
@@ -252,7 +249,7 @@ fn starts_without_a_model_and_becomes_ready_when_one_arrives() {
     deliver(
         &models,
         "model.onnx",
-        &std::fs::read(common::demo_model()).unwrap(),
+        &std::fs::read(crate::common::demo_model()).unwrap(),
     );
     app.wait_for_version("demo-1", Duration::from_secs(30));
     assert_eq!(app.get("/readyz").0, 200);

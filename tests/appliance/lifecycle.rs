@@ -1,21 +1,18 @@
 //! Process lifecycle against the real binary: SIGTERM answers what was
 //! already sent and exits cleanly, state survives a restart, `validate`
 //! checks config and models, and a full LMDB map is an error, not a crash.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::{Appliance, Options, cart_json, view_json};
 use cartscore_appliance::client::TcpClient;
 use cartscore_appliance::protocol::Status;
-use common::{Appliance, Options, cart_json, view_json};
 
 #[test]
 fn sigterm_drains_and_restart_keeps_state() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(work.path(), &models, &Options::default());
     let events: Vec<String> = (0..20)
         .map(|i| view_json("keep", i * 10, 100 + (i % 7) as u64, 10.0 + i as f64))
@@ -57,7 +54,7 @@ fn sigterm_drains_and_restart_keeps_state() {
 #[test]
 fn a_full_store_is_an_error_and_serving_continues() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let options = Options {
         env: vec![("CARTSCORE_STORE__MAP_SIZE_MIB".into(), "1".into())],
         ..Options::default()
@@ -106,8 +103,8 @@ fn cartscore(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
 #[test]
 fn validate_checks_config_and_model_folder() {
     let work = tempfile::tempdir().unwrap();
-    let example = common::repo_root().join("configs/appliance.toml");
-    let models = common::model_dir_with_demo(work.path());
+    let example = crate::common::repo_root().join("configs/appliance.toml");
+    let models = crate::common::model_dir_with_demo(work.path());
     let models_arg = models.to_str().unwrap();
     let (ok, out) = cartscore(
         &[

@@ -1,6 +1,5 @@
 //! Starts the real `cartscore` binary on free loopback ports with its own
 //! store and model folder, and talks to it over HTTP and TCP.
-#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

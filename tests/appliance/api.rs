@@ -1,17 +1,14 @@
 //! The HTTP API, the KServe V2 endpoints and the binary protocol against the
 //! real binary, including every kind of bad input.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use crate::common::{Appliance, Options, cart_json, view_json};
 use cartscore_appliance::client::TcpClient;
 use cartscore_appliance::protocol::{self, Status};
 use cartscore_core::{FEATURE_COUNT, TractModel};
-use common::{Appliance, Options, cart_json, view_json};
 
 fn env(pairs: &[(&str, &str)]) -> Options {
     Options {
@@ -26,7 +23,7 @@ fn env(pairs: &[(&str, &str)]) -> Options {
 #[test]
 fn json_api_scores_ingests_and_explains() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(work.path(), &models, &Options::default());
 
     // Unknown session: scored from the cart alone.
@@ -91,11 +88,13 @@ fn json_api_scores_ingests_and_explains() {
     assert_eq!(session["session"]["events"], 3);
     assert_eq!(session["user"]["sessions"], 2);
     assert_eq!(session["features"]["product_views_in_session"], 2.0);
-    let (status, missing) = app.get("/v1/sessions/nope");
-    assert_eq!(
-        (status, missing["error"]["code"].as_str()),
-        (404, Some("session_not_found"))
-    );
+    for id in ["nope".to_owned(), "x".repeat(600)] {
+        let (status, missing) = app.get(&format!("/v1/sessions/{id}"));
+        assert_eq!(
+            (status, missing["error"]["code"].as_str()),
+            (404, Some("session_not_found"))
+        );
+    }
 
     // Model, health, metrics.
     let (status, model) = app.get("/v1/model");
@@ -122,7 +121,7 @@ fn json_api_scores_ingests_and_explains() {
 #[test]
 fn bad_http_input_gets_json_errors_and_the_server_stays_up() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(
         work.path(),
         &models,
@@ -215,7 +214,7 @@ fn bad_http_input_gets_json_errors_and_the_server_stays_up() {
 #[test]
 fn kserve_v2_protocol_matches_tract() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(work.path(), &models, &Options::default());
     assert_eq!(app.get("/v2/health/live").1["live"], true);
     assert_eq!(app.get("/v2/health/ready").1["ready"], true);
@@ -225,7 +224,7 @@ fn kserve_v2_protocol_matches_tract() {
     assert_eq!(app.get("/v2/models/cartscore/ready").0, 200);
     assert_eq!(app.get("/v2/models/other").0, 404);
 
-    let tract = TractModel::load(&common::demo_model()).unwrap();
+    let tract = TractModel::load(&crate::common::demo_model()).unwrap();
     let rows: Vec<f32> = tract
         .metadata
         .golden_vectors
@@ -265,15 +264,16 @@ fn kserve_v2_protocol_matches_tract() {
 }
 
 fn cart_event(session: &str) -> cartscore_core::Event {
-    cartscore_core::Event::from_json(common::cart_json(session, 30, 11, 100.0).as_bytes()).unwrap()
+    cartscore_core::Event::from_json(crate::common::cart_json(session, 30, 11, 100.0).as_bytes())
+        .unwrap()
 }
 
 #[test]
 fn binary_protocol_pipelines_and_survives_bad_frames() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(work.path(), &models, &Options::default());
-    app.post("/v1/events", common::view_json("t1", 0, 11, 100.0));
+    app.post("/v1/events", crate::common::view_json("t1", 0, 11, 100.0));
 
     let mut client = TcpClient::connect(app.tcp).unwrap();
     client.set_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -284,7 +284,7 @@ fn binary_protocol_pipelines_and_survives_bad_frames() {
         "{}",
         one.message
     );
-    let (_, http) = app.post("/v1/score", common::cart_json("t1", 30, 11, 100.0));
+    let (_, http) = app.post("/v1/score", crate::common::cart_json("t1", 30, 11, 100.0));
     assert_eq!(
         one.probability,
         http["probability"].as_f64().unwrap() as f32
@@ -345,7 +345,7 @@ fn binary_protocol_pipelines_and_survives_bad_frames() {
 #[test]
 fn epoll_driver_serves_the_same() {
     let work = tempfile::tempdir().unwrap();
-    let models = common::model_dir_with_demo(work.path());
+    let models = crate::common::model_dir_with_demo(work.path());
     let app = Appliance::start(
         work.path(),
         &models,
@@ -359,7 +359,7 @@ fn epoll_driver_serves_the_same() {
     let mut client = TcpClient::connect(app.tcp).unwrap();
     let response = client.score(&cart_event("e1")).unwrap();
     assert_eq!(response.status, Status::Ok);
-    let (_, http) = app.post("/v1/score", common::cart_json("e1", 30, 11, 100.0));
+    let (_, http) = app.post("/v1/score", crate::common::cart_json("e1", 30, 11, 100.0));
     assert_eq!(
         response.probability,
         http["probability"].as_f64().unwrap() as f32

@@ -1,0 +1,11 @@
+//! End-to-end tests of the appliance: each starts the real `cartscore`
+//! binary (the skew test also runs `cartscore-trainer predict`) on free
+//! loopback ports, with its own store and model folder.
+#![allow(clippy::unwrap_used, dead_code)]
+
+mod common;
+
+mod api;
+mod lifecycle;
+mod reload;
+mod skew;
