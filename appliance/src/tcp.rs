@@ -5,7 +5,7 @@
 //! in a read are answered from one store snapshot and one model handle, and
 //! their responses leave in one write (pipelining for free).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use crate::config::{IoDriver, TcpConfig};
 use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
 use crate::model::ServingModel;
 use crate::protocol::{self, ScoreFrame, Status};
-use crate::reload::ModelRegistry;
+use crate::reload::{ModelCache, ModelRegistry};
 use crate::score;
 use crate::store::{Store, StoreReader};
 
@@ -40,9 +40,12 @@ pub struct Shared {
     pub grace: Duration,
 }
 
-/// Per-core handles, resolved once so a request touches no shared map.
+/// Per-core state: this core's model handle (it follows a swap at the next
+/// batch of requests) and metric handles resolved once, so a request touches
+/// no shared map and no lock.
 struct Core {
     shared: Arc<Shared>,
+    model: RefCell<ModelCache>,
     open_connections: Cell<usize>,
     outcomes: [Counter; 6],
     duration: Histogram,
@@ -69,6 +72,7 @@ impl Core {
         ];
         let duration = shared.metrics.tcp_duration.clone();
         Self {
+            model: RefCell::new(shared.models.cache()),
             shared,
             open_connections: Cell::new(0),
             outcomes,
@@ -222,7 +226,6 @@ impl Drop for OpenConnection<'_> {
 
 async fn serve_connection(mut stream: TcpStream, core: Rc<Core>) {
     let _open = OpenConnection::new(&core);
-    let mut models = core.shared.models.cache();
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut output: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     loop {
@@ -251,7 +254,7 @@ async fn serve_connection(mut stream: TcpStream, core: Rc<Core>) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let close = answer_frames(&core, &mut models, &mut input, &mut output);
+        let close = answer_frames(&core, &mut input, &mut output);
         if !output.is_empty() {
             let (written, buf) = stream.write_all(output).await;
             output = buf;
@@ -270,13 +273,8 @@ async fn serve_connection(mut stream: TcpStream, core: Rc<Core>) {
 
 /// Answers every complete frame in `input` and removes them from it.
 /// Returns true when the connection must close (a malformed frame).
-fn answer_frames(
-    core: &Core,
-    models: &mut crate::reload::ModelCache,
-    input: &mut Vec<u8>,
-    output: &mut Vec<u8>,
-) -> bool {
-    let model = models.load().clone();
+fn answer_frames(core: &Core, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool {
+    let model = core.model.borrow_mut().load().clone();
     let shared = &core.shared;
     let mut reader: Option<StoreReader<'_>> = None;
     let mut consumed = 0;
