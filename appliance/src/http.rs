@@ -607,6 +607,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+fn reloader_stopped() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the reloader has stopped",
+    )
+}
+
 async fn admin_reload(State(app): App, headers: HeaderMap) -> Result<Response, ApiError> {
     if !authorized(&app, &headers) {
         return Err(ApiError::new(
@@ -621,13 +629,7 @@ async fn admin_reload(State(app): App, headers: HeaderMap) -> Result<Response, A
             trigger: ReloadTrigger::Admin,
             reply: Some(reply),
         })
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "reloader stopped",
-            )
-        })?;
+        .map_err(|_| reloader_stopped())?;
     let report = tokio::time::timeout(ADMIN_RELOAD_TIMEOUT, done)
         .await
         .map_err(|_| {
@@ -637,13 +639,7 @@ async fn admin_reload(State(app): App, headers: HeaderMap) -> Result<Response, A
                 "reload still running",
             )
         })?
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "reloader stopped",
-            )
-        })?;
+        .map_err(|_| reloader_stopped())?;
     let status = match report.result {
         ReloadResult::Loaded | ReloadResult::Unchanged => StatusCode::OK,
         ReloadResult::Rejected => StatusCode::UNPROCESSABLE_ENTITY,

@@ -106,12 +106,7 @@ impl ServingModel {
         if tract.metadata.golden_vectors.is_empty() {
             return Err(LoadError::NoGoldenVectors { path: path.into() });
         }
-        let golden: Vec<Vec<f32>> = tract
-            .metadata
-            .golden_vectors
-            .iter()
-            .map(|g| g.features.clone())
-            .collect();
+        let golden = tract.metadata.golden_rows();
         let mut rows: Vec<f32> = golden.iter().flatten().copied().collect();
         let seed = u64::from_le_bytes(
             blake3::hash(&bytes).as_bytes()[..8]

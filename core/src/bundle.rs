@@ -114,6 +114,14 @@ impl BundleMetadata {
         ]
     }
 
+    /// The golden vectors' feature rows.
+    pub fn golden_rows(&self) -> Vec<Vec<f32>> {
+        self.golden_vectors
+            .iter()
+            .map(|g| g.features.clone())
+            .collect()
+    }
+
     pub fn from_metadata_props(props: &[StringStringEntryProto]) -> Result<Self, BundleError> {
         let get = |name: &str| -> Result<&str, BundleError> {
             let key = format!("{PREFIX}{name}");

@@ -19,12 +19,7 @@ fn demo() -> (TractModel, CompiledEnsemble) {
 fn compiled_demo_matches_tract() {
     let (tract, compiled) = demo();
     assert!(compiled.trees() > 10);
-    let golden: Vec<Vec<f32>> = tract
-        .metadata
-        .golden_vectors
-        .iter()
-        .map(|g| g.features.clone())
-        .collect();
+    let golden = tract.metadata.golden_rows();
     for g in &tract.metadata.golden_vectors {
         let row: [f32; FEATURE_COUNT] = g.features.as_slice().try_into().unwrap();
         assert!((f64::from(compiled.predict(&row)) - g.probability).abs() <= 1e-5);
