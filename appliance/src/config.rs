@@ -210,29 +210,21 @@ pub struct CliOverrides {
 }
 
 impl CliOverrides {
-    fn nested(&self) -> serde_json::Value {
-        let mut root = serde_json::Map::new();
-        let mut set = |section: &str, field: &str, value: serde_json::Value| {
-            let entry = root
-                .entry(section)
-                .or_insert_with(|| serde_json::Value::Object(Default::default()));
-            if let serde_json::Value::Object(map) = entry {
-                map.insert(field.into(), value);
-            }
-        };
+    /// Each flag given, as a setting at its dotted key.
+    fn merge_into(&self, mut figment: Figment) -> Figment {
         if let Some(v) = self.http_listen {
-            set("http", "listen", v.to_string().into());
+            figment = figment.merge(Serialized::default("http.listen", v));
         }
         if let Some(v) = self.tcp_listen {
-            set("tcp", "listen", v.to_string().into());
+            figment = figment.merge(Serialized::default("tcp.listen", v));
         }
         if let Some(v) = &self.store_path {
-            set("store", "path", v.display().to_string().into());
+            figment = figment.merge(Serialized::default("store.path", v));
         }
         if let Some(v) = &self.model_dir {
-            set("model", "dir", v.display().to_string().into());
+            figment = figment.merge(Serialized::default("model.dir", v));
         }
-        serde_json::Value::Object(root)
+        figment
     }
 }
 
@@ -251,9 +243,8 @@ impl ApplianceConfig {
         let env = Env::prefixed(ENV_PREFIX)
             .filter(|key| key.as_str().contains("__"))
             .split("__");
-        let mut config: Self = figment
-            .merge(env)
-            .merge(Serialized::defaults(cli.nested()))
+        let mut config: Self = cli
+            .merge_into(figment.merge(env))
             .extract()
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
         config.normalise();

@@ -184,19 +184,10 @@ fn note_store_error(metrics: &Metrics, error: &StoreError) {
 
 fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
     let started = Instant::now();
-    let result = if group.len() == 1 {
-        store.apply(&group[0].events, &group[0].offsets)
-    } else {
-        let events: Vec<Event> = group
-            .iter()
-            .flat_map(|j| j.events.iter().cloned())
-            .collect();
-        let offsets: Vec<StreamOffset> = group
-            .iter()
-            .flat_map(|j| j.offsets.iter().cloned())
-            .collect();
-        store.apply(&events, &offsets)
-    };
+    let result = store.apply(
+        group.iter().flat_map(|j| &j.events),
+        group.iter().flat_map(|j| &j.offsets),
+    );
     metrics
         .ingest_batch_duration
         .observe(started.elapsed().as_secs_f64());

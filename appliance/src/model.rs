@@ -108,11 +108,8 @@ impl ServingModel {
         }
         let golden = tract.metadata.golden_rows();
         let mut rows: Vec<f32> = golden.iter().flatten().copied().collect();
-        let seed = u64::from_le_bytes(
-            blake3::hash(&bytes).as_bytes()[..8]
-                .try_into()
-                .unwrap_or([0; 8]),
-        );
+        let hash = blake3::hash(&bytes);
+        let seed = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8]));
         rows.extend(check_rows(&golden, random_rows, seed));
         let reference = tract.predict(&rows).map_err(bundle_error)?;
         if let Some(&value) = reference.iter().find(|p| !(0.0..=1.0).contains(*p)) {
@@ -148,7 +145,7 @@ impl ServingModel {
             metadata: tract.metadata,
             evaluator,
             file,
-            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            blake3: hash.to_hex().to_string(),
             loaded_at: SystemTime::now(),
             load_time: started.elapsed(),
             verified_max_diff: diff,
@@ -187,12 +184,10 @@ impl ServingModel {
     pub fn predict_batch(&self, rows: &[f32]) -> Result<Vec<f32>, ModelError> {
         match &self.evaluator {
             Evaluator::Compiled(compiled) => Ok(rows
-                .chunks_exact(FEATURE_COUNT)
-                .map(|row| {
-                    let mut fixed = [0f32; FEATURE_COUNT];
-                    fixed.copy_from_slice(row);
-                    compiled.predict(&fixed)
-                })
+                .as_chunks::<FEATURE_COUNT>()
+                .0
+                .iter()
+                .map(|row| compiled.predict(row))
                 .collect()),
             Evaluator::Tract(tract) => tract.predict(rows),
         }

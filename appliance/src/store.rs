@@ -272,10 +272,12 @@ impl Store {
 
     /// Applies `events` in order and records `offsets`, all in one write
     /// transaction: either everything is stored or nothing is.
-    pub fn apply(
+    /// Takes iterators so the writer can apply several queued batches as one
+    /// without copying their events.
+    pub fn apply<'a>(
         &self,
-        events: &[Event],
-        offsets: &[StreamOffset],
+        events: impl IntoIterator<Item = &'a Event>,
+        offsets: impl IntoIterator<Item = &'a StreamOffset>,
     ) -> Result<AppliedBatch, StoreError> {
         let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
         let mut watermark = self.watermark(&wtxn)?;
@@ -283,7 +285,9 @@ impl Store {
         // batch and written back once.
         let mut sessions: HashMap<&str, (SessionState, Option<Timestamp>)> = HashMap::new();
         let mut users: HashMap<u64, (UserState, Option<Timestamp>)> = HashMap::new();
+        let mut applied_events = 0;
         for event in events {
+            applied_events += 1;
             let session = match sessions.entry(event.user_session.as_str()) {
                 Entry::Occupied(slot) => &mut slot.into_mut().0,
                 Entry::Vacant(slot) => {
@@ -304,7 +308,7 @@ impl Store {
             watermark = watermark.max(event.event_time.micros());
         }
         let applied = AppliedBatch {
-            events: events.len(),
+            events: applied_events,
             sessions_written: sessions.len(),
             users_written: users.len(),
         };
