@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::model::ServingModel;
 use crate::reload::{self, ModelRegistry, ReloadRequest, ReloadTrigger};
 use crate::store::Store;
+use crate::stream::{StreamConsumer, StreamHealth};
 use crate::tcp::{Shared, TcpServer};
 
 /// The bundle a start-up would serve: the newest one that verifies.
@@ -65,7 +66,8 @@ fn print_banner(
         "cartscore {version} is serving {model}\n  \
          HTTP   http://{http}\n  \
          TCP    {tcp}\n  \
-         store  {store}   models {dir}\n\
+         store  {store}   models {dir}\n  \
+         events {events}\n\
          Try it:\n  \
          curl -s http://{http}/v1/events -d '{{\"event_time\":\"2019-10-01 09:00:00 UTC\",\"event_type\":\"view\",\"product_id\":1004856,\"category_id\":2053013555631882655,\"category_code\":\"electronics.smartphone\",\"brand\":\"samsung\",\"price\":130.76,\"user_id\":543272936,\"user_session\":\"demo-session\"}}'\n  \
          curl -s 'http://{http}/v1/score?explain=true' -d '{{\"event_time\":\"2019-10-01 09:01:00 UTC\",\"event_type\":\"cart\",\"product_id\":1004856,\"category_id\":2053013555631882655,\"category_code\":\"electronics.smartphone\",\"brand\":\"samsung\",\"price\":130.76,\"user_id\":543272936,\"user_session\":\"demo-session\"}}'\n  \
@@ -75,6 +77,16 @@ fn print_banner(
         version = env!("CARGO_PKG_VERSION"),
         store = config.store.path.display(),
         dir = config.model.dir.display(),
+        events = if config.kafka.enabled() {
+            format!(
+                "Kafka {} group {} topics {}",
+                config.kafka.brokers,
+                config.kafka.group_id,
+                config.kafka.topics.join(",")
+            )
+        } else {
+            "POST /v1/events (no Kafka configured)".to_owned()
+        },
     );
 }
 
@@ -119,6 +131,25 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
     )
     .context("failed to start the store writer")?;
 
+    let stream_health = config.kafka.enabled().then(|| {
+        Arc::new(StreamHealth::new(Duration::from_millis(
+            config.kafka.stale_after_ms,
+        )))
+    });
+    let consumer = match &stream_health {
+        Some(health) => Some(
+            StreamConsumer::start(
+                &config.kafka,
+                Arc::clone(&store),
+                ingestor.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(health),
+            )
+            .context("failed to start the Kafka consumer")?,
+        ),
+        None => None,
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let state = Arc::new(AppState {
@@ -129,6 +160,8 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
         reload: reload_tx.clone(),
         config: config.http.clone(),
         tcp_ready: AtomicBool::new(!config.tcp.enabled),
+        stream: stream_health,
+        unready_when_stale: config.kafka.unready_when_stale,
     });
     let tcp = if config.tcp.enabled {
         let shared = Arc::new(Shared {
@@ -184,6 +217,10 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
     );
     stop.store(true, Ordering::Relaxed);
     state.tcp_ready.store(false, Ordering::Relaxed);
+    if let Some(consumer) = consumer {
+        // Applies the batch in hand, so the stored offsets cover it.
+        let _ = tokio::task::spawn_blocking(move || consumer.stop()).await;
+    }
     let _ = drain_tx.send(());
     match tokio::time::timeout(grace, http).await {
         Ok(Ok(Ok(()))) => {}

@@ -1,4 +1,4 @@
-//! `cartscore [serve]` and `cartscore validate`.
+//! `cartscore [serve]`, `cartscore validate` and `cartscore inspect`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +28,10 @@ enum Command {
     /// Check the configuration and the model folder, then exit: 0 when both
     /// are good. systemd runs this before a start and a reload.
     Validate(Settings),
+    /// Print the store's counts, stream offsets and a digest of all live
+    /// state as JSON (two stores with the same digest hold the same state).
+    /// Safe while the appliance runs: it reads a snapshot.
+    Inspect(Settings),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -90,6 +94,7 @@ impl Cli {
             None => serve(self.settings),
             Some(Command::Serve(settings)) => serve(settings.or(self.settings)),
             Some(Command::Validate(settings)) => validate(settings.or(self.settings)),
+            Some(Command::Inspect(settings)) => inspect(settings.or(self.settings)),
         }
     }
 }
@@ -124,6 +129,24 @@ fn validate(settings: Settings) -> Result<()> {
         model.trees,
         model.verified_rows,
         model.verified_max_diff
+    );
+    Ok(())
+}
+
+fn inspect(settings: Settings) -> Result<()> {
+    let config = settings.load()?;
+    let store = crate::store::Store::open(&config.store).context("failed to open the store")?;
+    let stats = store.stats().context("failed to read store statistics")?;
+    let digest = store.digest().context("failed to digest the store")?;
+    let offsets = store.offsets().context("failed to read stream offsets")?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "path": config.store.path,
+            "stats": stats,
+            "digest": digest,
+            "offsets": offsets,
+        })
     );
     Ok(())
 }

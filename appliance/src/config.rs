@@ -23,6 +23,7 @@ pub struct ApplianceConfig {
     pub http: HttpConfig,
     pub tcp: TcpConfig,
     pub log: LogConfig,
+    pub kafka: KafkaConfig,
     /// How long SIGTERM waits for in-flight requests before exiting anyway.
     pub shutdown_grace_ms: u64,
 }
@@ -39,8 +40,12 @@ pub struct StoreConfig {
     pub session_idle_expiry_secs: u64,
     /// Users idle this long (in event time) are deleted; at least 90 days.
     pub user_idle_expiry_secs: u64,
-    /// Most sessions or users deleted per sweep transaction, so a sweep never
-    /// holds the writer for long.
+    /// How far behind the event-time watermark an event may arrive and still
+    /// find its state: the sweeper keeps state this much longer than the
+    /// expiry, so when it runs never changes a result.
+    pub allowed_lateness_secs: u64,
+    /// Most sessions or users examined per sweep transaction, so a sweep
+    /// never holds the writer for long.
     pub sweep_batch: usize,
     /// Most events applied in one write transaction.
     pub max_batch_events: usize,
@@ -99,6 +104,90 @@ pub struct TcpConfig {
     pub max_frame_bytes: u32,
 }
 
+/// How an appliance divides the stream with others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaMode {
+    /// Consume every partition of the topics (no group membership): each
+    /// appliance holds every session. Restarts resume at once.
+    Replica,
+    /// Join the consumer group and take the partitions it assigns: sessions
+    /// are split between the group's appliances. Set `group.instance.id` in
+    /// `kafka.properties` so a restart keeps its partitions.
+    Shard,
+}
+
+/// The Kafka event source. Without brokers the appliance takes events over
+/// `POST /v1/events` only (the embedded default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]`; empty = no Kafka.
+    pub brokers: String,
+    pub mode: KafkaMode,
+    /// Consumer group: the group shards share; for replicas, the name their
+    /// offsets are committed under (give each replica its own).
+    pub group_id: String,
+    /// Topics of raw events (flat JSON, JsonConverter envelopes or Debezium
+    /// ExtractNewRecordState rows).
+    pub topics: Vec<String>,
+    /// Valid events are produced here, normalised, when `forward_validated`.
+    pub validated_topic: String,
+    pub forward_validated: bool,
+    /// Invalid messages are produced here with the reason and original bytes.
+    pub invalid_topic: String,
+    /// Most messages per write transaction.
+    pub batch_max_events: usize,
+    /// Longest a message waits for its batch to fill before it is applied.
+    pub batch_max_ms: u64,
+    /// The stream counts as stale when the store has not held everything the
+    /// broker had for this long.
+    pub stale_after_ms: u64,
+    /// A stale stream makes /readyz answer 503 (otherwise it only says so).
+    pub unready_when_stale: bool,
+    /// Extra librdkafka settings for both clients (security, timeouts…).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            mode: KafkaMode::Replica,
+            group_id: "cartscore".into(),
+            topics: vec![
+                "tracking.raw_user_behavior".into(),
+                "tracking_postgres_cdc.public.events".into(),
+            ],
+            validated_topic: "tracking.user_behavior.validated".into(),
+            forward_validated: false,
+            invalid_topic: "tracking.user_behavior.invalid".into(),
+            batch_max_events: 5_000,
+            batch_max_ms: 5,
+            stale_after_ms: 10_000,
+            unready_when_stale: false,
+            properties: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    pub fn enabled(&self) -> bool {
+        !self.brokers.is_empty()
+    }
+}
+
+/// Kafka's rule for topic names.
+fn valid_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -123,6 +212,7 @@ impl Default for ApplianceConfig {
             http: HttpConfig::default(),
             tcp: TcpConfig::default(),
             log: LogConfig::default(),
+            kafka: KafkaConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -135,6 +225,7 @@ impl Default for StoreConfig {
             map_size_mib: 1024,
             session_idle_expiry_secs: SESSION_IDLE_TIMEOUT_SECS as u64,
             user_idle_expiry_secs: USER_IDLE_TIMEOUT_SECS as u64,
+            allowed_lateness_secs: 4 * 3600,
             sweep_batch: 1_000,
             max_batch_events: 10_000,
             sync: true,
@@ -252,6 +343,72 @@ impl ApplianceConfig {
         Ok(config)
     }
 
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if !k.enabled() {
+            return Ok(());
+        }
+        let invalid = |field: &'static str, value: &dyn std::fmt::Display, reason: &str| {
+            ConfigError::Invalid {
+                field,
+                value: value.to_string(),
+                reason: reason.into(),
+            }
+        };
+        if k.group_id.is_empty() {
+            return Err(invalid("kafka.group_id", &"\"\"", "must not be empty"));
+        }
+        if k.topics.is_empty() {
+            return Err(invalid("kafka.topics", &"[]", "name at least one topic"));
+        }
+        for topic in &k.topics {
+            if !valid_topic(topic) {
+                return Err(invalid(
+                    "kafka.topics",
+                    topic,
+                    "a topic name is 1 to 249 of [a-zA-Z0-9._-]",
+                ));
+            }
+        }
+        for (field, topic) in [
+            ("kafka.validated_topic", &k.validated_topic),
+            ("kafka.invalid_topic", &k.invalid_topic),
+        ] {
+            if !valid_topic(topic) {
+                return Err(invalid(
+                    field,
+                    topic,
+                    "a topic name is 1 to 249 of [a-zA-Z0-9._-]",
+                ));
+            }
+            if k.topics.contains(topic) {
+                return Err(invalid(
+                    field,
+                    topic,
+                    "is also consumed (kafka.topics): its records would loop back",
+                ));
+            }
+        }
+        if k.batch_max_events == 0 {
+            return Err(invalid("kafka.batch_max_events", &0, "must be at least 1"));
+        }
+        if k.batch_max_ms == 0 {
+            return Err(invalid("kafka.batch_max_ms", &0, "must be at least 1"));
+        }
+        if let Some(key) = k
+            .properties
+            .keys()
+            .find(|key| crate::stream::MANAGED_PROPERTIES.contains(&key.as_str()))
+        {
+            return Err(invalid(
+                "kafka.properties",
+                key,
+                "is set by the appliance itself (offsets live in the store)",
+            ));
+        }
+        Ok(())
+    }
+
     fn normalise(&mut self) {
         if self.tcp.cores == 0 {
             self.tcp.cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -325,6 +482,7 @@ impl ApplianceConfig {
         if h.workers == 0 {
             return Err(invalid("http.workers", 0, "must be at least 1"));
         }
+        self.validate_kafka()?;
         let t = &self.tcp;
         if !(64..=1 << 20).contains(&t.max_frame_bytes) {
             return Err(invalid(

@@ -27,11 +27,12 @@ use serde_json::{Value, json};
 
 use crate::config::HttpConfig;
 use crate::ingest::Ingestor;
-use crate::metrics::{Metrics, ReasonLabels, RouteLabels, RouteOnly};
+use crate::metrics::{Metrics, RouteLabels, RouteOnly, SourceReasonLabels};
 use crate::model::ServingModel;
 use crate::reload::{ModelRegistry, ReloadRequest, ReloadResult, ReloadTrigger};
 use crate::score::{self, ScoreError};
 use crate::store::{Store, StoreError};
+use crate::stream::StreamHealth;
 
 /// The model name under the Open Inference Protocol.
 pub const KSERVE_MODEL: &str = "cartscore";
@@ -47,6 +48,10 @@ pub struct AppState {
     pub config: HttpConfig,
     /// The binary-protocol listeners are up (or disabled).
     pub tcp_ready: AtomicBool,
+    /// The Kafka consumer's health, when one runs.
+    pub stream: Option<Arc<StreamHealth>>,
+    /// A stale stream makes /readyz fail (`kafka.unready_when_stale`).
+    pub unready_when_stale: bool,
 }
 
 type App = State<Arc<AppState>>;
@@ -365,7 +370,8 @@ async fn events_handler(
             Err(error) => {
                 app.metrics
                     .events_invalid
-                    .get_or_create(&ReasonLabels {
+                    .get_or_create(&SourceReasonLabels {
+                        source: "http",
                         reason: error.code(),
                     })
                     .inc();
@@ -545,13 +551,22 @@ async fn model_handler(State(app): App) -> Json<Value> {
     }))
 }
 
+/// Ready to score. A stale stream is reported, and fails readiness only when
+/// configured to: scores from slightly old state usually beat no scores.
 fn readiness(app: &AppState) -> (bool, Value) {
     let model = app.models.current().is_some();
     let tcp = app.tcp_ready.load(Ordering::Relaxed);
     let store = app.store.reader().is_ok();
+    let stream = app.stream.as_ref().map(|h| h.status());
+    let fresh_enough = !app.unready_when_stale || stream.as_ref().is_none_or(|s| !s.stale);
     (
-        model && tcp && store,
-        json!({"model_loaded": model, "tcp_listening": tcp, "store_readable": store}),
+        model && tcp && store && fresh_enough,
+        json!({
+            "model_loaded": model,
+            "tcp_listening": tcp,
+            "store_readable": store,
+            "stream": stream,
+        }),
     )
 }
 
@@ -570,6 +585,12 @@ async fn readyz(State(app): App) -> (StatusCode, Json<Value>) {
 }
 
 async fn metrics_handler(State(app): App) -> Response {
+    if let Some(health) = &app.stream {
+        app.metrics
+            .stream
+            .staleness
+            .set(health.status().staleness_seconds);
+    }
     if let Ok(stats) = app.store.stats() {
         let m = &app.metrics;
         m.live_sessions.set(stats.sessions as i64);

@@ -1,7 +1,7 @@
 //! The single writer. Every source of events (/v1/events today, the Kafka
 //! consumer next) hands validated batches to this thread, which groups what
 //! is queued into one write transaction (group commit) and, between batches,
-//! sweeps expired state in small transactions.
+//! runs the expiry sweep a slice per transaction.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -13,8 +13,10 @@ use thiserror::Error;
 use crate::metrics::{Metrics, ReasonLabels, SourceLabels};
 use crate::store::{AppliedBatch, Store, StoreError, StreamOffset};
 
-/// How often expired state is looked for when no events arrive.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause between two garbage-collection passes over the store. Expiry is
+/// semantic (an idle session reads as new whether or not it was deleted), so
+/// this only bounds how long dead entries occupy the map.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Error)]
 pub enum IngestError {
@@ -123,13 +125,13 @@ impl Ingestor {
 }
 
 fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, max_events: usize) {
-    let mut last_sweep = Instant::now();
-    let mut sweep_pending = true;
+    let mut last_pass = Instant::now();
+    let mut pass_running = true;
     loop {
-        let wait = if sweep_pending {
+        let wait = if pass_running {
             Duration::ZERO
         } else {
-            SWEEP_INTERVAL.saturating_sub(last_sweep.elapsed())
+            SWEEP_INTERVAL.saturating_sub(last_pass.elapsed())
         };
         match queue.recv_timeout(wait) {
             Ok(first) => {
@@ -145,15 +147,17 @@ fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, ma
                     }
                 }
                 apply_group(store, metrics, group);
-                sweep_pending = true;
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        if sweep_pending || last_sweep.elapsed() >= SWEEP_INTERVAL {
-            // One small transaction at a time, so queued events wait at most
-            // one sweep batch.
-            sweep_pending = match store.sweep() {
+        if !pass_running && last_pass.elapsed() >= SWEEP_INTERVAL {
+            pass_running = true;
+            last_pass = Instant::now();
+        }
+        if pass_running {
+            // One slice per transaction, so queued events wait at most one.
+            pass_running = match store.sweep() {
                 Ok(outcome) => {
                     metrics.sessions_expired.inc_by(outcome.sessions as u64);
                     metrics.users_expired.inc_by(outcome.users as u64);
@@ -165,7 +169,6 @@ fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, ma
                     false
                 }
             };
-            last_sweep = Instant::now();
         }
     }
 }

@@ -2,7 +2,7 @@
 //! per-session state in LMDB, over a thread-per-core binary protocol and a
 //! JSON API, with models hot-reloaded from a folder.
 //!
-//! Data flow: [`http`]/[`tcp`] (and the stream) -> `core` validation ->
+//! Data flow: [`stream`] (Kafka) or [`http`] -> `core` validation ->
 //! [`ingest`] -> [`store`]; scoring reads [`store`] -> `core` features ->
 //! [`model`] (compiled ensemble) -> [`score`]. [`reload`] swaps models in.
 
@@ -18,4 +18,5 @@ pub mod protocol;
 pub mod reload;
 pub mod score;
 pub mod store;
+pub mod stream;
 pub mod tcp;

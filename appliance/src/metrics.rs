@@ -48,6 +48,23 @@ pub struct SourceLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceReasonLabels {
+    pub source: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: i32,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub version: String,
     pub contract: String,
@@ -66,7 +83,7 @@ pub struct Metrics {
     pub tcp_connections: Gauge,
     pub tcp_frame_errors: Family<ReasonLabels, Counter>,
     pub events_applied: Family<SourceLabels, Counter>,
-    pub events_invalid: Family<ReasonLabels, Counter>,
+    pub events_invalid: Family<SourceReasonLabels, Counter>,
     pub ingest_batch_duration: Histogram,
     pub store_write_errors: Family<ReasonLabels, Counter>,
     pub store_map_full: Counter,
@@ -80,6 +97,105 @@ pub struct Metrics {
     pub model_info: Family<ModelLabels, Gauge>,
     pub model_reloads: Family<OutcomeLabels, Counter>,
     pub model_loaded_timestamp: Gauge<f64, AtomicU64>,
+    pub stream: StreamMetrics,
+}
+
+/// The Kafka consumer's view: consumed, routed, lag and health.
+#[derive(Debug)]
+pub struct StreamMetrics {
+    pub messages: Family<TopicLabels, Counter>,
+    pub skipped: Counter,
+    pub produced: Family<TopicLabels, Counter>,
+    pub produce_errors: Counter,
+    pub poll_errors: Family<ReasonLabels, Counter>,
+    pub batch_retries: Family<ReasonLabels, Counter>,
+    pub rebalances: Family<ReasonLabels, Counter>,
+    pub consumer_lag: Family<PartitionLabels, Gauge>,
+    pub connected: Gauge,
+    pub staleness: Gauge<f64, AtomicU64>,
+    pub apply_delay: Histogram,
+    pub batch_duration: Histogram,
+}
+
+impl StreamMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let this = Self {
+            messages: Family::default(),
+            skipped: Counter::default(),
+            produced: Family::default(),
+            produce_errors: Counter::default(),
+            poll_errors: Family::default(),
+            batch_retries: Family::default(),
+            rebalances: Family::default(),
+            consumer_lag: Family::default(),
+            connected: Gauge::default(),
+            staleness: Gauge::default(),
+            apply_delay: latency_histogram(),
+            batch_duration: latency_histogram(),
+        };
+        let r = registry.sub_registry_with_prefix("cartscore_stream");
+        r.register(
+            "messages",
+            "Kafka messages consumed, valid or not, by topic",
+            this.messages.clone(),
+        );
+        r.register(
+            "skipped",
+            "Messages delivered again below the stored position and not re-applied",
+            this.skipped.clone(),
+        );
+        r.register(
+            "produced",
+            "Records delivered to the validated and invalid topics",
+            this.produced.clone(),
+        );
+        r.register(
+            "produce_errors",
+            "Output records whose delivery failed and was retried",
+            this.produce_errors.clone(),
+        );
+        r.register(
+            "poll_errors",
+            "Errors returned by the consumer's poll, by kind",
+            this.poll_errors.clone(),
+        );
+        r.register(
+            "batch_retries",
+            "Batches the store refused, consumed again from the stored offsets, by reason",
+            this.batch_retries.clone(),
+        );
+        r.register(
+            "rebalances",
+            "Group rebalances by kind: assign, revoke, error",
+            this.rebalances.clone(),
+        );
+        r.register(
+            "consumer_lag",
+            "Messages on the broker not yet applied, per partition (from the last statistics)",
+            this.consumer_lag.clone(),
+        );
+        r.register(
+            "connected",
+            "1 while a broker connection is up",
+            this.connected.clone(),
+        );
+        r.register(
+            "staleness_seconds",
+            "Time since the store last held everything the broker had",
+            this.staleness.clone(),
+        );
+        r.register(
+            "apply_delay_seconds",
+            "From a batch's oldest message timestamp to its state being readable",
+            this.apply_delay.clone(),
+        );
+        r.register(
+            "batch_duration_seconds",
+            "From a batch's first message polled to its commit",
+            this.batch_duration.clone(),
+        );
+        this
+    }
 }
 
 impl Default for Metrics {
@@ -134,10 +250,10 @@ impl Metrics {
             "Valid events applied to the store by source",
             events_applied.clone(),
         );
-        let events_invalid = Family::<ReasonLabels, Counter>::default();
+        let events_invalid = Family::<SourceReasonLabels, Counter>::default();
         registry.register(
             "cartscore_events_invalid",
-            "Events rejected by validation, by error code",
+            "Events rejected by validation, by source and error code",
             events_invalid.clone(),
         );
         let ingest_batch_duration = latency_histogram();
@@ -214,6 +330,7 @@ impl Metrics {
             "When the serving bundle was swapped in (Unix seconds)",
             model_loaded_timestamp.clone(),
         );
+        let stream = StreamMetrics::register(&mut registry);
         Self {
             registry,
             http_requests,
@@ -237,6 +354,7 @@ impl Metrics {
             model_info,
             model_reloads,
             model_loaded_timestamp,
+            stream,
         }
     }
 

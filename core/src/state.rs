@@ -259,8 +259,14 @@ pub fn apply(session: &mut SessionState, user: &mut UserState, event: &Event) {
         user.sessions += 1;
     }
 
-    // Arrival order decides; a late event never moves the clock backwards.
+    // Arrival order decides what is counted; the clocks take the extremes, so
+    // a late event never moves `last_event_at` backwards and an early one
+    // moves the start back. A user's events come from every partition of the
+    // stream in an interleaving that depends on fetch timing; with min/max
+    // and counts, the user state does not depend on it.
+    session.started_at = session.started_at.min(t);
     session.last_event_at = session.last_event_at.max(t);
+    user.first_seen_at = user.first_seen_at.min(t);
     user.last_event_at = user.last_event_at.max(t);
     session.events += 1;
     user.events += 1;
@@ -346,7 +352,40 @@ mod tests {
         apply(&mut s, &mut u, &event(100, EventType::View, 1, 10.0));
         apply(&mut s, &mut u, &event(50, EventType::View, 2, 10.0));
         assert_eq!(s.last_event_at, Timestamp::from_secs(1_569_888_100));
+        assert_eq!(s.started_at, Timestamp::from_secs(1_569_888_050));
         assert_eq!(s.events, 2);
+    }
+
+    /// Two sessions of one user on different partitions interleave as fetches
+    /// happen to return; the user state must not depend on how.
+    #[test]
+    fn user_state_does_not_depend_on_interleaving_across_sessions() {
+        let a: Vec<Event> = [(0, EventType::View), (40, EventType::Cart)]
+            .map(|(t, k)| event(t, k, 1, 10.0))
+            .to_vec();
+        let b: Vec<Event> = [(10, EventType::View), (20, EventType::Purchase)]
+            .map(|(t, k)| Event {
+                user_session: "other".into(),
+                ..event(t, k, 2, 5.0)
+            })
+            .to_vec();
+        let fold = |order: &[&Event]| {
+            let (mut sa, mut sb, mut u) = Default::default();
+            for e in order {
+                let s: &mut SessionState = if e.user_session == "s" {
+                    &mut sa
+                } else {
+                    &mut sb
+                };
+                apply(s, &mut u, e);
+            }
+            (sa, sb, u)
+        };
+        let one = fold(&[&a[0], &a[1], &b[0], &b[1]]);
+        let other = fold(&[&b[0], &a[0], &b[1], &a[1]]);
+        assert_eq!(one, other);
+        assert_eq!(one.2.first_seen_at, Timestamp::from_secs(1_569_888_000));
+        assert_eq!(one.2.sessions, 2);
     }
 
     #[test]

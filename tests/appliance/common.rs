@@ -19,7 +19,7 @@ pub fn demo_model() -> PathBuf {
     repo_root().join("models/demo/model.onnx")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -191,6 +191,14 @@ impl Appliance {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// SIGKILL: no drain, no chance to finish a write transaction.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
     }
 
     /// SIGTERM, then waits for the exit.

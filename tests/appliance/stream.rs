@@ -1,0 +1,459 @@
+//! The Kafka path against a real broker (tansu on SQLite): routing of valid
+//! and invalid messages, exactly-once state across SIGKILL, and a broker
+//! outage.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rdkafka::message::{Headers, Message};
+use serde_json::{Value, json};
+
+use crate::broker::{Broker, TestProducer, create_topic, read_topic, unique};
+use crate::common::{Appliance, Options, cart_json, model_dir_with_demo};
+
+struct Topics {
+    raw: String,
+    cdc: String,
+    validated: String,
+    invalid: String,
+}
+
+impl Topics {
+    fn create(brokers: &str, raw_partitions: u32) -> Self {
+        let topics = Self {
+            raw: unique("raw"),
+            cdc: unique("cdc"),
+            validated: unique("validated"),
+            invalid: unique("invalid"),
+        };
+        create_topic(brokers, &topics.raw, raw_partitions);
+        create_topic(brokers, &topics.cdc, 1);
+        create_topic(brokers, &topics.validated, 1);
+        create_topic(brokers, &topics.invalid, 1);
+        topics
+    }
+
+    fn env(&self, brokers: &str, group: &str, forward: bool) -> Vec<(String, String)> {
+        [
+            ("CARTSCORE_KAFKA__BROKERS", brokers.to_owned()),
+            ("CARTSCORE_KAFKA__GROUP_ID", group.to_owned()),
+            (
+                "CARTSCORE_KAFKA__TOPICS",
+                format!("[\"{}\",\"{}\"]", self.raw, self.cdc),
+            ),
+            ("CARTSCORE_KAFKA__VALIDATED_TOPIC", self.validated.clone()),
+            ("CARTSCORE_KAFKA__INVALID_TOPIC", self.invalid.clone()),
+            ("CARTSCORE_KAFKA__FORWARD_VALIDATED", forward.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+fn dataset() -> PathBuf {
+    std::env::var_os("CARTSCORE_DATASET").map_or_else(
+        || crate::common::repo_root().join("../shared/data/2019-Oct-head.csv"),
+        PathBuf::from,
+    )
+}
+
+/// The `cartscore-bench` binary of the same build (scripts/test.sh builds
+/// every binary before the tests).
+fn bench_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_cartscore")).with_file_name("cartscore-bench");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --release --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// Runs `cartscore-bench replay` with `args`; returns its summary.
+fn replay(brokers: &str, topic: &str, args: &[&str]) -> Value {
+    let output = Command::new(bench_binary())
+        .args(["replay", "--brokers", brokers, "--topic", topic, "--input"])
+        .arg(dataset())
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "replay failed: {output:?}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// `cartscore inspect` on a store folder.
+fn inspect(store: &Path) -> Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_cartscore"))
+        .arg("inspect")
+        .arg("--store-path")
+        .arg(store)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "inspect failed: {output:?}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn applied_offsets(store: &Path, topic: &str) -> i64 {
+    inspect(store)["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["topic"] == topic)
+        .map(|o| o["next_offset"].as_i64().unwrap())
+        .sum()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the store's offsets say `count` messages of `topic` are applied.
+fn wait_applied(app: &Appliance, topic: &str, count: i64) {
+    wait_until(
+        &format!("{count} messages of {topic} applied"),
+        Duration::from_secs(120),
+        || applied_offsets(&app.store_dir, topic) >= count,
+    );
+}
+
+const T0: i64 = 1_569_920_400; // 2019-10-01 09:00:00 UTC
+
+fn flat(session: &str, secs: i64, kind: &str, price: f64) -> String {
+    cart_json(session, secs, 1_004_856, price).replace("\"cart\"", &format!("\"{kind}\""))
+}
+
+#[test]
+fn stream_routes_valid_and_invalid_messages_and_keeps_arrival_order() {
+    let brokers = Broker::shared();
+    let topics = Topics::create(brokers, 2);
+    let work = tempfile::tempdir().unwrap();
+    let models = model_dir_with_demo(work.path());
+    let app = Appliance::start(
+        work.path(),
+        &models,
+        &Options {
+            env: topics.env(brokers, &unique("route"), true),
+            ..Options::default()
+        },
+    );
+
+    let huge = format!(r#"{{"event_type":"view","pad":"{}"}}"#, "x".repeat(200_000));
+    let binary: &[u8] = &[0xff, 0xfe, 0x00, 0x9c, b'{'];
+    let truncated = br#"{"event_time": "2019-10-01 00:00:00 UTC", "event_ty"#;
+    let envelope = format!(
+        r#"{{"schema":{{"type":"struct","fields":[]}},"payload":{}}}"#,
+        flat("route-a", 10, "cart", 130.76)
+    );
+    let debezium = json!({
+        "schema": {"type": "struct", "fields": []},
+        "payload": {"id": 7, "event_time": "2019-10-01T09:00:03Z", "event_type": "view",
+                    "product_id": 5, "category_id": 2053013555631882655_u64, "category_code": "",
+                    "brand": "apple", "price": 10.5, "user_id": 42, "user_session": "route-cdc",
+                    "__op": "c", "__table": "events", "__deleted": "false"}
+    })
+    .to_string();
+    let deleted = debezium.replace("\"__deleted\":\"false\"", "\"__deleted\":\"true\"");
+    let producer = TestProducer::new(brokers);
+    // All on one partition, poison first: valid messages behind it must flow.
+    let raw: Vec<(&str, Option<Vec<u8>>)> = vec![
+        (
+            "route-a",
+            Some(flat("route-a", 0, "view", 130.76).into_bytes()),
+        ),
+        ("huge", Some(huge.clone().into_bytes())),
+        ("binary", Some(binary.to_vec())),
+        ("truncated", Some(truncated.to_vec())),
+        ("tombstone", None),
+        (
+            "route-a",
+            Some(flat("route-a", 1, "view", -1.0).into_bytes()),
+        ),
+        ("route-a", Some(envelope.into_bytes())),
+        // Late: event time before the cart that arrived earlier.
+        (
+            "route-a",
+            Some(flat("route-a", 5, "view", 120.0).into_bytes()),
+        ),
+    ];
+    for (key, payload) in &raw {
+        producer.send(&topics.raw, 0, Some(key), payload.as_deref());
+    }
+    producer.send(&topics.cdc, 0, Some("route-cdc"), Some(debezium.as_bytes()));
+    producer.send(&topics.cdc, 0, Some("route-cdc"), Some(deleted.as_bytes()));
+    producer.flush();
+    wait_applied(&app, &topics.raw, 8);
+    wait_applied(&app, &topics.cdc, 2);
+
+    // Arrival order decides; the late view counts but does not move the clock back.
+    let (status, session) = app.get("/v1/sessions/route-a");
+    assert_eq!(status, 200, "{session}\n{}", app.log());
+    let s = &session["session"];
+    assert_eq!(
+        (
+            s["events"].as_u64(),
+            s["views"].as_u64(),
+            s["carts"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1)),
+        "{session}"
+    );
+    assert_eq!(
+        s["last_event_at"], "2019-10-01T09:00:10.000000Z",
+        "{session}"
+    );
+    assert_eq!(s["started_at"], "2019-10-01T09:00:00.000000Z", "{session}");
+    let (status, cdc) = app.get("/v1/sessions/route-cdc");
+    assert_eq!(status, 200, "{cdc}");
+    assert_eq!(cdc["session"]["events"], 1);
+
+    // Invalid: reason, source coordinates and the original bytes, unchanged.
+    let invalid = read_topic(brokers, &topics.invalid, 1, 6);
+    assert_eq!(invalid.len(), 6, "exactly the six invalid messages");
+    let records: Vec<Value> = invalid
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    let by_offset = |topic: &str, offset: i64| {
+        records
+            .iter()
+            .find(|r| r["source"]["topic"] == topic && r["source"]["offset"] == offset)
+            .unwrap_or_else(|| panic!("no invalid record for {topic}@{offset}: {records:?}"))
+    };
+    let huge_record = by_offset(&topics.raw, 1);
+    assert_eq!(huge_record["error"]["code"], "oversize");
+    assert_eq!(huge_record["original"], huge);
+    assert_eq!(huge_record["original_truncated"], false);
+    let binary_record = by_offset(&topics.raw, 2);
+    assert_eq!(binary_record["error"]["code"], "not_utf8");
+    assert_eq!(binary_record["original_encoding"], "base64");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(binary_record["original"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(decoded, binary);
+    let truncated_record = by_offset(&topics.raw, 3);
+    assert_eq!(truncated_record["error"]["code"], "malformed");
+    assert_eq!(
+        truncated_record["original"].as_str().unwrap().as_bytes(),
+        truncated
+    );
+    assert_eq!(by_offset(&topics.raw, 4)["error"]["code"], "malformed");
+    assert_eq!(by_offset(&topics.raw, 5)["error"]["code"], "negative_price");
+    assert_eq!(by_offset(&topics.raw, 5)["source"]["partition"], 0);
+    assert_eq!(by_offset(&topics.cdc, 1)["error"]["code"], "deleted_row");
+    for (reason, count) in [
+        ("oversize", 1.0),
+        ("not_utf8", 1.0),
+        ("malformed", 2.0),
+        ("negative_price", 1.0),
+        ("deleted_row", 1.0),
+    ] {
+        assert_eq!(
+            app.metric(&format!(
+                "cartscore_events_invalid_total{{source=\"kafka\",reason=\"{reason}\"}}"
+            )),
+            count,
+            "{reason}"
+        );
+    }
+
+    // Validated: the four valid events, normalised, keyed by session, with
+    // their source in headers.
+    let validated = read_topic(brokers, &topics.validated, 1, 4);
+    assert_eq!(validated.len(), 4);
+    for message in &validated {
+        let event = cartscore_core::Event::from_json(message.payload().unwrap()).unwrap();
+        assert_eq!(message.key().unwrap(), event.user_session.as_bytes());
+        let headers = message.headers().unwrap();
+        let names: Vec<&str> = headers.iter().map(|h| h.key).collect();
+        assert!(names.contains(&"cartscore-source-offset"), "{names:?}");
+    }
+    assert_eq!(
+        app.metric("cartscore_events_applied_total{source=\"kafka\"}"),
+        4.0
+    );
+
+    // The replay producer end to end: every corrupted event is routed to
+    // the invalid topic, every other one applied.
+    let summary = replay(
+        brokers,
+        &topics.raw,
+        &[
+            "--limit",
+            "3000",
+            "--corrupt",
+            "0.1",
+            "--format",
+            "envelope",
+            "--session-prefix",
+            "replay-",
+        ],
+    );
+    let corrupted = summary["corrupted"].as_f64().unwrap();
+    assert!(corrupted > 200.0, "{summary}");
+    assert_eq!(summary["acknowledged"], 3000);
+    wait_applied(&app, &topics.raw, 3008);
+    assert_eq!(
+        app.metric("cartscore_events_applied_total{source=\"kafka\"}"),
+        4.0 + 3000.0 - corrupted
+    );
+    let invalid = read_topic(brokers, &topics.invalid, 1, 6 + corrupted as usize);
+    assert_eq!(invalid.len(), 6 + corrupted as usize);
+    let (_, ready) = app.get("/readyz");
+    assert_eq!(ready["checks"]["stream"]["connected"], true, "{ready}");
+}
+
+#[test]
+fn stream_applies_each_event_exactly_once_across_sigkill() {
+    let brokers = Broker::shared();
+    let topics = Topics::create(brokers, 3);
+    let work = tempfile::tempdir().unwrap();
+    let models = model_dir_with_demo(work.path());
+    let killed_dir = work.path().join("killed");
+    let clean_dir = work.path().join("clean");
+    std::fs::create_dir_all(&killed_dir).unwrap();
+    std::fs::create_dir_all(&clean_dir).unwrap();
+    let options = Options {
+        env: topics.env(brokers, &unique("killed"), false),
+        ..Options::default()
+    };
+    let mut app = Appliance::start(&killed_dir, &models, &options);
+
+    // Three passes over the real slice at 15k events/s (~3.5 s), killed at
+    // random points while it flows.
+    let producer = {
+        let (brokers, topic) = (brokers.to_owned(), topics.raw.clone());
+        std::thread::spawn(move || replay(&brokers, &topic, &["--repeat", "3", "--rate", "15000"]))
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    eprintln!("kill schedule seed {seed}");
+    let mut state = u64::from(seed) | 1;
+    let mut kills = 0;
+    while !producer.is_finished() && kills < 5 {
+        // xorshift: a reproducible schedule from the printed seed.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        std::thread::sleep(Duration::from_millis(150 + state % 600));
+        app.kill();
+        kills += 1;
+        app = Appliance::start(&killed_dir, &models, &options);
+    }
+    let summary = producer.join().unwrap();
+    let produced = summary["acknowledged"].as_i64().unwrap();
+    assert_eq!(produced, 3 * 17_434);
+    assert!(kills >= 2, "the stream ended before two kills ({kills})");
+    // One more kill after the last message, before it is all applied.
+    app.kill();
+    let app = Appliance::start(&killed_dir, &models, &options);
+    wait_applied(&app, &topics.raw, produced);
+    let (status, log) = app.stop();
+    assert!(status.success(), "{log}");
+
+    // The reference: one clean pass over the same topic, another group.
+    let clean = Appliance::start(
+        &clean_dir,
+        &models,
+        &Options {
+            env: topics.env(brokers, &unique("clean"), false),
+            ..Options::default()
+        },
+    );
+    wait_applied(&clean, &topics.raw, produced);
+    let clean_store = clean.store_dir.clone();
+    let (status, log) = clean.stop();
+    assert!(status.success(), "{log}");
+
+    let killed = inspect(&killed_dir.join("store"));
+    let reference = inspect(&clean_store);
+    assert_eq!(killed["digest"], reference["digest"], "after {kills} kills");
+    assert_eq!(killed["offsets"], reference["offsets"]);
+    assert!(reference["digest"]["live_sessions"].as_u64().unwrap() > 3_000);
+}
+
+#[test]
+fn stream_outage_keeps_scoring_reports_staleness_and_resumes() {
+    let work = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(&work.path().join("broker"));
+    let brokers = broker.addr();
+    let topics = Topics::create(&brokers, 1);
+    let models = model_dir_with_demo(work.path());
+    let mut env = topics.env(&brokers, "outage", false);
+    env.push(("CARTSCORE_KAFKA__STALE_AFTER_MS".into(), "1500".into()));
+    let app = Appliance::start(
+        work.path(),
+        &models,
+        &Options {
+            env,
+            ..Options::default()
+        },
+    );
+
+    replay(
+        &brokers,
+        &topics.raw,
+        &["--limit", "500", "--session-prefix", "before-"],
+    );
+    wait_applied(&app, &topics.raw, 500);
+    wait_until("the stream to be current", Duration::from_secs(30), || {
+        app.get("/readyz").1["checks"]["stream"]["stale"] == false
+    });
+
+    broker.kill();
+    wait_until("the outage to show", Duration::from_secs(30), || {
+        let stream = &app.get("/readyz").1["checks"]["stream"];
+        stream["connected"] == false && stream["stale"] == true
+    });
+    let (status, ready) = app.get("/readyz");
+    assert_eq!(
+        status, 200,
+        "a stale stream reports, it does not unready: {ready}"
+    );
+    assert!(
+        ready["checks"]["stream"]["staleness_seconds"]
+            .as_f64()
+            .unwrap()
+            > 1.5
+    );
+    assert_eq!(app.metric("cartscore_stream_connected"), 0.0);
+    assert!(app.metric("cartscore_stream_staleness_seconds") > 1.5);
+    let (status, score) = app.post("/v1/score", cart_json("before-x", 0, 1_004_856, 130.76));
+    assert_eq!(status, 200, "scoring goes on without the broker: {score}");
+
+    broker.restart();
+    replay(
+        &brokers,
+        &topics.raw,
+        &["--limit", "500", "--session-prefix", "after-"],
+    );
+    wait_applied(&app, &topics.raw, 1000);
+    wait_until(
+        "the stream to be current again",
+        Duration::from_secs(30),
+        || {
+            let stream = &app.get("/readyz").1["checks"]["stream"];
+            stream["connected"] == true && stream["stale"] == false
+        },
+    );
+    assert_eq!(
+        app.metric("cartscore_events_applied_total{source=\"kafka\"}"),
+        1000.0
+    );
+    assert_eq!(applied_offsets(&app.store_dir, &topics.raw), 1000);
+    assert!(
+        app.get_text("/metrics")
+            .contains("cartscore_stream_consumer_lag{")
+    );
+}
