@@ -111,7 +111,7 @@ fn json_api_scores_ingests_and_explains() {
         "cartscore_model_reloads_total{outcome=\"loaded\"}",
         "cartscore_store_used_bytes",
         "cartscore_live_sessions 2",
-        "cartscore_events_invalid_total{reason=\"missing_field\"} 1",
+        "cartscore_events_invalid_total{source=\"http\",reason=\"missing_field\"} 1",
         "cartscore_events_applied_total{source=\"http\"} 4",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
