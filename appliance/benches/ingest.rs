@@ -11,11 +11,15 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
 use cartscore_appliance::config::StoreConfig;
-use cartscore_appliance::store::{Store, StreamOffset};
+use cartscore_appliance::store::{OffsetKind, Store, StreamOffset};
 use cartscore_core::{CsvLayout, Event};
 use criterion::{Criterion, Throughput};
 
 const BATCH: usize = 1_000;
+
+// The daemon's allocator, so the stage is measured as it runs there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn messages() -> Vec<Vec<u8>> {
     let dataset = std::env::var_os("CARTSCORE_DATASET")
@@ -71,6 +75,7 @@ fn main() {
                         topic: "tracking.raw_user_behavior".into(),
                         partition: 0,
                         next_offset: offset,
+                        kind: OffsetKind::Applied,
                     };
                     black_box(store.apply(&events, &[position]).unwrap());
                 }

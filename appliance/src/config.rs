@@ -389,8 +389,12 @@ impl ApplianceConfig {
                 ));
             }
         }
-        if k.batch_max_events == 0 {
-            return Err(invalid("kafka.batch_max_events", &0, "must be at least 1"));
+        if !(1..=crate::stream::MAX_BATCH_EVENTS).contains(&k.batch_max_events) {
+            return Err(invalid(
+                "kafka.batch_max_events",
+                &k.batch_max_events,
+                "must be between 1 and 1048576",
+            ));
         }
         if k.batch_max_ms == 0 {
             return Err(invalid("kafka.batch_max_ms", &0, "must be at least 1"));

@@ -10,11 +10,15 @@
 //! skipped, so no rebalance, retry or crash can apply a message twice or skip
 //! one. Offsets are also committed to the group, for lag tools only.
 //!
-//! The output topics are at-least-once: a batch's records are delivered
-//! before its state commits, so a crash in between re-sends them; each record
-//! carries its source topic, partition and offset to de-duplicate on.
+//! The output topics are at-least-once and never hold up the state: a
+//! batch's state commits at once, its output records are sent alongside, and
+//! a second stored position per partition ("delivered") advances once the
+//! broker acknowledged them. A restart resumes from the lower of the two and
+//! re-sends the outputs of messages between them without applying them
+//! again. Each record carries its source topic, partition and offset to
+//! de-duplicate on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -41,7 +45,7 @@ use crate::ingest::Ingestor;
 use crate::metrics::{
     Metrics, PartitionLabels, ReasonLabels, SourceReasonLabels, StreamMetrics, TopicLabels,
 };
-use crate::store::{Store, StreamOffset};
+use crate::store::{OffsetKind, Store, StreamOffset};
 
 /// Settings the consumer manages itself; `kafka.properties` may not set them.
 pub const MANAGED_PROPERTIES: [&str; 6] = [
@@ -57,6 +61,11 @@ pub const MANAGED_PROPERTIES: [&str; 6] = [
 const METADATA_REFRESH: Duration = Duration::from_secs(30);
 /// How soon a replica asks again when a topic's metadata was unavailable.
 const METADATA_RETRY: Duration = Duration::from_secs(1);
+/// How soon delivered positions are stored when no batch carries them.
+const DELIVERED_WRITE_INTERVAL: Duration = Duration::from_millis(200);
+/// How often applied positions are committed to the consumer group. Only lag
+/// tools read them, and each commit is a write on the broker.
+const GROUP_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an idle poll waits; bounds how quickly a stop is noticed.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// Pause before retrying a batch the store or the broker refused.
@@ -169,37 +178,43 @@ impl ConsumerCallbacks {
         &self.metrics.stream
     }
 
-    /// Sets each assigned partition's start to the store's next offset, or
-    /// its beginning when this store never applied from it.
+    /// Sets each assigned partition's start to the lower of the store's
+    /// applied and delivered positions (the beginning when this store never
+    /// applied from it), and remembers the applied one: messages below it
+    /// only have their outputs re-sent.
     fn seek_to_store(&self, tpl: &mut TopicPartitionList) {
-        let stored: HashMap<PartitionKey, i64> = match self.store.offsets() {
-            Ok(offsets) => offsets
-                .into_iter()
-                .map(|o| ((o.topic, o.partition), o.next_offset))
-                .collect(),
+        let mut applied: HashMap<PartitionKey, i64> = HashMap::new();
+        let mut delivered: HashMap<PartitionKey, i64> = HashMap::new();
+        match self.store.offsets() {
+            Ok(offsets) => {
+                for o in offsets {
+                    let map = match o.kind {
+                        OffsetKind::Applied => &mut applied,
+                        OffsetKind::Delivered => &mut delivered,
+                    };
+                    map.insert((o.topic, o.partition), o.next_offset);
+                }
+            }
             Err(error) => {
                 // Without the stored offsets nothing can be applied safely;
                 // the batch path re-reads them and skips what is applied.
                 tracing::error!(%error, "failed to read stored stream offsets at assignment");
-                HashMap::new()
             }
-        };
+        }
         let mut positions = self.positions();
         for mut elem in tpl.elements() {
             let key = (elem.topic().to_owned(), elem.partition());
-            let (offset, next) = match stored.get(&key) {
-                Some(&next) => (Offset::Offset(next), next),
+            let (start, next) = match applied.get(&key) {
+                Some(&next) => {
+                    let from = delivered.get(&key).map_or(next, |&d| d.min(next));
+                    (Offset::Offset(from), next)
+                }
                 None => (Offset::Beginning, 0),
             };
-            if let Err(error) = elem.set_offset(offset) {
+            if let Err(error) = elem.set_offset(start) {
                 tracing::error!(topic = key.0, partition = key.1, %error, "failed to set the start offset");
             }
-            tracing::info!(
-                topic = key.0,
-                partition = key.1,
-                next_offset = next,
-                "partition assigned"
-            );
+            tracing::info!(topic = key.0, partition = key.1, next_offset = next, start = ?start, "partition assigned");
             positions.insert(key, next);
         }
     }
@@ -339,10 +354,11 @@ fn forward_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     }
 }
 
-/// Collects the indexes of records whose delivery failed, to send again.
+/// Collects delivery reports (the record's tag and whether it arrived) for
+/// the consumer thread to settle.
 #[derive(Default)]
 struct DeliveryTracker {
-    failed: Mutex<Vec<usize>>,
+    reports: Mutex<Vec<(usize, bool)>>,
 }
 
 impl ClientContext for DeliveryTracker {
@@ -354,15 +370,32 @@ impl ClientContext for DeliveryTracker {
 impl ProducerContext for DeliveryTracker {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
         if let Err((error, _)) = result {
-            tracing::warn!(%error, "delivery to an output topic failed; will retry");
-            self.failed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(index);
+            tracing::warn!(%error, "delivery to an output topic failed; sending it again");
         }
+        self.reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((tag, result.is_ok()));
     }
+}
+
+/// A record's tag: its batch's sequence number and its index in the batch.
+const TAG_INDEX_BITS: u32 = 20;
+/// Most records a batch may route (the tag's index bits).
+pub const MAX_BATCH_EVENTS: usize = 1 << TAG_INDEX_BITS;
+/// Batches whose outputs may await acknowledgement at once; beyond it the
+/// consumer waits, so a broker that stops acknowledging stops consumption.
+const MAX_IN_FLIGHT_BATCHES: usize = 256;
+
+/// The output records of one batch, kept until all are acknowledged.
+#[derive(Debug)]
+struct InFlight {
+    records: Vec<OutputRecord>,
+    unacknowledged: usize,
+    /// Next offset per partition of the batch: delivered once it completes.
+    ends: HashMap<PartitionKey, i64>,
 }
 
 /// A record for the validated or the invalid topic.
@@ -404,7 +437,10 @@ impl Source {
 struct Batch {
     events: Vec<Event>,
     outputs: Vec<OutputRecord>,
-    next_offsets: HashMap<PartitionKey, i64>,
+    /// Next offset per partition over the messages applied to state.
+    applied_ends: HashMap<PartitionKey, i64>,
+    /// Next offset per partition over every message of the batch.
+    ends: HashMap<PartitionKey, i64>,
     messages: usize,
     started: Option<Instant>,
     /// Broker timestamps (ms) of the batch's messages, for the apply delay.
@@ -419,7 +455,15 @@ impl Batch {
         self.messages == 0
     }
 
-    fn route(&mut self, message: &BorrowedMessage<'_>, forward_validated: bool, metrics: &Metrics) {
+    /// Routes one message. `replay` marks a message whose state is already
+    /// stored: only its outputs are sent again.
+    fn route(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        replay: bool,
+        forward_validated: bool,
+        metrics: &Metrics,
+    ) {
         let source = Source {
             topic: message.topic().to_owned(),
             partition: message.partition(),
@@ -437,8 +481,11 @@ impl Batch {
                 topic: source.topic.clone(),
             })
             .inc();
-        self.next_offsets
-            .insert((source.topic.clone(), source.partition), source.offset + 1);
+        let key = (source.topic.clone(), source.partition);
+        if !replay {
+            self.applied_ends.insert(key.clone(), source.offset + 1);
+        }
+        self.ends.insert(key, source.offset + 1);
         let parsed = match message.payload() {
             None => Err(EventError::Malformed {
                 reason: "empty message (a tombstone or a null value)".into(),
@@ -455,16 +502,20 @@ impl Batch {
                         source,
                     });
                 }
-                self.events.push(event);
+                if !replay {
+                    self.events.push(event);
+                }
             }
             Err(error) => {
-                metrics
-                    .events_invalid
-                    .get_or_create(&SourceReasonLabels {
-                        source: "kafka",
-                        reason: error.code(),
-                    })
-                    .inc();
+                if !replay {
+                    metrics
+                        .events_invalid
+                        .get_or_create(&SourceReasonLabels {
+                            source: "kafka",
+                            reason: error.code(),
+                        })
+                        .inc();
+                }
                 self.outputs.push(OutputRecord {
                     topic: INVALID,
                     key: message.key().map(<[u8]>::to_vec),
@@ -576,6 +627,10 @@ impl StreamConsumer {
             config: config.clone(),
             stop: Arc::clone(&stop),
             last_error: None,
+            in_flight: VecDeque::new(),
+            first_in_flight: 0,
+            delivered: HashMap::new(),
+            last_delivered_write: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("kafka-consumer".into())
@@ -640,6 +695,13 @@ struct Worker {
     stop: Arc<AtomicBool>,
     /// The last poll error and when it was logged, to log repeats once a minute.
     last_error: Option<(String, Instant)>,
+    /// Batches whose output records await acknowledgement, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Sequence number of `in_flight[0]`.
+    first_in_flight: u64,
+    /// Delivered positions not yet written to the store.
+    delivered: HashMap<PartitionKey, i64>,
+    last_delivered_write: Instant,
 }
 
 impl Worker {
@@ -647,6 +709,8 @@ impl Worker {
         let max_wait = Duration::from_millis(self.config.batch_max_ms);
         let mut batch = Batch::default();
         let mut next_metadata_check = Instant::now();
+        let mut last_group_commit = Instant::now();
+        let mut group_behind = false;
         while !self.stop.load(Ordering::Relaxed) {
             if self.config.mode == KafkaMode::Replica
                 && batch.is_empty()
@@ -666,24 +730,52 @@ impl Worker {
             };
             match self.consumer.poll(timeout) {
                 Some(Ok(message)) => {
-                    if self.already_applied(&message) {
+                    let replay = self.already_applied(&message);
+                    if replay {
                         self.metrics.stream.skipped.inc();
-                    } else {
-                        batch.route(&message, self.config.forward_validated, &self.metrics);
                     }
+                    batch.route(
+                        &message,
+                        replay,
+                        self.config.forward_validated,
+                        &self.metrics,
+                    );
                 }
                 Some(Err(error)) => self.poll_error(&error),
                 None => {}
             }
+            self.settle_deliveries();
             let full = batch.messages >= self.config.batch_max_events;
             let due = batch.started.is_some_and(|s| s.elapsed() >= max_wait);
             if !batch.is_empty() && (full || due) {
                 self.commit(std::mem::take(&mut batch));
+                group_behind = true;
+            }
+            if batch.is_empty()
+                && !self.delivered.is_empty()
+                && self.last_delivered_write.elapsed() >= DELIVERED_WRITE_INTERVAL
+            {
+                // Nothing to ride along with: record delivery on its own.
+                self.commit(Batch::default());
+            }
+            if group_behind && last_group_commit.elapsed() >= GROUP_COMMIT_INTERVAL {
+                self.commit_to_group();
+                last_group_commit = Instant::now();
+                group_behind = false;
             }
         }
         if !batch.is_empty() {
             self.commit(batch);
         }
+        // Give the outputs in flight a last chance, then store how far they got.
+        if let Err(error) = self.producer.flush(Duration::from_secs(10)) {
+            tracing::warn!(%error, "output records still unacknowledged at stop; they are sent again on restart");
+        }
+        self.settle_deliveries();
+        if !self.delivered.is_empty() {
+            self.commit(Batch::default());
+        }
+        self.commit_to_group();
         self.consumer.unsubscribe();
         tracing::info!("Kafka consumer stopped");
     }
@@ -783,24 +875,37 @@ impl Worker {
         }
     }
 
-    /// Delivers the batch's output records, then applies its events with its
-    /// offsets in one transaction. Delivery is retried until it succeeds; a
-    /// batch the store refuses (a full map) is consumed again from the stored
-    /// offsets; either way a batch not applied when the appliance stops is
-    /// consumed again on restart.
+    /// Sends the batch's output records, then applies its events with its
+    /// applied positions, and the delivered positions acknowledged so far,
+    /// in one transaction. A batch the store refuses (a full map) is consumed
+    /// again from the stored offsets; a batch not applied when the appliance
+    /// stops is consumed again on restart.
     fn commit(&mut self, batch: Batch) {
-        if !self.deliver(&batch.outputs) {
-            return;
-        }
-        let offsets: Vec<StreamOffset> = batch
-            .next_offsets
+        self.send_outputs(batch.outputs, batch.ends);
+        let mut offsets: Vec<StreamOffset> = batch
+            .applied_ends
             .iter()
             .map(|((topic, partition), &next_offset)| StreamOffset {
                 topic: topic.clone(),
                 partition: *partition,
                 next_offset,
+                kind: OffsetKind::Applied,
             })
             .collect();
+        let delivered = std::mem::take(&mut self.delivered);
+        offsets.extend(
+            delivered
+                .iter()
+                .map(|((topic, partition), &next_offset)| StreamOffset {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    next_offset,
+                    kind: OffsetKind::Delivered,
+                }),
+        );
+        if batch.events.is_empty() && offsets.is_empty() {
+            return;
+        }
         if let Err(error) = self
             .ingestor
             .apply_blocking(batch.events, offsets.clone(), "kafka")
@@ -811,12 +916,17 @@ impl Worker {
                 .get_or_create(&kind(error.code()))
                 .inc();
             tracing::error!(%error, "failed to apply a Kafka batch; consuming it again from the stored offsets");
+            for (key, next) in delivered {
+                let slot = self.delivered.entry(key).or_insert(next);
+                *slot = (*slot).max(next);
+            }
             if !self.stop.load(Ordering::Relaxed) {
                 std::thread::sleep(RETRY_PAUSE);
-                self.rewind(batch.next_offsets.keys());
+                self.rewind(batch.applied_ends.keys());
             }
             return;
         }
+        self.last_delivered_write = Instant::now();
         if let (Some(started), Some(ts)) = (batch.started, batch.oldest_timestamp_ms) {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -830,19 +940,25 @@ impl Worker {
                 .batch_duration
                 .observe(started.elapsed().as_secs_f64());
         }
-        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-        {
-            let mut positions = self.consumer.context().positions();
-            for offset in &offsets {
-                positions.insert((offset.topic.clone(), offset.partition), offset.next_offset);
-                if let Err(error) = tpl.add_partition_offset(
-                    &offset.topic,
-                    offset.partition,
-                    Offset::Offset(offset.next_offset),
-                ) {
-                    tracing::debug!(%error, "failed to list an offset to commit");
-                }
+        let mut positions = self.consumer.context().positions();
+        for offset in offsets {
+            if offset.kind == OffsetKind::Applied {
+                positions.insert((offset.topic, offset.partition), offset.next_offset);
             }
+        }
+    }
+
+    /// Commits the applied positions to the consumer group, for lag tools
+    /// only (the store holds the truth). Async: it never holds up a batch.
+    fn commit_to_group(&self) {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in self.consumer.context().positions().iter() {
+            if let Err(error) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+                tracing::debug!(%error, "failed to list an offset to commit");
+            }
+        }
+        if tpl.count() == 0 {
+            return;
         }
         if let Err(error) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(%error, "committing offsets to the group failed");
@@ -869,85 +985,129 @@ impl Worker {
         }
     }
 
-    /// Sends `records` and waits until each is acknowledged, re-sending the
-    /// failed ones. False when the appliance stopped first.
-    fn deliver(&self, records: &[OutputRecord]) -> bool {
-        let topics = [
-            self.config.validated_topic.as_str(),
-            self.config.invalid_topic.as_str(),
-        ];
-        let mut pending: Vec<usize> = (0..records.len()).collect();
-        while !pending.is_empty() {
-            for &index in &pending {
-                let record = &records[index];
-                let mut base = BaseRecord::with_opaque_to(topics[record.topic], index)
-                    .payload(&record.payload)
-                    .headers(record.source.headers());
-                if let Some(key) = &record.key {
-                    base = base.key(key);
+    /// Queues a batch's output records (waiting while too many batches are
+    /// unacknowledged). A batch without records completes in its turn.
+    fn send_outputs(&mut self, records: Vec<OutputRecord>, ends: HashMap<PartitionKey, i64>) {
+        if records.is_empty() && ends.is_empty() {
+            return;
+        }
+        while self.in_flight.len() >= MAX_IN_FLIGHT_BATCHES && !self.stop.load(Ordering::Relaxed) {
+            self.producer.poll(Duration::from_millis(10));
+            self.settle_deliveries();
+        }
+        let seq = self.first_in_flight + self.in_flight.len() as u64;
+        self.in_flight.push_back(InFlight {
+            unacknowledged: records.len(),
+            records,
+            ends,
+        });
+        let last = self.in_flight.len() - 1;
+        for index in 0..self.in_flight[last].records.len() {
+            self.send_record(seq, index);
+        }
+        self.settle_deliveries();
+    }
+
+    fn send_record(&self, seq: u64, index: usize) {
+        let Some(batch) = seq
+            .checked_sub(self.first_in_flight)
+            .and_then(|slot| self.in_flight.get(slot as usize))
+        else {
+            return;
+        };
+        let record = &batch.records[index];
+        let topic = if record.topic == VALIDATED {
+            self.config.validated_topic.as_str()
+        } else {
+            self.config.invalid_topic.as_str()
+        };
+        let tag = ((seq as usize) << TAG_INDEX_BITS) | index;
+        let mut base = BaseRecord::with_opaque_to(topic, tag)
+            .payload(&record.payload)
+            .headers(record.source.headers());
+        if let Some(key) = &record.key {
+            base = base.key(key);
+        }
+        loop {
+            match self.producer.send(base) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    self.producer.poll(Duration::from_millis(10));
+                    base = back;
                 }
-                let mut attempt = base;
-                loop {
-                    match self.producer.send(attempt) {
-                        Ok(()) => break,
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                            self.producer.poll(Duration::from_millis(10));
-                            attempt = back;
-                        }
-                        Err((error, _)) => {
-                            tracing::error!(%error, topic = topics[record.topic], "failed to queue an output record");
-                            self.producer
-                                .context()
-                                .failed
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .push(index);
-                            break;
-                        }
-                    }
-                }
-            }
-            if let Err(error) = self.producer.flush(Duration::from_secs(30)) {
-                tracing::warn!(%error, "output topics did not acknowledge in time");
-            }
-            let mut failed = std::mem::take(
-                &mut *self
-                    .producer
-                    .context()
-                    .failed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
-            failed.sort_unstable();
-            failed.dedup();
-            for (slot, topic) in topics.iter().enumerate() {
-                let delivered = pending
-                    .iter()
-                    .filter(|&&i| records[i].topic == slot && failed.binary_search(&i).is_err())
-                    .count();
-                if delivered > 0 {
-                    self.metrics
-                        .stream
-                        .produced
-                        .get_or_create(&TopicLabels {
-                            topic: (*topic).to_owned(),
-                        })
-                        .inc_by(delivered as u64);
+                Err((error, _)) => {
+                    // Not queued (e.g. an unknown topic): reported like a
+                    // failed delivery, so it is sent again.
+                    tracing::error!(%error, topic, "failed to queue an output record");
+                    self.producer
+                        .context()
+                        .reports
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((tag, false));
+                    return;
                 }
             }
-            if !failed.is_empty() {
+        }
+    }
+
+    /// Serves delivery reports: counts them, re-sends failed records, and
+    /// turns completed batches (oldest first) into delivered positions.
+    fn settle_deliveries(&mut self) {
+        self.producer.poll(Duration::ZERO);
+        let reports = std::mem::take(
+            &mut *self
+                .producer
+                .context()
+                .reports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let mut retry = Vec::new();
+        for (tag, delivered) in reports {
+            let seq = (tag >> TAG_INDEX_BITS) as u64;
+            let index = tag & (MAX_BATCH_EVENTS - 1);
+            let Some(batch) = seq
+                .checked_sub(self.first_in_flight)
+                .and_then(|slot| self.in_flight.get_mut(slot as usize))
+            else {
+                continue;
+            };
+            if delivered {
+                batch.unacknowledged -= 1;
+                let topic = if batch.records[index].topic == VALIDATED {
+                    &self.config.validated_topic
+                } else {
+                    &self.config.invalid_topic
+                };
                 self.metrics
                     .stream
-                    .produce_errors
-                    .inc_by(failed.len() as u64);
-                if self.stop.load(Ordering::Relaxed) {
-                    return false;
-                }
-                std::thread::sleep(RETRY_PAUSE);
+                    .produced
+                    .get_or_create(&TopicLabels {
+                        topic: topic.clone(),
+                    })
+                    .inc();
+            } else {
+                self.metrics.stream.produce_errors.inc();
+                retry.push((seq, index));
             }
-            pending = failed;
         }
-        true
+        for (seq, index) in retry {
+            self.send_record(seq, index);
+        }
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|b| b.unacknowledged == 0)
+        {
+            if let Some(done) = self.in_flight.pop_front() {
+                self.first_in_flight += 1;
+                for (key, next) in done.ends {
+                    let slot = self.delivered.entry(key).or_insert(next);
+                    *slot = (*slot).max(next);
+                }
+            }
+        }
     }
 }
 

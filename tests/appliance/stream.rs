@@ -99,14 +99,18 @@ fn inspect(store: &Path) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-fn applied_offsets(store: &Path, topic: &str) -> i64 {
+fn stored_offsets(store: &Path, topic: &str, kind: &str) -> i64 {
     inspect(store)["offsets"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|o| o["topic"] == topic)
+        .filter(|o| o["topic"] == topic && o["kind"] == kind)
         .map(|o| o["next_offset"].as_i64().unwrap())
         .sum()
+}
+
+fn applied_offsets(store: &Path, topic: &str) -> i64 {
+    stored_offsets(store, topic, "applied")
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -308,6 +312,10 @@ fn stream_routes_valid_and_invalid_messages_and_keeps_arrival_order() {
     );
     let invalid = read_topic(brokers, &topics.invalid, 1, 6 + corrupted as usize);
     assert_eq!(invalid.len(), 6 + corrupted as usize);
+    // Acknowledged outputs move the delivered position up to the applied one.
+    wait_until("outputs delivered", Duration::from_secs(30), || {
+        stored_offsets(&app.store_dir, &topics.raw, "delivered") == 3008
+    });
     let (_, ready) = app.get("/readyz");
     assert_eq!(ready["checks"]["stream"]["connected"], true, "{ready}");
 }
