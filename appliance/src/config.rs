@@ -537,6 +537,40 @@ mod tests {
     }
 
     #[test]
+    fn kafka_settings_are_checked_only_when_enabled() {
+        let load = |text: &str| {
+            ApplianceConfig::load(Some(write(text).path()), &CliOverrides::default())
+                .map_err(|e| e.to_string())
+        };
+        // Without brokers the section is inert.
+        assert!(load("[kafka]\ntopics = []\n").is_ok());
+        let on = "[kafka]\nbrokers = \"127.0.0.1:9092\"\n";
+        assert!(load(on).is_ok());
+        let err = load(&format!("{on}topics = []\n")).unwrap_err();
+        assert!(err.contains("kafka.topics"), "{err}");
+        let err = load(&format!("{on}topics = [\"bad topic\"]\n")).unwrap_err();
+        assert!(err.contains("kafka.topics (bad topic)"), "{err}");
+        let err = load(&format!(
+            "{on}invalid_topic = \"tracking.raw_user_behavior\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("kafka.invalid_topic") && err.contains("loop"),
+            "{err}"
+        );
+        let err = load(&format!(
+            "{on}[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("kafka.properties (enable.auto.commit)"),
+            "{err}"
+        );
+        let err = load(&format!("{on}mode = \"sideways\"\n")).unwrap_err();
+        assert!(err.contains("sideways"), "{err}");
+    }
+
+    #[test]
     fn file_then_cli() {
         let file = write("[http]\nlisten = \"127.0.0.1:9000\"\nmax_batch = 7\n");
         let cli = CliOverrides {
