@@ -442,6 +442,9 @@ struct Batch {
     /// Next offset per partition over every message of the batch.
     ends: HashMap<PartitionKey, i64>,
     messages: usize,
+    /// Messages per topic, added to the metric once per batch rather than
+    /// with a labelled lookup per message.
+    messages_by_topic: HashMap<String, u64>,
     started: Option<Instant>,
     /// Broker timestamps (ms) of the batch's messages, for the apply delay.
     oldest_timestamp_ms: Option<i64>,
@@ -449,6 +452,15 @@ struct Batch {
 
 const VALIDATED: usize = 0;
 const INVALID: usize = 1;
+
+/// The topic of an output record's slot (`VALIDATED` or `INVALID`).
+fn output_topic(config: &KafkaConfig, slot: usize) -> &str {
+    if slot == VALIDATED {
+        &config.validated_topic
+    } else {
+        &config.invalid_topic
+    }
+}
 
 impl Batch {
     fn is_empty(&self) -> bool {
@@ -474,13 +486,12 @@ impl Batch {
         if let Some(ts) = message.timestamp().to_millis() {
             self.oldest_timestamp_ms = Some(self.oldest_timestamp_ms.map_or(ts, |t| t.min(ts)));
         }
-        metrics
-            .stream
-            .messages
-            .get_or_create(&TopicLabels {
-                topic: source.topic.clone(),
-            })
-            .inc();
+        match self.messages_by_topic.get_mut(&source.topic) {
+            Some(count) => *count += 1,
+            None => {
+                self.messages_by_topic.insert(source.topic.clone(), 1);
+            }
+        }
         let key = (source.topic.clone(), source.partition);
         if !replay {
             self.applied_ends.insert(key.clone(), source.offset + 1);
@@ -881,6 +892,13 @@ impl Worker {
     /// again from the stored offsets; a batch not applied when the appliance
     /// stops is consumed again on restart.
     fn commit(&mut self, batch: Batch) {
+        for (topic, count) in batch.messages_by_topic {
+            self.metrics
+                .stream
+                .messages
+                .get_or_create(&TopicLabels { topic })
+                .inc_by(count);
+        }
         self.send_outputs(batch.outputs, batch.ends);
         let mut offsets: Vec<StreamOffset> = batch
             .applied_ends
@@ -1016,11 +1034,7 @@ impl Worker {
             return;
         };
         let record = &batch.records[index];
-        let topic = if record.topic == VALIDATED {
-            self.config.validated_topic.as_str()
-        } else {
-            self.config.invalid_topic.as_str()
-        };
+        let topic = output_topic(&self.config, record.topic);
         let tag = ((seq as usize) << TAG_INDEX_BITS) | index;
         let mut base = BaseRecord::with_opaque_to(topic, tag)
             .payload(&record.payload)
@@ -1075,16 +1089,12 @@ impl Worker {
             };
             if delivered {
                 batch.unacknowledged -= 1;
-                let topic = if batch.records[index].topic == VALIDATED {
-                    &self.config.validated_topic
-                } else {
-                    &self.config.invalid_topic
-                };
+                let topic = output_topic(&self.config, batch.records[index].topic);
                 self.metrics
                     .stream
                     .produced
                     .get_or_create(&TopicLabels {
-                        topic: topic.clone(),
+                        topic: topic.to_owned(),
                     })
                     .inc();
             } else {

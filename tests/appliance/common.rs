@@ -15,6 +15,19 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The real data slice (`CARTSCORE_DATASET` overrides its place).
+pub fn dataset() -> PathBuf {
+    let path = std::env::var_os("CARTSCORE_DATASET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/data/2019-Oct-head.csv"));
+    assert!(
+        path.exists(),
+        "the real data slice {} is missing; set CARTSCORE_DATASET",
+        path.display()
+    );
+    path
+}
+
 pub fn demo_model() -> PathBuf {
     repo_root().join("models/demo/model.onnx")
 }

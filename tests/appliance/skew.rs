@@ -5,24 +5,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::common::{Appliance, Options, repo_root};
+use crate::common::{Appliance, Options, dataset};
 use cartscore_appliance::client::TcpClient;
 use cartscore_appliance::protocol::Status;
 use cartscore_core::{CsvLayout, Event, EventType, FEATURE_COUNT, FEATURE_NAMES};
 
 const TOLERANCE: f64 = 1e-6;
-
-fn dataset() -> PathBuf {
-    let path = std::env::var_os("CARTSCORE_DATASET")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/data/2019-Oct-head.csv"));
-    assert!(
-        path.exists(),
-        "the real data slice {} is missing; set CARTSCORE_DATASET",
-        path.display()
-    );
-    path
-}
 
 /// The trainer binary from the same build, built on demand when only this
 /// package was built.

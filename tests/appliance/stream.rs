@@ -11,7 +11,7 @@ use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 
 use crate::broker::{Broker, TestProducer, create_topic, read_topic, unique};
-use crate::common::{Appliance, Options, cart_json, model_dir_with_demo};
+use crate::common::{Appliance, Options, cart_json, dataset, model_dir_with_demo};
 
 struct Topics {
     raw: String,
@@ -51,13 +51,6 @@ impl Topics {
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
     }
-}
-
-fn dataset() -> PathBuf {
-    std::env::var_os("CARTSCORE_DATASET").map_or_else(
-        || crate::common::repo_root().join("../shared/data/2019-Oct-head.csv"),
-        PathBuf::from,
-    )
 }
 
 /// The `cartscore-bench` binary of the same build (scripts/test.sh builds
