@@ -14,6 +14,7 @@ use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::model::ServingModel;
 use crate::reload::{self, ModelRegistry, ReloadRequest, ReloadTrigger};
+use crate::service::{Heartbeats, ServiceManager};
 use crate::store::Store;
 use crate::stream::{StreamConsumer, StreamHealth};
 use crate::tcp::{Shared, TcpServer};
@@ -91,6 +92,7 @@ fn print_banner(
 }
 
 pub async fn run(config: ApplianceConfig) -> Result<()> {
+    let service = ServiceManager::from_env();
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::open(&config.store).context("failed to open the store")?);
     std::fs::create_dir_all(&config.model.dir).with_context(|| {
@@ -163,6 +165,11 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
         stream: stream_health,
         unready_when_stale: config.kafka.unready_when_stale,
     });
+    let heartbeats = Arc::new(Heartbeats::new(if config.tcp.enabled {
+        config.tcp.cores
+    } else {
+        0
+    }));
     let tcp = if config.tcp.enabled {
         let shared = Arc::new(Shared {
             store: Arc::clone(&store),
@@ -171,6 +178,7 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
             stop: Arc::clone(&stop),
             max_frame: config.tcp.max_frame_bytes as usize,
             grace,
+            heartbeats: Arc::clone(&heartbeats),
         });
         let server = TcpServer::start(&config.tcp, shared)
             .context("failed to start the binary-protocol server")?;
@@ -196,6 +204,15 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
             .into_future(),
     );
     print_banner(&config, http_addr, tcp.as_ref(), &models);
+    service.spawn_ready_when_serving(
+        Arc::clone(&models),
+        format!(
+            "http {http_addr}, tcp {}",
+            tcp.as_ref()
+                .map_or_else(|| "disabled".to_owned(), |t| t.local_addr.to_string())
+        ),
+    );
+    service.spawn_watchdog(heartbeats, Arc::clone(&store));
 
     let mut hangup = signal(SignalKind::hangup()).context("failed to install SIGHUP")?;
     let mut terminate = signal(SignalKind::terminate()).context("failed to install SIGTERM")?;
@@ -204,7 +221,14 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
         tokio::select! {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the model folder");
-                let _ = reload_tx.send(ReloadRequest { trigger: ReloadTrigger::Signal, reply: None });
+                service.reloading();
+                let (reply, done) = tokio::sync::oneshot::channel();
+                let _ = reload_tx.send(ReloadRequest { trigger: ReloadTrigger::Signal, reply: Some(reply) });
+                tokio::spawn(async move {
+                    if let Ok(report) = done.await {
+                        service.ready(&format!("reloaded: {:?}", report.result));
+                    }
+                });
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -215,6 +239,7 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
         grace_ms = config.shutdown_grace_ms,
         "draining: no new connections, finishing in-flight requests"
     );
+    service.stopping();
     stop.store(true, Ordering::Relaxed);
     state.tcp_ready.store(false, Ordering::Relaxed);
     if let Some(consumer) = consumer {

@@ -17,6 +17,7 @@ pub mod model;
 pub mod protocol;
 pub mod reload;
 pub mod score;
+pub mod service;
 pub mod store;
 pub mod stream;
 pub mod tcp;

@@ -24,6 +24,7 @@ use crate::model::ServingModel;
 use crate::protocol::{self, ScoreFrame, Status};
 use crate::reload::{ModelCache, ModelRegistry};
 use crate::score;
+use crate::service::{HEARTBEAT_EVERY, Heartbeats};
 use crate::store::{Store, StoreReader};
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -38,6 +39,8 @@ pub struct Shared {
     pub stop: Arc<AtomicBool>,
     pub max_frame: usize,
     pub grace: Duration,
+    /// Each core stamps its slot from its own runtime (the watchdog reads them).
+    pub heartbeats: Arc<Heartbeats>,
 }
 
 /// Per-core state: this core's model handle (it follows a swap at the next
@@ -101,7 +104,7 @@ impl TcpServer {
             let driver = config.driver;
             let thread = std::thread::Builder::new()
                 .name(format!("tcp-core-{core}"))
-                .spawn(move || run_core(driver, addr, shared, bound_tx))?;
+                .spawn(move || run_core(core, driver, addr, shared, bound_tx))?;
             let (bound, name) = bound_rx
                 .recv()
                 .map_err(|_| std::io::Error::other("serving core exited while binding"))??;
@@ -129,6 +132,7 @@ impl TcpServer {
 type Bound = std::io::Result<(SocketAddr, &'static str)>;
 
 fn run_core(
+    index: usize,
     driver: IoDriver,
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -136,7 +140,7 @@ fn run_core(
 ) {
     let uring = driver == IoDriver::Auto && monoio::utils::detect_uring();
     let name = if uring { "io_uring" } else { "epoll" };
-    let serve = serve_core(addr, shared, bound.clone(), name);
+    let serve = serve_core(index, addr, shared, bound.clone(), name);
     let runtime = if uring {
         monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
             .enable_timer()
@@ -154,6 +158,7 @@ fn run_core(
 }
 
 async fn serve_core(
+    index: usize,
     addr: SocketAddr,
     shared: Arc<Shared>,
     bound: std::sync::mpsc::Sender<Bound>,
@@ -176,6 +181,7 @@ async fn serve_core(
     let local = listener.local_addr().unwrap_or(addr);
     let _ = bound.send(Ok((local, driver)));
     let core = Rc::new(Core::new(shared));
+    monoio::spawn(heartbeat(index, Rc::clone(&core)));
     loop {
         monoio::select! {
             accepted = listener.accept() => match accepted {
@@ -196,6 +202,14 @@ async fn serve_core(
     let deadline = Instant::now() + core.shared.grace;
     while core.open_connections.get() > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs on the core's own runtime: when the core is wedged, it stops.
+async fn heartbeat(index: usize, core: Rc<Core>) {
+    while !core.shared.stop.load(Ordering::Relaxed) {
+        core.shared.heartbeats.beat(index);
+        monoio::time::sleep(HEARTBEAT_EVERY).await;
     }
 }
 

@@ -1,10 +1,16 @@
-//! `cartscore-bench`: load tools for the appliance. `replay` produces the
-//! data set's events to Kafka; `freshness` measures how soon a produced event
-//! is readable over HTTP.
+//! `cartscore-bench`: the appliance's load and latency harness. Latency
+//! modes are open loop with coordinated-omission correction; `replay` and
+//! `ingest` drive the Kafka side.
 
-mod freshness;
+mod http;
+mod ingest;
 mod kafka;
+mod load;
+mod modes;
 mod replay;
+mod report;
+mod requests;
+mod tcp;
 
 use clap::{Parser, Subcommand};
 
@@ -17,15 +23,28 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Score over the binary protocol at a fixed rate.
+    Tcp(modes::TcpArgs),
+    /// Drive any HTTP endpoint at a fixed rate with a request template.
+    Http(modes::HttpArgs),
+    /// Find the highest rate whose p99 stays within a bound.
+    Sweep(modes::SweepArgs),
+    /// Keep a TCP load running while new bundles are dropped into the model folder.
+    Reload(modes::ReloadArgs),
+    /// Produce to Kafka at a fixed rate; measure applied events/s and produce-to-visible.
+    #[command(visible_alias = "freshness")]
+    Ingest(ingest::IngestArgs),
     /// Produce CSV events (the data set or trainer synth output) to a topic.
     Replay(replay::ReplayArgs),
-    /// Produce at a fixed rate and time produce-to-visible in GET /v1/sessions/{id}.
-    Freshness(freshness::FreshnessArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Tcp(args) => modes::tcp(&args),
+        Command::Http(args) => modes::http(&args),
+        Command::Sweep(args) => modes::sweep(&args),
+        Command::Reload(args) => modes::reload(&args),
+        Command::Ingest(args) => ingest::run(&args),
         Command::Replay(args) => replay::run(&args),
-        Command::Freshness(args) => freshness::run(&args),
     }
 }

@@ -28,6 +28,25 @@ pub fn dataset() -> PathBuf {
     path
 }
 
+/// The trainer binary from the same build, built on demand when only this
+/// package was built.
+pub fn trainer() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_cartscore"));
+    let trainer = exe.with_file_name("cartscore-trainer");
+    if !trainer.exists() {
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "cartscore-trainer"]);
+        if exe.components().any(|c| c.as_os_str() == "release") {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().unwrap().success(),
+            "failed to build the trainer"
+        );
+    }
+    trainer
+}
+
 pub fn demo_model() -> PathBuf {
     repo_root().join("models/demo/model.onnx")
 }

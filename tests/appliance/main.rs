@@ -12,3 +12,4 @@ mod lifecycle;
 mod reload;
 mod skew;
 mod stream;
+mod systemd;

@@ -2,34 +2,14 @@
 //! appliance, every cart scored over HTTP and TCP just before it is ingested,
 //! must give exactly what the offline `cartscore-trainer predict` gives.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use crate::common::{Appliance, Options, dataset};
+use crate::common::{Appliance, Options, dataset, trainer};
 use cartscore_appliance::client::TcpClient;
 use cartscore_appliance::protocol::Status;
 use cartscore_core::{CsvLayout, Event, EventType, FEATURE_COUNT, FEATURE_NAMES};
 
 const TOLERANCE: f64 = 1e-6;
-
-/// The trainer binary from the same build, built on demand when only this
-/// package was built.
-fn trainer() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_cartscore"));
-    let trainer = exe.with_file_name("cartscore-trainer");
-    if !trainer.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "cartscore-trainer"]);
-        if exe.components().any(|c| c.as_os_str() == "release") {
-            build.arg("--release");
-        }
-        assert!(
-            build.status().unwrap().success(),
-            "failed to build the trainer"
-        );
-    }
-    trainer
-}
 
 #[derive(Debug)]
 struct Offline {

@@ -69,6 +69,11 @@ struct TrainArgs {
     /// Also write the test window's rows and probabilities to test_rows.csv.
     #[arg(long)]
     write_test_rows: bool,
+    /// Deliver the bundle into this model folder (the appliance's
+    /// `model.dir`) as `model-<version>.onnx`, atomically: written under a
+    /// hidden temporary name in the same folder, then renamed.
+    #[arg(long)]
+    publish: Option<PathBuf>,
     #[arg(long, env = "CARTSCORE_TRAINER_TRIALS")]
     trials: Option<usize>,
     #[arg(long, env = "CARTSCORE_TRAINER_THREADS")]
@@ -161,16 +166,21 @@ impl Cli {
                 );
             }
             Command::Train(args) => {
+                let publish = args.publish.clone();
                 let request = TrainRequest {
                     config: args.config()?,
                     inputs: args.inputs,
-                    out: args.out,
+                    out: args.out.clone(),
                     oracle: args.oracle,
                     model_version: args.model_version,
                     write_test_rows: args.write_test_rows,
                 };
                 let report = crate::train::run(&request).context("training failed")?;
                 print!("{}", crate::report::text(&report));
+                if let Some(dir) = publish {
+                    let published = publish_bundle(&args.out.join("model.onnx"), &dir)?;
+                    println!("published {}", published.display());
+                }
             }
             Command::Predict(args) => {
                 let summary =
@@ -187,4 +197,38 @@ impl Cli {
         }
         Ok(())
     }
+}
+
+/// Copies a bundle into a model folder so that a watcher never sees a
+/// partial file: a dot-name (ignored by the appliance) in the same folder,
+/// synced, then renamed to its final name.
+fn publish_bundle(bundle: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
+    let (_, metadata) = cartscore_core::BundleMetadata::read_file(bundle)
+        .with_context(|| format!("failed to read the bundle {}", bundle.display()))?;
+    let safe: String = metadata
+        .model_version
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let target = dir.join(format!("model-{safe}.onnx"));
+    let temp = dir.join(format!(".model-{safe}.onnx.tmp"));
+    std::fs::copy(bundle, &temp)
+        .with_context(|| format!("failed to copy {} to {}", bundle.display(), temp.display()))?;
+    std::fs::File::open(&temp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("failed to sync {}", temp.display()))?;
+    std::fs::rename(&temp, &target).with_context(|| {
+        format!(
+            "failed to rename {} to {}",
+            temp.display(),
+            target.display()
+        )
+    })?;
+    Ok(target)
 }
