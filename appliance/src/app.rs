@@ -94,6 +94,8 @@ fn print_banner(
 pub async fn run(config: ApplianceConfig) -> Result<()> {
     let service = ServiceManager::from_env();
     let metrics = Arc::new(Metrics::new());
+    let telemetry = crate::telemetry::Telemetry::start(&config.telemetry, &metrics)
+        .context("failed to start OpenTelemetry export")?;
     let store = Arc::new(Store::open(&config.store).context("failed to open the store")?);
     std::fs::create_dir_all(&config.model.dir).with_context(|| {
         format!(
@@ -261,6 +263,8 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
     drop(state);
     // The writer applies what is queued, then exits when its last handle is gone.
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    // Last, so the final batches and the drain are exported too.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     tracing::info!("stopped cleanly");
     Ok(())
 }

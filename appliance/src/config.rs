@@ -24,6 +24,7 @@ pub struct ApplianceConfig {
     pub tcp: TcpConfig,
     pub log: LogConfig,
     pub kafka: KafkaConfig,
+    pub telemetry: TelemetryConfig,
     /// How long SIGTERM waits for in-flight requests before exiting anyway.
     pub shutdown_grace_ms: u64,
 }
@@ -204,6 +205,40 @@ pub struct LogConfig {
     pub filter: String,
 }
 
+/// OpenTelemetry export over OTLP/HTTP (protobuf). Off unless an endpoint
+/// is set; then nothing else changes on the TCP path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Collector base URL such as `http://127.0.0.1:4318` (`/v1/traces` and
+    /// `/v1/metrics` are appended); empty = no export.
+    pub otlp_endpoint: String,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// Share of HTTP requests traced (1 in round(1/ratio)); reloads and
+    /// ingest batches are always traced.
+    pub request_sample_ratio: f64,
+    /// How often metrics are pushed.
+    pub metrics_interval_ms: u64,
+}
+
+impl TelemetryConfig {
+    pub fn enabled(&self) -> bool {
+        !self.otlp_endpoint.is_empty()
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            service_name: "cartscore".into(),
+            request_sample_ratio: 0.01,
+            metrics_interval_ms: 10_000,
+        }
+    }
+}
+
 impl Default for ApplianceConfig {
     fn default() -> Self {
         Self {
@@ -213,6 +248,7 @@ impl Default for ApplianceConfig {
             tcp: TcpConfig::default(),
             log: LogConfig::default(),
             kafka: KafkaConfig::default(),
+            telemetry: TelemetryConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -487,6 +523,30 @@ impl ApplianceConfig {
             return Err(invalid("http.workers", 0, "must be at least 1"));
         }
         self.validate_kafka()?;
+        let t = &self.telemetry;
+        if t.enabled()
+            && !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                &t.otlp_endpoint,
+                "must be an http:// or https:// URL (OTLP/HTTP), or empty for no export",
+            ));
+        }
+        if !(t.request_sample_ratio > 0.0 && t.request_sample_ratio <= 1.0) {
+            return Err(invalid(
+                "telemetry.request_sample_ratio",
+                t.request_sample_ratio,
+                "must be above 0 and at most 1",
+            ));
+        }
+        if t.metrics_interval_ms < 100 {
+            return Err(invalid(
+                "telemetry.metrics_interval_ms",
+                t.metrics_interval_ms,
+                "must be at least 100",
+            ));
+        }
         let t = &self.tcp;
         if !(64..=1 << 20).contains(&t.max_frame_bytes) {
             return Err(invalid(

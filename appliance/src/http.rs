@@ -126,7 +126,7 @@ impl IntoResponse for ApiError {
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/v1/score", post(score_handler))
         .route("/v1/events", post(events_handler))
         .route("/v1/sessions/{id}", get(session_handler))
@@ -143,7 +143,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/reload", post(admin_reload))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(DefaultBodyLimit::max(limit));
+    // Only with export on: off, requests pass through no extra layer.
+    let router = if crate::telemetry::enabled() {
+        router.layer(middleware::from_fn(crate::telemetry::http_layer))
+    } else {
+        router
+    };
+    router
         .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .with_state(state)
 }

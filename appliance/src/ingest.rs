@@ -186,6 +186,16 @@ fn note_store_error(metrics: &Metrics, error: &StoreError) {
 }
 
 fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
+    let mut span = crate::telemetry::span("ingest.batch");
+    if let Some(span) = &mut span {
+        let events: usize = group.iter().map(|j| j.events.len()).sum();
+        span.attr("cartscore.ingest.events", events as i64);
+        span.attr("cartscore.ingest.jobs", group.len() as i64);
+        span.attr(
+            "cartscore.ingest.source",
+            group.first().map_or("", |j| j.source),
+        );
+    }
     let started = Instant::now();
     let result = store.apply(
         group.iter().flat_map(|j| &j.events),
@@ -208,6 +218,9 @@ fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
             }
         }
         Err(error) => {
+            if let Some(span) = &mut span {
+                span.attr("error.type", error.reason());
+            }
             note_store_error(metrics, &error);
             tracing::error!(%error, events = group.iter().map(|j| j.events.len()).sum::<usize>(), "write transaction failed; nothing of it was applied");
             let shared = IngestError::from_store(&error);

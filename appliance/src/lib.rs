@@ -21,3 +21,4 @@ pub mod service;
 pub mod store;
 pub mod stream;
 pub mod tcp;
+pub mod telemetry;

@@ -34,6 +34,15 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 6] = [
+        Self::Ok,
+        Self::InvalidEvent,
+        Self::ModelUnavailable,
+        Self::MalformedFrame,
+        Self::UnsupportedVersion,
+        Self::InternalError,
+    ];
+
     pub fn from_byte(byte: u8) -> Option<Self> {
         Some(match byte {
             0 => Self::Ok,

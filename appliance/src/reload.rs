@@ -44,6 +44,8 @@ pub enum ReloadResult {
 }
 
 impl ReloadResult {
+    pub const LABELS: [&'static str; 4] = ["loaded", "unchanged", "rejected", "no_model"];
+
     fn label(self) -> &'static str {
         match self {
             Self::Loaded => "loaded",
@@ -171,6 +173,7 @@ impl ModelRegistry {
     /// Loads the newest valid bundle if it is not the one serving.
     pub fn reload(&self, trigger: ReloadTrigger) -> ReloadReport {
         let _one_at_a_time = self.reloading.lock();
+        let mut span = crate::telemetry::span("model.reload");
         let started = Instant::now();
         let serving_file = self.current().map(|m| m.file.clone());
         let mut rejected = Vec::new();
@@ -262,6 +265,17 @@ impl ModelRegistry {
             loaded_path: loaded.map(|m| m.file.path.clone()),
             rejected: rejected.clone(),
         };
+        if let Some(span) = &mut span {
+            span.attr(
+                "cartscore.reload.trigger",
+                format!("{trigger:?}").to_lowercase(),
+            );
+            span.attr("cartscore.reload.result", result.label());
+            span.attr("cartscore.reload.rejected", rejected.len() as i64);
+            if let Some(version) = &report.serving_version {
+                span.attr("cartscore.model.version", version.clone());
+            }
+        }
         if let Ok(mut history) = self.history.lock() {
             for r in rejected {
                 history.rejected.insert(0, r);

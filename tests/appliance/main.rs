@@ -13,3 +13,4 @@ mod reload;
 mod skew;
 mod stream;
 mod systemd;
+mod telemetry;
