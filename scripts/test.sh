@@ -12,6 +12,11 @@ apt_missing=()
 dpkg -s libclang-dev >/dev/null 2>&1 || apt_missing+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || apt_missing+=(g++)
 command -v python3 >/dev/null 2>&1 || apt_missing+=(python3 python3-pip)
+# promtool checks the alert rules; systemd-analyze checks the units; the
+# bench's plots need a TrueType font.
+command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || apt_missing+=(systemd)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_missing+=(fonts-dejavu-core)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -331,6 +331,20 @@ impl Metrics {
             model_loaded_timestamp.clone(),
         );
         let stream = StreamMetrics::register(&mut registry);
+        // Known label sets start at 0, so dashboards and `increase()`
+        // alerts have a series from the first scrape, not the first event.
+        for outcome in crate::protocol::Status::ALL.map(|s| s.label()) {
+            let _ = tcp_requests.get_or_create(&OutcomeLabels { outcome });
+        }
+        for source in ["http", "kafka"] {
+            let _ = events_applied.get_or_create(&SourceLabels { source });
+        }
+        for reason in ["map_full", "lmdb", "corrupt", "encode"] {
+            let _ = store_write_errors.get_or_create(&ReasonLabels { reason });
+        }
+        for outcome in crate::reload::ReloadResult::LABELS {
+            let _ = model_reloads.get_or_create(&OutcomeLabels { outcome });
+        }
         Self {
             registry,
             http_requests,

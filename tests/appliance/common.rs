@@ -47,6 +47,18 @@ pub fn trainer() -> PathBuf {
     trainer
 }
 
+/// The `cartscore-bench` binary of the same build (scripts/test.sh builds
+/// every binary before the tests).
+pub fn bench_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_cartscore")).with_file_name("cartscore-bench");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --release --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
 pub fn demo_model() -> PathBuf {
     repo_root().join("models/demo/model.onnx")
 }

@@ -8,7 +8,9 @@ mod broker;
 mod common;
 
 mod api;
+mod bench;
 mod lifecycle;
+mod observability;
 mod reload;
 mod skew;
 mod stream;

@@ -2,7 +2,7 @@
 //! and invalid messages, exactly-once state across SIGKILL, and a broker
 //! outage.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 
 use crate::broker::{Broker, TestProducer, create_topic, read_topic, unique};
-use crate::common::{Appliance, Options, cart_json, dataset, model_dir_with_demo};
+use crate::common::{Appliance, Options, bench_binary, cart_json, dataset, model_dir_with_demo};
 
 struct Topics {
     raw: String,
@@ -51,18 +51,6 @@ impl Topics {
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
     }
-}
-
-/// The `cartscore-bench` binary of the same build (scripts/test.sh builds
-/// every binary before the tests).
-fn bench_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_cartscore")).with_file_name("cartscore-bench");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build --release --workspace --bins`",
-        path.display()
-    );
-    path
 }
 
 /// Runs `cartscore-bench replay` with `args`; returns its summary.
