@@ -80,7 +80,8 @@ pub fn span(name: &'static str) -> Option<SpanGuard> {
 /// For the HTTP layer: a span for 1 in `sample_every` requests.
 fn sampled_request_span(active: &Active) -> Option<SpanGuard> {
     let n = active.seen.fetch_add(1, Ordering::Relaxed);
-    n.is_multiple_of(active.sample_every).then(|| SpanGuard(active.tracer.start("http.request")))
+    n.is_multiple_of(active.sample_every)
+        .then(|| SpanGuard(active.tracer.start("http.request")))
 }
 
 /// The axum middleware added when export is on: request metrics for every
