@@ -85,14 +85,21 @@ impl HttpTarget {
 struct Sink {
     stream: TcpStream,
     requests: Arc<Vec<Vec<u8>>>,
+    outgoing: Vec<u8>,
 }
 
 impl RequestSink for Sink {
-    fn send(&mut self, seq: u64) -> Result<()> {
+    fn queue(&mut self, seq: u64) {
         let request = &self.requests[(seq % self.requests.len() as u64) as usize];
+        self.outgoing.extend_from_slice(request);
+    }
+
+    fn flush(&mut self) -> Result<()> {
         self.stream
-            .write_all(request)
-            .context("failed to send a request")
+            .write_all(&self.outgoing)
+            .context("failed to send requests")?;
+        self.outgoing.clear();
+        Ok(())
     }
 }
 
@@ -173,6 +180,7 @@ impl Target for HttpTarget {
             Box::new(Sink {
                 stream: stream.try_clone()?,
                 requests: Arc::clone(&self.requests),
+                outgoing: Vec::with_capacity(64 * 1024),
             }),
             Box::new(Source {
                 stream,

@@ -30,11 +30,13 @@ struct Sink {
 }
 
 impl RequestSink for Sink {
-    fn send(&mut self, seq: u64) -> Result<()> {
+    fn queue(&mut self, seq: u64) {
         self.writer
             .send(&self.carts[(seq % self.carts.len() as u64) as usize]);
-        self.writer.flush().context("failed to send a request")?;
-        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.writer.flush().context("failed to send requests")
     }
 }
 
