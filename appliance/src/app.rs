@@ -198,6 +198,14 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
     tracing::info!(%http_addr, "HTTP API listening");
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    // Without TCP_NODELAY a response written in two segments waits for the
+    // client's delayed ACK: latency then tracks the gap between requests
+    // (up to 40 ms), which the bench's HTTP mode showed.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "failed to set TCP_NODELAY");
+        }
+    });
     let http = tokio::spawn(
         axum::serve(listener, router(Arc::clone(&state)))
             .with_graceful_shutdown(async {
