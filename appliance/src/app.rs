@@ -91,6 +91,32 @@ fn print_banner(
     );
 }
 
+/// Stops the consumer (it applies the batch in hand, so the stored offsets
+/// cover it), but waits at most `grace`: with the broker gone, librdkafka's
+/// final flush and close can block for minutes, and nothing of the state
+/// depends on them (offsets live in the same LMDB transactions as the state;
+/// outputs not acknowledged are sent again on restart). A plain thread, not
+/// the runtime's blocking pool, which the runtime would wait for on exit.
+async fn stop_consumer(consumer: StreamConsumer, grace: Duration) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("kafka-stop".into())
+        .spawn(move || {
+            consumer.stop();
+            let _ = done_tx.send(());
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "failed to start the consumer's stop");
+        return;
+    }
+    if tokio::time::timeout(grace, done_rx).await.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "the Kafka client did not close in time (broker unreachable?); exiting without it"
+        );
+    }
+}
+
 pub async fn run(config: ApplianceConfig) -> Result<()> {
     let service = ServiceManager::from_env();
     let metrics = Arc::new(Metrics::new());
@@ -253,8 +279,7 @@ pub async fn run(config: ApplianceConfig) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     state.tcp_ready.store(false, Ordering::Relaxed);
     if let Some(consumer) = consumer {
-        // Applies the batch in hand, so the stored offsets cover it.
-        let _ = tokio::task::spawn_blocking(move || consumer.stop()).await;
+        stop_consumer(consumer, grace).await;
     }
     let _ = drain_tx.send(());
     match tokio::time::timeout(grace, http).await {

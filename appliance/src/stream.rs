@@ -789,6 +789,18 @@ impl Worker {
         self.commit_to_group();
         self.consumer.unsubscribe();
         tracing::info!("Kafka consumer stopped");
+        // The writer exits once every Ingestor handle is gone; ours must go
+        // before librdkafka's close, which blocks for as long as it cannot
+        // reach the broker.
+        let Self {
+            consumer,
+            producer,
+            ingestor,
+            ..
+        } = self;
+        drop(ingestor);
+        drop(producer);
+        drop(consumer);
     }
 
     /// Replica mode: assigns the topics' partitions not yet consumed,

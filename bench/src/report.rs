@@ -224,11 +224,15 @@ fn plot(path: &Path, font: &Path, curves: &[(String, &Histogram<u64>)]) -> Resul
         .iter()
         .map(|(label, histogram)| (label.clone(), points(histogram)))
         .collect();
-    let y_max = series
-        .iter()
-        .flat_map(|(_, points)| points.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 1.1;
+    // Log scale: the tail is often 100x the median, and a linear axis
+    // flattens everything below p99 into the floor.
+    let values = || {
+        series
+            .iter()
+            .flat_map(|(_, points)| points.iter().map(|p| p.1))
+    };
+    let y_max = values().fold(1.0, f64::max) * 1.5;
+    let y_min = (values().fold(f64::INFINITY, f64::min) * 0.8).clamp(0.1, y_max / 10.0);
 
     let root = BitMapBackend::new(path, (1200, 700)).into_drawing_area();
     root.fill(&WHITE).context("failed to draw the plot")?;
@@ -238,9 +242,10 @@ fn plot(path: &Path, font: &Path, curves: &[(String, &Histogram<u64>)]) -> Resul
             ("sans-serif", 28),
         )
         .margin(20)
+        .margin_right(60)
         .x_label_area_size(50)
         .y_label_area_size(80)
-        .build_cartesian_2d(0.0..MAX_NINES, 0.0..y_max)
+        .build_cartesian_2d(0.0..MAX_NINES, (y_min..y_max).log_scale())
         .context("failed to lay out the plot")?;
     chart
         .configure_mesh()
@@ -254,7 +259,8 @@ fn plot(path: &Path, font: &Path, curves: &[(String, &Histogram<u64>)]) -> Resul
             _ => "99.999%".into(),
         })
         .x_desc("percentile")
-        .y_desc("latency (µs)")
+        .y_desc("latency (µs, log scale)")
+        .y_label_formatter(&|v| format!("{v}"))
         .label_style(("sans-serif", 16))
         .draw()
         .context("failed to draw the axes")?;

@@ -446,3 +446,51 @@ fn stream_outage_keeps_scoring_reports_staleness_and_resumes() {
             .contains("cartscore_stream_consumer_lag{")
     );
 }
+
+#[test]
+fn sigterm_with_the_broker_down_still_exits_within_the_grace_period() {
+    let work = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(&work.path().join("broker"));
+    let brokers = broker.addr();
+    let topics = Topics::create(&brokers, 1);
+    let models = model_dir_with_demo(work.path());
+    let env = topics.env(&brokers, "down-stop", false);
+    let app = Appliance::start(
+        work.path(),
+        &models,
+        &Options {
+            env,
+            ..Options::default()
+        },
+    );
+    replay(
+        &brokers,
+        &topics.raw,
+        &["--limit", "200", "--session-prefix", "down-"],
+    );
+    wait_applied(&app, &topics.raw, 200);
+    broker.kill();
+    wait_until("the outage to show", Duration::from_secs(30), || {
+        app.get("/readyz").1["checks"]["stream"]["connected"] == false
+    });
+    let store = app.store_dir.clone();
+    let started = Instant::now();
+    let (status, log) = app.stop();
+    let took = started.elapsed();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        // The default grace is 10 s; librdkafka alone blocks for minutes.
+        took < Duration::from_secs(15),
+        "exit took {took:?}\n{log}"
+    );
+    // Offsets are in the store with the state: nothing is lost by not closing.
+    let offsets = inspect(&store)["offsets"].clone();
+    assert!(
+        offsets
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["next_offset"] == 200),
+        "{offsets}"
+    );
+}
