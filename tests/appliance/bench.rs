@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::broker::{Broker, create_topic, unique};
+use crate::broker::{Broker, create_topic, kafka_env, unique};
 use crate::common::{Appliance, Options, bench_binary, dataset, model_dir_with_demo};
 
 /// Runs the bench; returns its stdout and the JSON it wrote.
@@ -214,11 +214,7 @@ fn ingest_mode_measures_applied_rate_and_freshness_through_kafka() {
     let work = tempfile::tempdir().unwrap();
     let models = model_dir_with_demo(work.path());
     let options = Options {
-        env: vec![
-            ("CARTSCORE_KAFKA__BROKERS".into(), brokers.to_owned()),
-            ("CARTSCORE_KAFKA__GROUP_ID".into(), unique("bench")),
-            ("CARTSCORE_KAFKA__TOPICS".into(), format!("[\"{topic}\"]")),
-        ],
+        env: kafka_env(brokers, "bench", &[&topic]),
         ..Options::default()
     };
     let app = Appliance::start(work.path(), &models, &options);

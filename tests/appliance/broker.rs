@@ -151,6 +151,18 @@ pub fn create_topic(brokers: &str, name: &str, partitions: u32) {
     }
 }
 
+/// The appliance settings that consume `topics` from `brokers` as `group`.
+pub fn kafka_env(brokers: &str, group: &str, topics: &[&str]) -> Vec<(String, String)> {
+    vec![
+        ("CARTSCORE_KAFKA__BROKERS".into(), brokers.to_owned()),
+        ("CARTSCORE_KAFKA__GROUP_ID".into(), unique(group)),
+        (
+            "CARTSCORE_KAFKA__TOPICS".into(),
+            serde_json::to_string(topics).unwrap(),
+        ),
+    ]
+}
+
 /// A name unique to this test process, so tests sharing a broker never meet.
 pub fn unique(name: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cartscore_appliance::client::TcpClient;
 
-use crate::broker::{Broker, TestProducer, create_topic, unique};
+use crate::broker::{Broker, TestProducer, create_topic, kafka_env, unique};
 use crate::common::{Appliance, Options, cart_json, model_dir_with_demo, repo_root, view_json};
 
 fn promtool(args: &[&str]) {
@@ -78,12 +78,11 @@ fn the_rules_and_the_dashboard_query_only_exported_metrics() {
     let work = tempfile::tempdir().unwrap();
     let models = model_dir_with_demo(work.path());
     let options = Options {
-        env: vec![
-            ("CARTSCORE_KAFKA__BROKERS".into(), brokers.to_owned()),
-            ("CARTSCORE_KAFKA__GROUP_ID".into(), unique("obs")),
-            ("CARTSCORE_KAFKA__TOPICS".into(), format!("[\"{raw}\"]")),
-            ("CARTSCORE_KAFKA__INVALID_TOPIC".into(), invalid.clone()),
-        ],
+        env: [
+            kafka_env(brokers, "obs", &[&raw]),
+            vec![("CARTSCORE_KAFKA__INVALID_TOPIC".into(), invalid.clone())],
+        ]
+        .concat(),
         ..Options::default()
     };
     let app = Appliance::start(work.path(), &models, &options);

@@ -372,30 +372,49 @@ fn stream_applies_each_event_exactly_once_across_sigkill() {
     assert!(reference["digest"]["live_sessions"].as_u64().unwrap() > 3_000);
 }
 
-#[test]
-fn stream_outage_keeps_scoring_reports_staleness_and_resumes() {
-    let work = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(&work.path().join("broker"));
+/// A broker of the test's own (it gets killed), its topics, and an appliance
+/// that has applied 500 events from it.
+fn private_broker_with_500_applied(
+    work: &Path,
+    group: &str,
+    extra_env: &[(&str, &str)],
+) -> (Broker, Topics, Appliance) {
+    let broker = Broker::start(&work.join("broker"));
     let brokers = broker.addr();
     let topics = Topics::create(&brokers, 1);
-    let models = model_dir_with_demo(work.path());
-    let mut env = topics.env(&brokers, "outage", false);
-    env.push(("CARTSCORE_KAFKA__STALE_AFTER_MS".into(), "1500".into()));
+    let models = model_dir_with_demo(work);
+    let mut env = topics.env(&brokers, group, false);
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     let app = Appliance::start(
-        work.path(),
+        work,
         &models,
         &Options {
             env,
             ..Options::default()
         },
     );
-
     replay(
         &brokers,
         &topics.raw,
         &["--limit", "500", "--session-prefix", "before-"],
     );
     wait_applied(&app, &topics.raw, 500);
+    (broker, topics, app)
+}
+
+#[test]
+fn stream_outage_keeps_scoring_reports_staleness_and_resumes() {
+    let work = tempfile::tempdir().unwrap();
+    let (mut broker, topics, app) = private_broker_with_500_applied(
+        work.path(),
+        "outage",
+        &[("CARTSCORE_KAFKA__STALE_AFTER_MS", "1500")],
+    );
+    let brokers = broker.addr();
     wait_until("the stream to be current", Duration::from_secs(30), || {
         app.get("/readyz").1["checks"]["stream"]["stale"] == false
     });
@@ -450,25 +469,7 @@ fn stream_outage_keeps_scoring_reports_staleness_and_resumes() {
 #[test]
 fn sigterm_with_the_broker_down_still_exits_within_the_grace_period() {
     let work = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(&work.path().join("broker"));
-    let brokers = broker.addr();
-    let topics = Topics::create(&brokers, 1);
-    let models = model_dir_with_demo(work.path());
-    let env = topics.env(&brokers, "down-stop", false);
-    let app = Appliance::start(
-        work.path(),
-        &models,
-        &Options {
-            env,
-            ..Options::default()
-        },
-    );
-    replay(
-        &brokers,
-        &topics.raw,
-        &["--limit", "200", "--session-prefix", "down-"],
-    );
-    wait_applied(&app, &topics.raw, 200);
+    let (mut broker, _topics, app) = private_broker_with_500_applied(work.path(), "down-stop", &[]);
     broker.kill();
     wait_until("the outage to show", Duration::from_secs(30), || {
         app.get("/readyz").1["checks"]["stream"]["connected"] == false
@@ -490,7 +491,7 @@ fn sigterm_with_the_broker_down_still_exits_within_the_grace_period() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|o| o["next_offset"] == 200),
+            .any(|o| o["next_offset"] == 500),
         "{offsets}"
     );
 }
