@@ -377,15 +377,19 @@ fn parquet_and_csv_inputs_give_the_same_model() {
     ]);
     csv_to_parquet(&data, &parquet);
     let (a, b) = (dir.path().join("from_csv"), dir.path().join("from_parquet"));
+    let models = dir.path().join("appliance-models");
+    std::fs::create_dir_all(&models).unwrap();
     let args = ["--trials", "2", "--max-iterations", "40", "--threads", "2"];
     ok(&[&["train", "--input", s(&data), "--out", s(&a)][..], &args].concat());
-    ok(&[
+    let stdout = ok(&[
         &[
             "train",
             "--input",
             s(parquet.parent().unwrap()),
             "--out",
             s(&b),
+            "--publish",
+            s(&models),
         ][..],
         &args,
     ]
@@ -397,6 +401,24 @@ fn parquet_and_csv_inputs_give_the_same_model() {
         std::fs::read(a.join("model.onnx")).unwrap(),
         std::fs::read(b.join("model.onnx")).unwrap()
     );
+    // --publish delivers the bundle under its version, with no temporary left.
+    let published = models.join(format!(
+        "model-{}.onnx",
+        rb["model_version"].as_str().unwrap()
+    ));
+    assert!(
+        stdout.contains(&format!("published {}", published.display())),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read(&published).unwrap(),
+        std::fs::read(b.join("model.onnx")).unwrap()
+    );
+    let names: Vec<_> = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
 }
 
 #[test]
