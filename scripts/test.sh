@@ -17,6 +17,8 @@ command -v python3 >/dev/null 2>&1 || apt_missing+=(python3 python3-pip)
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || apt_missing+=(systemd)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_missing+=(fonts-dejavu-core)
+# The trainer's warehouse tests run against a real PostgreSQL.
+command -v pg_ctlcluster >/dev/null 2>&1 || apt_missing+=(postgresql)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -81,6 +83,24 @@ for _ in $(seq 100); do
 done
 (exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null || { echo "tansu did not start:" >&2; cat "$broker_dir/tansu.log" >&2; exit 1; }
 export CARTSCORE_TEST_KAFKA=127.0.0.1:$broker_port
+
+# PostgreSQL: Debian's cluster on 127.0.0.1:5432, started if it is down, with
+# a login role for the tests (each test creates and drops its own database).
+pg_cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
+[ -n "$pg_cluster" ] || { echo "no PostgreSQL cluster (pg_lsclusters is empty)" >&2; exit 1; }
+if ! pg_ctlcluster $pg_cluster status >/dev/null 2>&1; then
+  log "starting PostgreSQL $pg_cluster"
+  pg_ctlcluster $pg_cluster start
+fi
+su postgres -c "psql -q -v ON_ERROR_STOP=1" <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'cartscore') THEN
+    CREATE ROLE cartscore LOGIN PASSWORD 'cartscore' CREATEDB;
+  END IF;
+END $$;
+SQL
+pg_port=$(pg_lsclusters -h | awk 'NR==1 {print $3}')
+export CARTSCORE_TEST_POSTGRES="postgres://cartscore:cartscore@127.0.0.1:$pg_port/postgres"
 
 # --- the real data slice -----------------------------------------------------
 export CARTSCORE_DATASET=${CARTSCORE_DATASET:-$(pwd)/../shared/data/2019-Oct-head.csv}

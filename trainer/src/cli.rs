@@ -29,6 +29,28 @@ enum Command {
     Train(TrainArgs),
     /// Score every cart event of the input point-in-time with a bundle.
     Predict(PredictArgs),
+    /// Apply the warehouse's SQL migrations (schemas bronze, …) to PostgreSQL.
+    Migrate(MigrateArgs),
+    /// Load CSV files of the data set into the warehouse's bronze.events
+    /// (COPY; a file already loaded, by checksum, adds nothing).
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// PostgreSQL connection string, e.g. postgres://user:pass@host:5432/db.
+    #[arg(long, env = "CARTSCORE_POSTGRES")]
+    postgres: String,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// CSV files of the data set, or folders of them (repeatable).
+    #[arg(long = "input", required = true)]
+    inputs: Vec<PathBuf>,
+    /// PostgreSQL connection string; the migrations are applied first.
+    #[arg(long, env = "CARTSCORE_POSTGRES")]
+    postgres: String,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +203,39 @@ impl Cli {
                     let published = publish_bundle(&args.out.join("model.onnx"), &dir)?;
                     println!("published {}", published.display());
                 }
+            }
+            Command::Migrate(args) => {
+                let mut warehouse = crate::warehouse::Warehouse::connect(&args.postgres)?;
+                let applied = warehouse.migrate().context("migration failed")?;
+                println!(
+                    "{}",
+                    serde_json::json!({"applied": applied, "known": crate::warehouse::MIGRATIONS.len()})
+                );
+            }
+            Command::Load(args) => {
+                let files: Vec<PathBuf> = crate::source::list_inputs(&args.inputs)?
+                    .into_iter()
+                    .filter(|p| p.extension().is_some_and(|e| e == "csv"))
+                    .collect();
+                anyhow::ensure!(!files.is_empty(), "no CSV files in {:?}", args.inputs);
+                let mut warehouse = crate::warehouse::Warehouse::connect(&args.postgres)?;
+                warehouse.migrate().context("migration failed")?;
+                let started = Instant::now();
+                let loads = warehouse
+                    .load_bronze(&files)
+                    .context("load into bronze.events failed")?;
+                let rows: u64 = loads.iter().map(|l| l.rows).sum();
+                let seconds = started.elapsed().as_secs_f64();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "files": loads,
+                        "rows_loaded": rows,
+                        "seconds": seconds,
+                        "rows_per_second": rows as f64 / seconds.max(1e-9),
+                        "bronze_rows": warehouse.bronze_rows()?,
+                    })
+                );
             }
             Command::Predict(args) => {
                 let summary =

@@ -14,6 +14,7 @@ mod report;
 mod source;
 mod synth;
 mod train;
+mod warehouse;
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
