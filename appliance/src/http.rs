@@ -178,7 +178,7 @@ async fn track(State(app): App, request: Request, next: Next) -> Response {
     response
 }
 
-fn route_label(pattern: &str) -> &'static str {
+pub(crate) fn route_label(pattern: &str) -> &'static str {
     const ROUTES: [&str; 14] = [
         "/v1/score",
         "/v1/events",

@@ -66,12 +66,7 @@ pub fn run(args: &IngestArgs) -> Result<()> {
     let applied_before = applied_total(&agent, &base)?;
     let producer = EventProducer::connect(&args.brokers, &args.topic, args.linger_ms)?;
     let mut renderer = Renderer::new(Format::Flat);
-    let run_id = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros())
-    );
+    let run_id = crate::run_id();
     let (probes_tx, probes_rx) = mpsc::channel::<Probe>();
     let checker = {
         let base = base.clone();

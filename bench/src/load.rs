@@ -339,14 +339,14 @@ fn write_loop(
     let over = |scheduled: Instant| {
         schedule.end.is_some_and(|end| scheduled >= end) || stop.load(Ordering::Relaxed)
     };
+    let mut due = schedule.at(seq);
     loop {
-        let scheduled = schedule.at(seq);
-        if over(scheduled) {
+        if over(due) {
             return Ok(lateness);
         }
         let now = Instant::now();
-        if scheduled > now {
-            std::thread::sleep(scheduled - now);
+        if due > now {
+            std::thread::sleep(due - now);
         }
         if permits.recv().is_err() {
             // The reader ended (its connection failed); it counted why.
@@ -357,7 +357,6 @@ fn write_loop(
         // schedule, not the send, is what latency is measured from.
         let mut queued = 0;
         loop {
-            let due = schedule.at(seq);
             let sent = Instant::now();
             lateness.saturating_record(sent.saturating_duration_since(due).as_nanos() as u64);
             if flights
@@ -372,8 +371,8 @@ fn write_loop(
             sink.queue(seq);
             seq += 1;
             queued += 1;
-            let next = schedule.at(seq);
-            if queued >= 64 || next > Instant::now() || over(next) || permits.try_recv().is_err() {
+            due = schedule.at(seq);
+            if queued >= 64 || due > Instant::now() || over(due) || permits.try_recv().is_err() {
                 break;
             }
         }

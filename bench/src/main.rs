@@ -38,6 +38,15 @@ enum Command {
     Replay(replay::ReplayArgs),
 }
 
+/// A name for this run (hex microseconds), so sessions and bundles of two
+/// runs never collide.
+fn run_id() -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!("{micros:x}")
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Tcp(args) => modes::tcp(&args),

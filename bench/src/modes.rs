@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -245,17 +245,21 @@ pub fn reload(args: &ReloadArgs) -> Result<()> {
         duration: None,
         ..args.load.plan()?
     };
-    let first_seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    // Every reply passes here: a shared read lock, and the write lock only
+    // for the first reply of each version.
+    let first_seen: Arc<RwLock<HashMap<String, Instant>>> = Arc::default();
     let observer: Observer = {
         let first_seen = Arc::clone(&first_seen);
         Arc::new(move |reply: &Reply, at: Instant| {
             if let Reply::Ok {
                 version: Some(version),
             } = reply
-                && let Ok(mut seen) = first_seen.lock()
-                && !seen.contains_key(version)
+                && first_seen
+                    .read()
+                    .is_ok_and(|seen| !seen.contains_key(version))
+                && let Ok(mut seen) = first_seen.write()
             {
-                seen.insert(version.clone(), at);
+                seen.entry(version.clone()).or_insert(at);
             }
         })
     };
@@ -268,12 +272,7 @@ pub fn reload(args: &ReloadArgs) -> Result<()> {
             .context("failed to start the load")?
     };
     std::thread::sleep(Duration::from_secs_f64(args.load.warmup) + Duration::from_millis(200));
-    let run = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    );
+    let run = crate::run_id();
     let mut swaps = Vec::new();
     let mut delivered = Vec::new();
     let mut failure = None;
@@ -294,7 +293,7 @@ pub fn reload(args: &ReloadArgs) -> Result<()> {
         let deadline = at + Duration::from_millis(args.swap_timeout_ms);
         let serving = loop {
             if let Some(seen) = first_seen
-                .lock()
+                .read()
                 .ok()
                 .and_then(|s| s.get(&version).copied())
             {

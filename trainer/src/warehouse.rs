@@ -119,16 +119,8 @@ impl Warehouse {
 
     /// Applies the migrations not yet applied; returns their versions.
     pub fn migrate(&mut self) -> Result<Vec<i32>, WarehouseError> {
-        let endpoint = self.endpoint.clone();
-        let err = |what: &str| {
-            let what = what.to_owned();
-            let endpoint = endpoint.clone();
-            move |source| WarehouseError::Query {
-                what,
-                endpoint,
-                source,
-            }
-        };
+        let endpoint = self.endpoint.as_str();
+        let err = |what: &str| query_error(endpoint, what);
         self.client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS public.cartscore_migrations (
@@ -187,28 +179,21 @@ impl Warehouse {
         let started = Instant::now();
         let checksum = file_checksum(path)?;
         let name = path.display().to_string();
-        let endpoint = self.endpoint.clone();
-        let err = |what: String| {
-            let endpoint = endpoint.clone();
-            move |source| WarehouseError::Query {
-                what,
-                endpoint,
-                source,
-            }
-        };
-        let mut tx = self.client.transaction().map_err(err("BEGIN".into()))?;
+        let endpoint = self.endpoint.as_str();
+        let err = |what: &str| query_error(endpoint, what);
+        let mut tx = self.client.transaction().map_err(err("BEGIN"))?;
         // Serialises loads of the same file; the loser finds it in the manifest.
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
             &[&checksum],
         )
-        .map_err(err("taking the load lock".into()))?;
+        .map_err(err("taking the load lock"))?;
         let done = tx
             .query_opt(
                 "SELECT rows FROM bronze.load_manifest WHERE checksum = $1",
                 &[&checksum],
             )
-            .map_err(err("reading bronze.load_manifest".into()))?;
+            .map_err(err("reading bronze.load_manifest"))?;
         if done.is_some() {
             return Ok(FileLoad {
                 file: path.into(),
@@ -223,17 +208,17 @@ impl Warehouse {
                 "COPY bronze.events (source_file, source_line, event_time, event_type, product_id, category_id, \
                  category_code, brand, price, user_id, user_session) FROM STDIN WITH (FORMAT text)",
             )
-            .map_err(err(format!("COPY into bronze.events from {name}")))?;
+            .map_err(err(&format!("COPY into bronze.events from {name}")))?;
         let rows = copy_rows(path, &name, &mut writer)?;
         writer
             .finish()
-            .map_err(err(format!("COPY into bronze.events from {name}")))?;
+            .map_err(err(&format!("COPY into bronze.events from {name}")))?;
         tx.execute(
             "INSERT INTO bronze.load_manifest (checksum, source_file, rows) VALUES ($1, $2, $3)",
             &[&checksum, &name, &(rows as i64)],
         )
-        .map_err(err("recording the load in bronze.load_manifest".into()))?;
-        tx.commit().map_err(err("COMMIT".into()))?;
+        .map_err(err("recording the load in bronze.load_manifest"))?;
+        tx.commit().map_err(err("COMMIT"))?;
         Ok(FileLoad {
             file: path.into(),
             checksum,
@@ -245,16 +230,26 @@ impl Warehouse {
 
     /// Rows in `bronze.events`.
     pub fn bronze_rows(&mut self) -> Result<i64, WarehouseError> {
-        let endpoint = self.endpoint.clone();
+        let endpoint = self.endpoint.as_str();
+        let err = |what: &str| query_error(endpoint, what);
         let row = self
             .client
             .query_one("SELECT count(*) FROM bronze.events", &[])
-            .map_err(|source| WarehouseError::Query {
-                what: "counting bronze.events".into(),
-                endpoint,
-                source,
-            })?;
+            .map_err(err("counting bronze.events"))?;
         Ok(row.get(0))
+    }
+}
+
+/// Maps a failed query on `endpoint` to an error saying what it was doing.
+fn query_error(
+    endpoint: &str,
+    what: &str,
+) -> impl FnOnce(postgres::Error) -> WarehouseError + use<> {
+    let (endpoint, what) = (endpoint.to_owned(), what.to_owned());
+    move |source| WarehouseError::Query {
+        what,
+        endpoint,
+        source,
     }
 }
 

@@ -5,8 +5,10 @@
 // Test helpers panic on failure by design.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt64Array};
@@ -14,31 +16,10 @@ use cartscore_core::{CsvLayout, Event, FEATURE_COUNT, TractModel};
 use parquet::arrow::ArrowWriter;
 use serde_json::Value;
 
-fn trainer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cartscore-trainer"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run cartscore-trainer")
-}
-
-fn ok(args: &[&str]) -> String {
-    let output = trainer(args);
-    assert!(
-        output.status.success(),
-        "cartscore-trainer {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use common::{dataset, ok, repo, trainer};
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn report(dir: &Path) -> Value {
@@ -423,9 +404,7 @@ fn parquet_and_csv_inputs_give_the_same_model() {
 
 #[test]
 fn the_real_slice_is_scored_by_the_demo_model() {
-    let dataset = std::env::var("CARTSCORE_DATASET")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join("../shared/data/2019-Oct-head.csv"));
+    let dataset = dataset();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("scored.csv");
     let demo = repo().join("models/demo/model.onnx");

@@ -3,10 +3,11 @@
 //! database.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
 use serde_json::Value;
+
+use common::{dataset, trainer};
 
 fn admin_url() -> String {
     std::env::var("CARTSCORE_TEST_POSTGRES")
@@ -51,30 +52,14 @@ impl Drop for TestDb {
     }
 }
 
-fn trainer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cartscore-trainer"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
-
+/// Runs the trainer, requires success, returns its JSON summary.
 fn ok(args: &[&str]) -> Value {
-    let output = trainer(args);
-    assert!(
-        output.status.success(),
-        "cartscore-trainer {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    serde_json::from_str(&common::ok(args)).unwrap()
 }
 
-fn dataset() -> PathBuf {
-    std::env::var_os("CARTSCORE_DATASET").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/2019-Oct-head.csv"),
-        PathBuf::from,
-    )
+/// A single number from a query such as `SELECT count(*) …`.
+fn count(client: &mut postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).unwrap().get(0)
 }
 
 #[test]
@@ -84,14 +69,10 @@ fn migrations_apply_once_and_refuse_an_edited_history() {
     assert_eq!(first["applied"], serde_json::json!([1]), "{first}");
     let again = ok(&["migrate", "--postgres", &db.url]);
     assert_eq!(again["applied"], serde_json::json!([]), "{again}");
-    let tables: i64 = db
-        .client()
-        .query_one(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'bronze'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let tables = count(
+        &mut db.client(),
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'bronze'",
+    );
     assert_eq!(tables, 2);
 
     db.client()
@@ -156,13 +137,10 @@ fn loading_is_complete_and_idempotent() {
     let (kind, price): (String, String) = (row.get(0), row.get(1));
     assert_eq!(kind, "view");
     assert!(price.parse::<f64>().is_ok(), "{price}");
-    let truncated: i64 = client
-        .query_one(
-            "SELECT count(*) FROM bronze.events WHERE user_session IS NULL",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let truncated = count(
+        &mut client,
+        "SELECT count(*) FROM bronze.events WHERE user_session IS NULL",
+    );
     assert_eq!(truncated, 1);
 }
 
@@ -195,14 +173,8 @@ fn a_load_that_fails_midway_leaves_nothing_behind() {
         "the error names the file: {stderr}"
     );
     let mut client = db.client();
-    let rows: i64 = client
-        .query_one("SELECT count(*) FROM bronze.events", &[])
-        .unwrap()
-        .get(0);
-    let files: i64 = client
-        .query_one("SELECT count(*) FROM bronze.load_manifest", &[])
-        .unwrap()
-        .get(0);
+    let rows = count(&mut client, "SELECT count(*) FROM bronze.events");
+    let files = count(&mut client, "SELECT count(*) FROM bronze.load_manifest");
     assert_eq!((rows, files), (0, 0), "half a file was left in bronze");
 
     // Fixed, it loads in full.
