@@ -199,7 +199,8 @@ impl CsvLayout {
         Ok(Self { indexes })
     }
 
-    fn index(&self, field: Field) -> usize {
+    /// The column of `field` in a record.
+    pub fn index(&self, field: Field) -> usize {
         self.indexes[field as usize]
     }
 }

@@ -1,12 +1,14 @@
 //! Command-line interface. Settings come from defaults < `--config` TOML <
 //! `CARTSCORE_TRAINER_*` environment < flags.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::lake::{Lake, LakeLoadOptions};
+use crate::source::SourceSpec;
 use crate::synth::SynthConfig;
 use crate::train::{TrainConfig, TrainRequest};
 
@@ -26,14 +28,31 @@ enum Command {
     /// Write deterministic synthetic events in the data set's CSV form.
     Synth(SynthArgs),
     /// Replay events, train and tune a model, export the ONNX bundle and reports.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score every cart event of the input point-in-time with a bundle.
     Predict(PredictArgs),
     /// Apply the warehouse's SQL migrations (schemas bronze, …) to PostgreSQL.
     Migrate(MigrateArgs),
-    /// Load CSV files of the data set into the warehouse's bronze.events
-    /// (COPY; a file already loaded, by checksum, adds nothing).
+    /// Load CSV files of the data set into the warehouse (bronze, silver,
+    /// dimensions) and/or the S3 lake (hourly Parquet); a file already
+    /// loaded, by checksum, adds nothing, and an interrupted lake load resumes.
     Load(LoadArgs),
+    /// Copy a bundle from the S3 model registry into an appliance model
+    /// folder, atomically.
+    Publish(PublishArgs),
+}
+
+#[derive(Debug, Args)]
+struct PublishArgs {
+    /// The registry: s3://bucket[/prefix] (bundles under models/<version>/).
+    #[arg(long, env = "CARTSCORE_REGISTRY")]
+    registry: String,
+    /// The model version to deliver, or `latest`.
+    #[arg(long, default_value = "latest")]
+    version: String,
+    /// The appliance's model folder.
+    #[arg(long)]
+    to: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -49,8 +68,17 @@ struct LoadArgs {
     #[arg(long = "input", required = true)]
     inputs: Vec<PathBuf>,
     /// PostgreSQL connection string; the migrations are applied first.
-    #[arg(long, env = "CARTSCORE_POSTGRES")]
-    postgres: String,
+    #[arg(long, env = "CARTSCORE_POSTGRES", required_unless_present = "s3")]
+    postgres: Option<String>,
+    /// The lake: s3://bucket[/prefix]; Parquet goes under events/.
+    #[arg(long, env = "CARTSCORE_LAKE")]
+    s3: Option<String>,
+    /// Rows read between two lake checkpoints.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows_per_flush: u64,
+    /// Test hook: die after N lake flushes, before the next checkpoint.
+    #[arg(long, hide = true)]
+    interrupt_after_flushes: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -73,9 +101,12 @@ struct SynthArgs {
 
 #[derive(Debug, Args)]
 struct TrainArgs {
-    /// CSV or Parquet files, or folders of them (repeatable).
-    #[arg(long = "input", required = true)]
-    inputs: Vec<PathBuf>,
+    /// Where the events come from: CSV or Parquet files or folders
+    /// (repeatable), `postgres://…` (the warehouse's silver.events; the
+    /// feature rows are written back to gold) or `s3://bucket/events/…`
+    /// (the lake's Parquet).
+    #[arg(long = "source", visible_alias = "input", required = true)]
+    sources: Vec<String>,
     /// Output folder for model.onnx, report.json and report.txt.
     #[arg(long)]
     out: PathBuf,
@@ -96,6 +127,19 @@ struct TrainArgs {
     /// hidden temporary name in the same folder, then renamed.
     #[arg(long)]
     publish: Option<PathBuf>,
+    /// Also publish the bundle and reports to the S3 registry
+    /// s3://bucket[/prefix], under models/<version>/.
+    #[arg(long, env = "CARTSCORE_REGISTRY")]
+    registry: Option<String>,
+    /// Log the run to this MLflow tracking server and register the bundle
+    /// (alias `champion`).
+    #[arg(long, env = "CARTSCORE_MLFLOW_URL")]
+    mlflow_url: Option<String>,
+    #[arg(long, default_value = "cartscore")]
+    mlflow_experiment: String,
+    /// Registered model name in MLflow.
+    #[arg(long, default_value = "cartscore")]
+    mlflow_model: String,
     #[arg(long, env = "CARTSCORE_TRAINER_TRIALS")]
     trials: Option<usize>,
     #[arg(long, env = "CARTSCORE_TRAINER_THREADS")]
@@ -188,21 +232,17 @@ impl Cli {
                 );
             }
             Command::Train(args) => {
-                let publish = args.publish.clone();
                 let request = TrainRequest {
                     config: args.config()?,
-                    inputs: args.inputs,
+                    source: SourceSpec::parse(&args.sources)?,
                     out: args.out.clone(),
-                    oracle: args.oracle,
-                    model_version: args.model_version,
+                    oracle: args.oracle.clone(),
+                    model_version: args.model_version.clone(),
                     write_test_rows: args.write_test_rows,
                 };
                 let report = crate::train::run(&request).context("training failed")?;
                 print!("{}", crate::report::text(&report));
-                if let Some(dir) = publish {
-                    let published = publish_bundle(&args.out.join("model.onnx"), &dir)?;
-                    println!("published {}", published.display());
-                }
+                deliver_trained(&args, &report)?;
             }
             Command::Migrate(args) => {
                 let mut warehouse = crate::warehouse::Warehouse::connect(&args.postgres)?;
@@ -212,30 +252,15 @@ impl Cli {
                     serde_json::json!({"applied": applied, "known": crate::warehouse::MIGRATIONS.len()})
                 );
             }
-            Command::Load(args) => {
-                let files: Vec<PathBuf> = crate::source::list_inputs(&args.inputs)?
-                    .into_iter()
-                    .filter(|p| p.extension().is_some_and(|e| e == "csv"))
-                    .collect();
-                anyhow::ensure!(!files.is_empty(), "no CSV files in {:?}", args.inputs);
-                let mut warehouse = crate::warehouse::Warehouse::connect(&args.postgres)?;
-                warehouse.migrate().context("migration failed")?;
-                let started = Instant::now();
-                let loads = warehouse
-                    .load_bronze(&files)
-                    .context("load into bronze.events failed")?;
-                let rows: u64 = loads.iter().map(|l| l.rows).sum();
-                let seconds = started.elapsed().as_secs_f64();
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "files": loads,
-                        "rows_loaded": rows,
-                        "seconds": seconds,
-                        "rows_per_second": rows as f64 / seconds.max(1e-9),
-                        "bronze_rows": warehouse.bronze_rows()?,
-                    })
-                );
+            Command::Load(args) => println!("{}", load(&args)?),
+            Command::Publish(args) => {
+                let lake = Lake::open(&args.registry)?;
+                let temp = incoming(&args.to);
+                let version = lake.fetch_model(&args.version, &temp).with_context(|| {
+                    format!("failed to fetch {} from {}", args.version, args.registry)
+                })?;
+                let published = deliver(&temp, &args.to)?;
+                println!("published {version} as {}", published.display());
             }
             Command::Predict(args) => {
                 let summary =
@@ -254,12 +279,113 @@ impl Cli {
     }
 }
 
-/// Copies a bundle into a model folder so that a watcher never sees a
-/// partial file: a dot-name (ignored by the appliance) in the same folder,
-/// synced, then renamed to its final name.
-fn publish_bundle(bundle: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
-    let (_, metadata) = cartscore_core::BundleMetadata::read_file(bundle)
-        .with_context(|| format!("failed to read the bundle {}", bundle.display()))?;
+/// `load`: into the warehouse and/or the lake; returns the JSON summary.
+fn load(args: &LoadArgs) -> Result<serde_json::Value> {
+    let files: Vec<PathBuf> = crate::source::list_inputs(&args.inputs)?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "csv"))
+        .collect();
+    anyhow::ensure!(!files.is_empty(), "no CSV files in {:?}", args.inputs);
+    let mut summary = serde_json::json!({});
+    if let Some(url) = &args.postgres {
+        let mut warehouse = crate::warehouse::Warehouse::connect(url)?;
+        warehouse.migrate().context("migration failed")?;
+        let started = Instant::now();
+        let loads = warehouse
+            .load(&files)
+            .context("load into the warehouse failed")?;
+        let rows: u64 = loads.iter().map(|l| l.rows).sum();
+        let seconds = started.elapsed().as_secs_f64();
+        summary["postgres"] = serde_json::json!({
+            "files": loads,
+            "rows_loaded": rows,
+            "seconds": seconds,
+            "rows_per_second": rows as f64 / seconds.max(1e-9),
+            "bronze_rows": warehouse.bronze_rows()?,
+            "silver_rows": warehouse.count("SELECT count(*) FROM silver.events", "counting silver.events")?,
+            "rejects": warehouse.count("SELECT count(*) FROM silver.rejects", "counting silver.rejects")?,
+            "duplicates": warehouse.count("SELECT count(*) FROM silver.duplicates", "counting silver.duplicates")?,
+        });
+    }
+    if let Some(url) = &args.s3 {
+        let lake = Lake::open(url)?;
+        let started = Instant::now();
+        let loads = lake
+            .load(
+                &files,
+                &LakeLoadOptions {
+                    rows_per_flush: args.rows_per_flush.max(1),
+                    interrupt_after_flushes: args.interrupt_after_flushes,
+                },
+            )
+            .with_context(|| format!("load into the lake {url} failed"))?;
+        let rows: u64 = loads.iter().map(|l| l.rows).sum();
+        let seconds = started.elapsed().as_secs_f64();
+        summary["s3"] = serde_json::json!({
+            "files": loads,
+            "rows_loaded": rows,
+            "seconds": seconds,
+            "rows_per_second": rows as f64 / seconds.max(1e-9),
+        });
+    }
+    Ok(summary)
+}
+
+/// After training: the model folder, the S3 registry, MLflow.
+fn deliver_trained(args: &TrainArgs, report: &serde_json::Value) -> Result<()> {
+    let version = report["model_version"].as_str().unwrap_or_default();
+    if let Some(dir) = &args.publish {
+        let temp = incoming(dir);
+        std::fs::copy(args.out.join("model.onnx"), &temp)
+            .with_context(|| format!("failed to copy the bundle to {}", temp.display()))?;
+        let published = deliver(&temp, dir)?;
+        println!("published {}", published.display());
+    }
+    if let Some(url) = &args.registry {
+        let keys = Lake::open(url)?
+            .publish_model(version, &args.out)
+            .with_context(|| format!("failed to publish {version} to the registry {url}"))?;
+        println!("registry: {}", keys.join(" "));
+    }
+    if let Some(url) = &args.mlflow_url {
+        let run = crate::mlflow::Mlflow::new(url)
+            .log_training(
+                &args.mlflow_experiment,
+                &args.mlflow_model,
+                report,
+                &args.out,
+            )
+            .with_context(|| format!("failed to log the run to MLflow at {url}"))?;
+        println!(
+            "mlflow: run {} in experiment {}, registered {} version {} as @{}",
+            run.run_id, run.experiment_id, run.registered_model, run.model_version, run.alias
+        );
+    }
+    Ok(())
+}
+
+/// A hidden name in the model folder (the appliance ignores dot-files).
+fn incoming(dir: &Path) -> PathBuf {
+    dir.join(format!(".incoming-{}.onnx.tmp", std::process::id()))
+}
+
+/// Moves a bundle written under a hidden name in the model folder to its
+/// final name, so a watcher never sees a partial file: it must be a bundle
+/// of this contract, and it is synced before the rename.
+fn deliver(temp: &Path, dir: &Path) -> Result<PathBuf> {
+    let checked = cartscore_core::BundleMetadata::read_file(temp)
+        .map_err(anyhow::Error::from)
+        .and_then(|(_, metadata)| {
+            metadata.check_contract()?;
+            Ok(metadata)
+        });
+    let metadata = match checked {
+        Ok(metadata) => metadata,
+        Err(err) => {
+            let _ = std::fs::remove_file(temp);
+            return Err(err.context("refusing to publish: not a usable bundle"));
+        }
+    };
     let safe: String = metadata
         .model_version
         .chars()
@@ -272,13 +398,10 @@ fn publish_bundle(bundle: &std::path::Path, dir: &std::path::Path) -> Result<Pat
         })
         .collect();
     let target = dir.join(format!("model-{safe}.onnx"));
-    let temp = dir.join(format!(".model-{safe}.onnx.tmp"));
-    std::fs::copy(bundle, &temp)
-        .with_context(|| format!("failed to copy {} to {}", bundle.display(), temp.display()))?;
-    std::fs::File::open(&temp)
+    std::fs::File::open(temp)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("failed to sync {}", temp.display()))?;
-    std::fs::rename(&temp, &target).with_context(|| {
+    std::fs::rename(temp, &target).with_context(|| {
         format!(
             "failed to rename {} to {}",
             temp.display(),

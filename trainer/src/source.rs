@@ -38,6 +38,12 @@ pub enum SourceError {
     Header { path: PathBuf, source: EventError },
     #[error("cannot read Parquet {path}: {reason}")]
     Parquet { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Warehouse(#[from] crate::warehouse::WarehouseError),
+    #[error(transparent)]
+    Lake(#[from] crate::lake::LakeError),
+    #[error("cannot mix sources: {0}")]
+    Mixed(String),
     #[error(
         "{invalid} of {rows} rows are invalid ({:.2}%), over the error budget of {:.2}%; first: {first}",
         100.0 * *invalid as f64 / *rows as f64, 100.0 * budget
@@ -78,6 +84,21 @@ const MAX_SAMPLES: usize = 20;
 const BUDGET_MIN_ROWS: u64 = 1_000;
 
 impl ReadStats {
+    /// Adds what another reader found (the lake reads one hour at a time).
+    pub fn absorb(&mut self, other: ReadStats) {
+        self.files.extend(other.files);
+        self.rows += other.rows;
+        self.valid += other.valid;
+        self.invalid += other.invalid;
+        self.out_of_order += other.out_of_order;
+        for (reason, n) in other.invalid_by_reason {
+            *self.invalid_by_reason.entry(reason).or_default() += n;
+        }
+        let room = MAX_SAMPLES.saturating_sub(self.invalid_samples.len());
+        self.invalid_samples
+            .extend(other.invalid_samples.into_iter().take(room));
+    }
+
     fn record_invalid(&mut self, file: &Path, line: u64, err: &EventError) {
         self.invalid += 1;
         *self.invalid_by_reason.entry(err.code()).or_default() += 1;
@@ -91,7 +112,7 @@ impl ReadStats {
         }
     }
 
-    fn check_budget(&self, budget: f64, final_check: bool) -> Result<(), SourceError> {
+    pub(crate) fn check_budget(&self, budget: f64, final_check: bool) -> Result<(), SourceError> {
         if (final_check || self.rows >= BUDGET_MIN_ROWS)
             && self.rows > 0
             && self.invalid as f64 > budget * self.rows as f64
@@ -298,7 +319,7 @@ impl OpenFile {
 }
 
 /// Reads one Parquet row through the same validation as every other form.
-fn parquet_row(batch: &RecordBatch, row: usize) -> Result<Event, EventError> {
+pub(crate) fn parquet_row(batch: &RecordBatch, row: usize) -> Result<Event, EventError> {
     let value = |name: &str| -> RawValue<'_> {
         let Some(column) = batch.column_by_name(name) else {
             return RawValue::Missing;
@@ -349,6 +370,14 @@ pub struct MergedEvents {
     budget: f64,
 }
 
+impl std::fmt::Debug for MergedEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergedEvents")
+            .field("files", &self.stats.files)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MergedEvents {
     pub fn open(paths: &[PathBuf], error_budget: f64) -> Result<Self, SourceError> {
         let inputs = list_inputs(paths)?;
@@ -388,6 +417,138 @@ impl MergedEvents {
         let event = self.pending[i].take();
         self.refill(i)?;
         Ok(event)
+    }
+}
+
+/// Where training events come from: files (the embedded default), the
+/// warehouse's silver table, or the lake's Parquet partitions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceSpec {
+    Files(Vec<PathBuf>),
+    Postgres(String),
+    Lake(String),
+}
+
+impl SourceSpec {
+    /// `postgres://…` / `postgresql://…`, `s3://bucket/prefix`, or paths;
+    /// one kind per run.
+    pub fn parse(args: &[String]) -> Result<Self, SourceError> {
+        let kind = |a: &str| {
+            if a.starts_with("postgres://") || a.starts_with("postgresql://") {
+                1
+            } else if a.starts_with("s3://") {
+                2
+            } else {
+                0
+            }
+        };
+        match args {
+            [one] if kind(one) == 1 => Ok(SourceSpec::Postgres(one.clone())),
+            [one] if kind(one) == 2 => Ok(SourceSpec::Lake(one.clone())),
+            many if many.iter().all(|a| kind(a) == 0) => {
+                Ok(SourceSpec::Files(many.iter().map(PathBuf::from).collect()))
+            }
+            _ => Err(SourceError::Mixed(format!(
+                "{args:?}: give one postgres:// URL, one s3:// URL, or files and folders"
+            ))),
+        }
+    }
+
+    /// For reports and logs: never a password.
+    pub fn describe(&self) -> String {
+        match self {
+            SourceSpec::Files(paths) => paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            SourceSpec::Postgres(url) => {
+                format!(
+                    "postgres://{} silver.events",
+                    crate::warehouse::endpoint_of(url)
+                )
+            }
+            SourceSpec::Lake(url) => url.clone(),
+        }
+    }
+}
+
+/// The valid events of a source, in time order, with what reading found.
+#[derive(Debug)]
+pub enum Events {
+    Files(MergedEvents),
+    Warehouse {
+        rows: crate::warehouse::WarehouseEvents,
+        stats: ReadStats,
+        budget: f64,
+        last_time: Option<cartscore_core::Timestamp>,
+    },
+    Lake(crate::lake::LakeEvents),
+}
+
+impl Events {
+    pub fn open(spec: &SourceSpec, error_budget: f64) -> Result<Self, SourceError> {
+        Ok(match spec {
+            SourceSpec::Files(paths) => Events::Files(MergedEvents::open(paths, error_budget)?),
+            SourceSpec::Postgres(url) => {
+                let rows = crate::warehouse::WarehouseEvents::open(url)?;
+                let stats = ReadStats {
+                    files: vec![rows.describe()],
+                    ..ReadStats::default()
+                };
+                Events::Warehouse {
+                    rows,
+                    stats,
+                    budget: error_budget,
+                    last_time: None,
+                }
+            }
+            SourceSpec::Lake(url) => {
+                Events::Lake(crate::lake::LakeEvents::open(url, error_budget)?)
+            }
+        })
+    }
+
+    pub fn next_event(&mut self) -> Result<Option<Event>, SourceError> {
+        match self {
+            Events::Files(merged) => merged.next_event(),
+            Events::Lake(lake) => lake.next_event(),
+            Events::Warehouse {
+                rows,
+                stats,
+                budget,
+                last_time,
+            } => loop {
+                let Some(row) = rows.next_row()? else {
+                    stats.check_budget(*budget, true)?;
+                    return Ok(None);
+                };
+                stats.rows += 1;
+                match row {
+                    Ok(event) => {
+                        stats.valid += 1;
+                        if last_time.is_some_and(|t| event.event_time < t) {
+                            stats.out_of_order += 1;
+                        }
+                        *last_time = Some(event.event_time);
+                        return Ok(Some(event));
+                    }
+                    Err(err) => {
+                        let line = stats.rows;
+                        stats.record_invalid(Path::new("silver.events"), line, &err);
+                        stats.check_budget(*budget, false)?;
+                    }
+                }
+            },
+        }
+    }
+
+    pub fn stats(&self) -> &ReadStats {
+        match self {
+            Events::Files(merged) => &merged.stats,
+            Events::Warehouse { stats, .. } => stats,
+            Events::Lake(lake) => lake.stats(),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::export;
 use crate::gbdt::{self, Matrix, TuneConfig};
 use crate::metrics::{Scores, calibration};
 use crate::replay::{Example, Interner, Replay};
-use crate::source::MergedEvents;
+use crate::source::{Events, SourceSpec};
 
 /// Everything `train` can be told; a TOML file may set any of it, flags win.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,7 +96,7 @@ impl TrainConfig {
 
 #[derive(Debug)]
 pub struct TrainRequest {
-    pub inputs: Vec<PathBuf>,
+    pub source: SourceSpec,
     pub out: PathBuf,
     pub oracle: Option<PathBuf>,
     pub model_version: Option<String>,
@@ -232,12 +232,12 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
     let started = Instant::now();
 
     // 1. Replay every valid event in time order through the shared crate.
-    let mut source = MergedEvents::open(&request.inputs, config.error_budget)?;
+    let mut source = Events::open(&request.source, config.error_budget)?;
     let mut replay = Replay::new();
     while let Some(event) = source.next_event()? {
         replay.push(&event);
     }
-    let read_stats = source.stats.clone();
+    let read_stats = source.stats().clone();
     let replay_seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         events = replay.events,
@@ -461,6 +461,44 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
     )?;
     if request.write_test_rows {
         write_test_rows(&request.out.join("test_rows.csv"), &test.matrix, &test_p)?;
+    }
+    let mut report = report;
+    // 7. Trained from the warehouse: write the feature rows back to gold.
+    if let SourceSpec::Postgres(url) = &request.source {
+        let gold_started = Instant::now();
+        let split = |i: usize| match i {
+            i if i < train_end => "train",
+            i if i < valid_end => "validation",
+            _ => "test",
+        };
+        let rows = examples
+            .iter()
+            .zip(&encoded)
+            .enumerate()
+            .map(|(i, (e, row))| crate::warehouse::GoldRow {
+                time: e.time,
+                session: &e.session,
+                product_id: e.product_id,
+                split: split(i),
+                label: e.label,
+                features: row,
+            });
+        let written = crate::warehouse::Warehouse::connect(url)?.write_gold(
+            &crate::warehouse::GoldRun {
+                model_version: &model_version,
+                data_fingerprint: &fingerprint,
+                contract_version: CONTRACT_VERSION,
+                source: &request.source.describe(),
+                report: &report,
+            },
+            rows,
+        )?;
+        report["gold"] = json!({ "table": "gold.feature_rows", "rows": written,
+                                 "seconds": gold_started.elapsed().as_secs_f64() });
+        write_atomically(
+            &request.out.join("report.json"),
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
     }
     Ok(report)
 }

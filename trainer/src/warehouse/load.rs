@@ -1,0 +1,505 @@
+//! Loading CSV files of the data set into bronze and silver.
+//!
+//! One transaction per file: the raw rows go to `bronze.events`, then every
+//! row is validated by cartscore-core (the appliance's code) and lands in a
+//! temporary staging table, from which SQL moves valid rows into
+//! `silver.events` (exact duplicates kept once), invalid rows into
+//! `silver.rejects` with their reason, and refreshes the dimensions. The
+//! file's BLAKE3 checksum goes into `bronze.load_manifest` in the same
+//! transaction: a file is loaded completely or not at all, a killed load
+//! leaves nothing, and a re-run skips what is already there.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cartscore_core::validate::Field;
+use cartscore_core::{CsvLayout, Event, EventError};
+
+use super::{Warehouse, WarehouseError, query_error};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileLoad {
+    pub file: PathBuf,
+    pub checksum: String,
+    /// Data rows copied into bronze; 0 when the file was already loaded.
+    pub rows: u64,
+    /// Rows that passed validation (duplicates included).
+    pub valid: u64,
+    /// Rows in silver.rejects, by this load.
+    pub rejected: u64,
+    /// Valid rows equal to an event already in silver.
+    pub duplicates: u64,
+    pub already_loaded: bool,
+    pub seconds: f64,
+}
+
+const STAGING: &str = "CREATE TEMP TABLE silver_staging (
+    source_line bigint NOT NULL, event_key bytea, event_time timestamptz, event_type text,
+    product_id bigint, category_id bigint, category_code text, brand text, price double precision,
+    user_id bigint, user_session text, reason_code text, reason text,
+    duplicate boolean NOT NULL DEFAULT false) ON COMMIT DROP";
+
+/// Moves the staged rows of file `$1` on: rejects, then silver (first of
+/// equal events wins; the others are marked), then the duplicates.
+const FROM_STAGING: [(&str, &str); 3] = [
+    (
+        "INSERT INTO silver.rejects (source_file, source_line, reason_code, reason)
+         SELECT $1, source_line, reason_code, reason FROM silver_staging WHERE reason_code IS NOT NULL",
+        "writing silver.rejects",
+    ),
+    (
+        "WITH inserted AS (
+             INSERT INTO silver.events (event_key, event_time, event_type, product_id, category_id,
+                 category_code, brand, price, user_id, user_session, source_file, source_line)
+             SELECT event_key, event_time, event_type, product_id, category_id, category_code, brand,
+                 price, user_id, user_session, $1, source_line
+             FROM silver_staging WHERE reason_code IS NULL ORDER BY source_line
+             ON CONFLICT (event_key) DO NOTHING
+             RETURNING source_line)
+         UPDATE silver_staging s SET duplicate = true
+         WHERE s.reason_code IS NULL
+           AND NOT EXISTS (SELECT 1 FROM inserted i WHERE i.source_line = s.source_line)",
+        "writing silver.events",
+    ),
+    (
+        "INSERT INTO silver.duplicates (source_file, source_line, event_key)
+         SELECT $1, source_line, event_key FROM silver_staging WHERE duplicate",
+        "writing silver.duplicates",
+    ),
+];
+
+/// Folds the new events into the dimensions (no parameters).
+const DIMENSIONS: [(&str, &str); 5] = [
+    (
+        "WITH new AS (SELECT * FROM silver_staging WHERE reason_code IS NULL AND NOT duplicate),
+              span AS (SELECT category_id, min(event_time) AS f, max(event_time) AS l FROM new GROUP BY 1),
+              code AS (SELECT DISTINCT ON (category_id) category_id, category_code FROM new
+                       ORDER BY category_id, category_code IS NULL, event_time DESC)
+         INSERT INTO warehouse.dim_category AS d
+             (category_id, category_code, level1, level2, level3, first_seen, last_seen)
+         SELECT s.category_id, c.category_code,
+                NULLIF(split_part(c.category_code, '.', 1), ''),
+                NULLIF(split_part(c.category_code, '.', 2), ''),
+                NULLIF(split_part(c.category_code, '.', 3), ''), s.f, s.l
+         FROM span s JOIN code c USING (category_id)
+         ON CONFLICT (category_id) DO UPDATE SET
+             category_code = COALESCE(EXCLUDED.category_code, d.category_code),
+             level1 = COALESCE(EXCLUDED.level1, d.level1),
+             level2 = COALESCE(EXCLUDED.level2, d.level2),
+             level3 = COALESCE(EXCLUDED.level3, d.level3),
+             first_seen = LEAST(d.first_seen, EXCLUDED.first_seen),
+             last_seen = GREATEST(d.last_seen, EXCLUDED.last_seen)",
+        "refreshing warehouse.dim_category",
+    ),
+    (
+        "INSERT INTO warehouse.dim_brand AS d (brand, first_seen, last_seen)
+         SELECT brand, min(event_time), max(event_time) FROM silver_staging
+         WHERE reason_code IS NULL AND NOT duplicate AND brand IS NOT NULL GROUP BY brand
+         ON CONFLICT (brand) DO UPDATE SET
+             first_seen = LEAST(d.first_seen, EXCLUDED.first_seen),
+             last_seen = GREATEST(d.last_seen, EXCLUDED.last_seen)",
+        "refreshing warehouse.dim_brand",
+    ),
+    (
+        "WITH new AS (SELECT * FROM silver_staging WHERE reason_code IS NULL AND NOT duplicate),
+              span AS (SELECT product_id, min(event_time) AS f, max(event_time) AS l FROM new GROUP BY 1),
+              latest AS (SELECT DISTINCT ON (product_id) product_id, category_id, brand, price FROM new
+                         ORDER BY product_id, event_time DESC, source_line DESC)
+         INSERT INTO warehouse.dim_product AS d
+             (product_id, category_id, brand, last_price, first_seen, last_seen)
+         SELECT s.product_id, l.category_id, l.brand, l.price, s.f, s.l
+         FROM span s JOIN latest l USING (product_id)
+         ON CONFLICT (product_id) DO UPDATE SET
+             category_id = CASE WHEN EXCLUDED.last_seen >= d.last_seen THEN EXCLUDED.category_id ELSE d.category_id END,
+             brand = CASE WHEN EXCLUDED.last_seen >= d.last_seen THEN EXCLUDED.brand ELSE d.brand END,
+             last_price = CASE WHEN EXCLUDED.last_seen >= d.last_seen THEN EXCLUDED.last_price ELSE d.last_price END,
+             first_seen = LEAST(d.first_seen, EXCLUDED.first_seen),
+             last_seen = GREATEST(d.last_seen, EXCLUDED.last_seen)",
+        "refreshing warehouse.dim_product",
+    ),
+    (
+        "INSERT INTO warehouse.dim_user AS d (user_id, first_seen, last_seen, events)
+         SELECT user_id, min(event_time), max(event_time), count(*) FROM silver_staging
+         WHERE reason_code IS NULL AND NOT duplicate GROUP BY user_id
+         ON CONFLICT (user_id) DO UPDATE SET
+             first_seen = LEAST(d.first_seen, EXCLUDED.first_seen),
+             last_seen = GREATEST(d.last_seen, EXCLUDED.last_seen),
+             events = d.events + EXCLUDED.events",
+        "refreshing warehouse.dim_user",
+    ),
+    (
+        "INSERT INTO warehouse.dim_date (date_key, year, quarter, month, day, iso_week, weekday, is_weekend)
+         SELECT d, extract(year FROM d), extract(quarter FROM d), extract(month FROM d),
+                extract(day FROM d), extract(week FROM d), extract(isodow FROM d),
+                extract(isodow FROM d) >= 6
+         FROM (SELECT DISTINCT (event_time AT TIME ZONE 'UTC')::date AS d FROM silver_staging
+               WHERE reason_code IS NULL) days
+         ON CONFLICT (date_key) DO NOTHING",
+        "refreshing warehouse.dim_date",
+    ),
+];
+
+impl Warehouse {
+    /// Loads each CSV file unless its checksum is in the manifest.
+    pub fn load(&mut self, files: &[PathBuf]) -> Result<Vec<FileLoad>, WarehouseError> {
+        files.iter().map(|file| self.load_file(file)).collect()
+    }
+
+    fn load_file(&mut self, path: &Path) -> Result<FileLoad, WarehouseError> {
+        let started = Instant::now();
+        let checksum = file_checksum(path)?;
+        let name = path.display().to_string();
+        let endpoint = self.endpoint.as_str();
+        let err = |what: &str| query_error(endpoint, what);
+        let mut tx = self.client.transaction().map_err(err("BEGIN"))?;
+        // Serialises loads of the same file; the loser finds it in the manifest.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&checksum],
+        )
+        .map_err(err("taking the load lock"))?;
+        let done = tx
+            .query_opt(
+                "SELECT rows FROM bronze.load_manifest WHERE checksum = $1",
+                &[&checksum],
+            )
+            .map_err(err("reading bronze.load_manifest"))?;
+        let mut load = FileLoad {
+            file: path.into(),
+            checksum,
+            rows: 0,
+            valid: 0,
+            rejected: 0,
+            duplicates: 0,
+            already_loaded: done.is_some(),
+            seconds: 0.0,
+        };
+        if load.already_loaded {
+            load.seconds = started.elapsed().as_secs_f64();
+            return Ok(load);
+        }
+
+        let copy_what = format!("COPY into bronze.events from {name}");
+        let mut writer = tx
+            .copy_in(
+                "COPY bronze.events (source_file, source_line, event_time, event_type, product_id, category_id, \
+                 category_code, brand, price, user_id, user_session) FROM STDIN WITH (FORMAT text)",
+            )
+            .map_err(err(&copy_what))?;
+        load.rows = copy_rows(path, &mut writer, &mut BronzeRow::new(&name))?;
+        writer.finish().map_err(err(&copy_what))?;
+
+        tx.batch_execute(STAGING)
+            .map_err(err("creating the silver staging table"))?;
+        let copy_what = format!("COPY of the validated rows of {name}");
+        let mut writer = tx
+            .copy_in("COPY silver_staging (source_line, event_key, event_time, event_type, product_id, \
+                      category_id, category_code, brand, price, user_id, user_session, reason_code, reason) \
+                      FROM STDIN WITH (FORMAT text)")
+            .map_err(err(&copy_what))?;
+        let mut silver = SilverRow::default();
+        copy_rows(path, &mut writer, &mut silver)?;
+        writer.finish().map_err(err(&copy_what))?;
+        (load.valid, load.rejected) = (silver.valid, silver.rejected);
+        // Temporary tables are never auto-analysed; the joins below need row counts.
+        tx.batch_execute("ANALYZE silver_staging")
+            .map_err(err("analysing the staging table"))?;
+        for (sql, what) in FROM_STAGING {
+            tx.execute(sql, &[&name]).map_err(err(what))?;
+        }
+        load.duplicates = tx
+            .query_one("SELECT count(*) FROM silver_staging WHERE duplicate", &[])
+            .map_err(err("counting duplicates"))?
+            .get::<_, i64>(0) as u64;
+        for (sql, what) in DIMENSIONS {
+            tx.batch_execute(sql).map_err(err(what))?;
+        }
+        tx.execute(
+            "INSERT INTO bronze.load_manifest (checksum, source_file, rows, valid, rejected, duplicates)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &load.checksum,
+                &name,
+                &(load.rows as i64),
+                &(load.valid as i64),
+                &(load.rejected as i64),
+                &(load.duplicates as i64),
+            ],
+        )
+        .map_err(err("recording the load in bronze.load_manifest"))?;
+        tx.commit().map_err(err("COMMIT"))?;
+        load.seconds = started.elapsed().as_secs_f64();
+        Ok(load)
+    }
+}
+
+pub fn file_checksum(path: &Path) -> Result<String, WarehouseError> {
+    let read = |source| WarehouseError::Read {
+        path: path.into(),
+        source,
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut file = File::open(path).map_err(read)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(read)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Turns one CSV record into one COPY text line (without the newline).
+trait CopyRow {
+    fn encode(
+        &mut self,
+        line: u64,
+        record: &csv::ByteRecord,
+        layout: &CsvLayout,
+        out: &mut Vec<u8>,
+    );
+}
+
+/// Bronze keeps every field as it came, as text: a missing field is NULL,
+/// bytes that are not UTF-8 are replaced (silver rejects that row by its
+/// original bytes).
+struct BronzeRow {
+    file_field: Vec<u8>,
+}
+
+impl BronzeRow {
+    fn new(name: &str) -> Self {
+        let mut file_field = Vec::new();
+        escape_text(name.as_bytes(), &mut file_field);
+        Self { file_field }
+    }
+}
+
+impl CopyRow for BronzeRow {
+    fn encode(
+        &mut self,
+        line: u64,
+        record: &csv::ByteRecord,
+        layout: &CsvLayout,
+        out: &mut Vec<u8>,
+    ) {
+        out.extend_from_slice(&self.file_field);
+        out.push(b'\t');
+        out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
+        for field in Field::ALL {
+            out.push(b'\t');
+            match record.get(layout.index(field)) {
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(_) => escape_text(bytes, out),
+                    Err(_) => escape_text(String::from_utf8_lossy(bytes).as_bytes(), out),
+                },
+                None => out.extend_from_slice(b"\\N"),
+            }
+        }
+    }
+}
+
+/// Silver staging: the validated, typed event with its key, or the reason
+/// the row was rejected.
+#[derive(Default)]
+struct SilverRow {
+    valid: u64,
+    rejected: u64,
+}
+
+impl CopyRow for SilverRow {
+    fn encode(
+        &mut self,
+        line: u64,
+        record: &csv::ByteRecord,
+        layout: &CsvLayout,
+        out: &mut Vec<u8>,
+    ) {
+        out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
+        let checked = Event::from_csv(record, layout)
+            .map_err(Rejected::from)
+            .and_then(|event| storable(&event).map(|()| event));
+        match checked {
+            Ok(event) => {
+                self.valid += 1;
+                encode_event(&event, out);
+                out.extend_from_slice(b"\t\\N\t\\N");
+            }
+            Err(Rejected(code, reason)) => {
+                self.rejected += 1;
+                out.extend_from_slice(b"\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t");
+                out.extend_from_slice(code.as_bytes());
+                out.push(b'\t');
+                escape_text(reason.as_bytes(), out);
+            }
+        }
+    }
+}
+
+/// A row silver cannot take: a validation error, or a value PostgreSQL's
+/// types cannot hold.
+struct Rejected(&'static str, String);
+
+impl From<EventError> for Rejected {
+    fn from(err: EventError) -> Self {
+        Rejected(err.code(), err.to_string())
+    }
+}
+
+/// What core accepts but a PostgreSQL column cannot store: ids above
+/// `bigint`'s range, and NUL characters in text.
+fn storable(event: &Event) -> Result<(), Rejected> {
+    for (field, value) in [
+        ("product_id", event.product_id),
+        ("category_id", event.category_id),
+        ("user_id", event.user_id),
+    ] {
+        if i64::try_from(value).is_err() {
+            return Err(Rejected(
+                "id_out_of_range",
+                format!("{field} {value} is above the warehouse's bigint range"),
+            ));
+        }
+    }
+    let texts = [
+        event.category_code.as_deref(),
+        event.brand.as_deref(),
+        Some(event.user_session.as_str()),
+    ];
+    if texts.iter().flatten().any(|t| t.contains('\0')) {
+        return Err(Rejected(
+            "nul_character",
+            "a text field holds a NUL character, which PostgreSQL text cannot store".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The identity of an event: a hash of every validated field, so exact
+/// duplicates (whatever file or line they came from) share a key.
+pub fn event_key(event: &Event) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(&event.event_time.micros().to_le_bytes());
+    h.update(event.event_type.as_str().as_bytes());
+    h.update(&event.product_id.to_le_bytes());
+    h.update(&event.category_id.to_le_bytes());
+    for text in [event.category_code.as_deref(), event.brand.as_deref()] {
+        match text {
+            Some(t) => {
+                h.update(&(t.len() as u64).to_le_bytes());
+                h.update(t.as_bytes());
+            }
+            None => {
+                h.update(&u64::MAX.to_le_bytes());
+            }
+        }
+    }
+    h.update(&event.price.to_bits().to_le_bytes());
+    h.update(&event.user_id.to_le_bytes());
+    h.update(event.user_session.as_bytes());
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    key
+}
+
+/// The staging columns after `source_line`, up to `user_session`.
+fn encode_event(event: &Event, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\t\\\\x");
+    for b in event_key(event) {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 15)]);
+    }
+    out.push(b'\t');
+    out.extend_from_slice(event.event_time.to_rfc3339().as_bytes());
+    out.push(b'\t');
+    out.extend_from_slice(event.event_type.as_str().as_bytes());
+    let mut ints = itoa::Buffer::new();
+    for id in [event.product_id, event.category_id] {
+        out.push(b'\t');
+        out.extend_from_slice(ints.format(id).as_bytes());
+    }
+    for text in [event.category_code.as_deref(), event.brand.as_deref()] {
+        out.push(b'\t');
+        match text {
+            Some(t) => escape_text(t.as_bytes(), out),
+            None => out.extend_from_slice(b"\\N"),
+        }
+    }
+    out.push(b'\t');
+    // Display prints the shortest text that reads back as the same f64.
+    let _ = write!(out, "{}", event.price);
+    out.push(b'\t');
+    out.extend_from_slice(ints.format(event.user_id).as_bytes());
+    out.push(b'\t');
+    escape_text(event.user_session.as_bytes(), out);
+}
+
+/// Reads `path` as a CSV file of the data set and writes one COPY line per
+/// data row. A row that cannot be read as CSV at all is an error of the
+/// file (the load is rolled back); a row that reads but does not validate
+/// is the encoder's business.
+fn copy_rows(
+    path: &Path,
+    out: &mut impl Write,
+    row: &mut impl CopyRow,
+) -> Result<u64, WarehouseError> {
+    let read = |source| WarehouseError::Read {
+        path: path.into(),
+        source,
+    };
+    // Lines are counted here: the csv crate's positions are one short on
+    // CRLF files (the data set's form). A record is one line.
+    let csv_error = |line: u64| {
+        move |error: csv::Error| WarehouseError::Csv {
+            path: path.into(),
+            line,
+            reason: error.to_string(),
+        }
+    };
+    let file = File::open(path).map_err(read)?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(BufReader::with_capacity(1 << 20, file));
+    let layout =
+        CsvLayout::from_header(reader.byte_headers().map_err(csv_error(1))?).map_err(|error| {
+            WarehouseError::Csv {
+                path: path.into(),
+                line: 1,
+                reason: format!("unusable header: {error}"),
+            }
+        })?;
+    let mut record = csv::ByteRecord::new();
+    let mut line_buf = Vec::with_capacity(512);
+    let mut rows = 0u64;
+    while reader
+        .read_byte_record(&mut record)
+        .map_err(csv_error(rows + 2))?
+    {
+        let line = rows + 2;
+        line_buf.clear();
+        row.encode(line, &record, &layout, &mut line_buf);
+        line_buf.push(b'\n');
+        out.write_all(&line_buf).map_err(read)?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
+/// COPY text format escaping (backslash, tab, newline, carriage return).
+pub(super) fn escape_text(field: &[u8], out: &mut Vec<u8>) {
+    for &b in field {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
