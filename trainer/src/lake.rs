@@ -196,6 +196,10 @@ impl Lake {
             }
             Ok(())
         });
+        if written.is_err() {
+            // No partial file stays behind for someone to take as complete.
+            let _ = std::fs::remove_file(to);
+        }
         written.map_err(self.error("GET", key))
     }
 

@@ -41,26 +41,38 @@ const STAGING: &str = "CREATE TEMP TABLE silver_staging (
     user_id bigint, user_session text, reason_code text, reason text,
     duplicate boolean NOT NULL DEFAULT false) ON COMMIT DROP";
 
-/// Moves the staged rows of file `$1` on: rejects, then silver (first of
-/// equal events wins; the others are marked), then the duplicates.
-const FROM_STAGING: [(&str, &str); 3] = [
+/// Moves the staged rows of file `$1` on: rejects; then marks the valid
+/// rows whose event is already in silver or earlier in this file; then
+/// the first of each event into silver (in file order, so silver's heap
+/// stays in time order) and the others into silver.duplicates.
+const FROM_STAGING: [(&str, &str); 4] = [
     (
         "INSERT INTO silver.rejects (source_file, source_line, reason_code, reason)
          SELECT $1, source_line, reason_code, reason FROM silver_staging WHERE reason_code IS NOT NULL",
         "writing silver.rejects",
     ),
     (
-        "WITH inserted AS (
-             INSERT INTO silver.events (event_key, event_time, event_type, product_id, category_id,
-                 category_code, brand, price, user_id, user_session, source_file, source_line)
-             SELECT event_key, event_time, event_type, product_id, category_id, category_code, brand,
-                 price, user_id, user_session, $1, source_line
-             FROM silver_staging WHERE reason_code IS NULL ORDER BY source_line
-             ON CONFLICT (event_key) DO NOTHING
-             RETURNING source_line)
-         UPDATE silver_staging s SET duplicate = true
-         WHERE s.reason_code IS NULL
-           AND NOT EXISTS (SELECT 1 FROM inserted i WHERE i.source_line = s.source_line)",
+        "UPDATE silver_staging s SET duplicate = true
+         FROM (SELECT source_line
+               FROM (SELECT source_line,
+                            row_number() OVER (PARTITION BY event_time, event_key ORDER BY source_line) AS nth
+                     FROM silver_staging WHERE reason_code IS NULL) ranked
+               WHERE nth > 1
+               UNION
+               SELECT source_line FROM silver_staging st
+               WHERE reason_code IS NULL AND EXISTS (
+                   SELECT 1 FROM silver.events e
+                   WHERE e.event_time = st.event_time AND e.event_key = st.event_key)) d
+         WHERE s.source_line = d.source_line",
+        "finding duplicates",
+        // (takes no parameter: `$1` unused would be an untyped parameter)
+    ),
+    (
+        "INSERT INTO silver.events (event_key, event_time, event_type, product_id, category_id,
+             category_code, brand, price, user_id, user_session, source_file, source_line)
+         SELECT event_key, event_time, event_type, product_id, category_id, category_code, brand,
+             price, user_id, user_session, $1, source_line
+         FROM silver_staging WHERE reason_code IS NULL AND NOT duplicate ORDER BY source_line",
         "writing silver.events",
     ),
     (
@@ -73,17 +85,16 @@ const FROM_STAGING: [(&str, &str); 3] = [
 /// Folds the new events into the dimensions (no parameters).
 const DIMENSIONS: [(&str, &str); 5] = [
     (
-        "WITH new AS (SELECT * FROM silver_staging WHERE reason_code IS NULL AND NOT duplicate),
-              span AS (SELECT category_id, min(event_time) AS f, max(event_time) AS l FROM new GROUP BY 1),
-              code AS (SELECT DISTINCT ON (category_id) category_id, category_code FROM new
-                       ORDER BY category_id, category_code IS NULL, event_time DESC)
-         INSERT INTO warehouse.dim_category AS d
+        // Categories keep their code in the data set; max() picks one
+        // deterministically should a category ever be seen with two.
+        "INSERT INTO warehouse.dim_category AS d
              (category_id, category_code, level1, level2, level3, first_seen, last_seen)
-         SELECT s.category_id, c.category_code,
-                NULLIF(split_part(c.category_code, '.', 1), ''),
-                NULLIF(split_part(c.category_code, '.', 2), ''),
-                NULLIF(split_part(c.category_code, '.', 3), ''), s.f, s.l
-         FROM span s JOIN code c USING (category_id)
+         SELECT category_id, code,
+                NULLIF(split_part(code, '.', 1), ''),
+                NULLIF(split_part(code, '.', 2), ''),
+                NULLIF(split_part(code, '.', 3), ''), f, l
+         FROM (SELECT category_id, max(category_code) AS code, min(event_time) AS f, max(event_time) AS l
+               FROM silver_staging WHERE reason_code IS NULL AND NOT duplicate GROUP BY category_id) c
          ON CONFLICT (category_id) DO UPDATE SET
              category_code = COALESCE(EXCLUDED.category_code, d.category_code),
              level1 = COALESCE(EXCLUDED.level1, d.level1),
@@ -103,14 +114,14 @@ const DIMENSIONS: [(&str, &str); 5] = [
         "refreshing warehouse.dim_brand",
     ),
     (
-        "WITH new AS (SELECT * FROM silver_staging WHERE reason_code IS NULL AND NOT duplicate),
-              span AS (SELECT product_id, min(event_time) AS f, max(event_time) AS l FROM new GROUP BY 1),
-              latest AS (SELECT DISTINCT ON (product_id) product_id, category_id, brand, price FROM new
-                         ORDER BY product_id, event_time DESC, source_line DESC)
-         INSERT INTO warehouse.dim_product AS d
+        // A product's category, brand and price are those of its last row
+        // in load order (one hash aggregate and a join: no sort).
+        "INSERT INTO warehouse.dim_product AS d
              (product_id, category_id, brand, last_price, first_seen, last_seen)
-         SELECT s.product_id, l.category_id, l.brand, l.price, s.f, s.l
-         FROM span s JOIN latest l USING (product_id)
+         SELECT p.product_id, s.category_id, s.brand, s.price, p.f, p.l
+         FROM (SELECT product_id, min(event_time) AS f, max(event_time) AS l, max(source_line) AS last_line
+               FROM silver_staging WHERE reason_code IS NULL AND NOT duplicate GROUP BY product_id) p
+         JOIN silver_staging s ON s.source_line = p.last_line
          ON CONFLICT (product_id) DO UPDATE SET
              category_id = CASE WHEN EXCLUDED.last_seen >= d.last_seen THEN EXCLUDED.category_id ELSE d.category_id END,
              brand = CASE WHEN EXCLUDED.last_seen >= d.last_seen THEN EXCLUDED.brand ELSE d.brand END,
@@ -190,6 +201,7 @@ impl Warehouse {
             .map_err(err(&copy_what))?;
         load.rows = copy_rows(path, &mut writer, &mut BronzeRow::new(&name))?;
         writer.finish().map_err(err(&copy_what))?;
+        tracing::debug!(file = %name, seconds = started.elapsed().as_secs_f64(), "bronze copied");
 
         tx.batch_execute(STAGING)
             .map_err(err("creating the silver staging table"))?;
@@ -206,15 +218,31 @@ impl Warehouse {
         // Temporary tables are never auto-analysed; the joins below need row counts.
         tx.batch_execute("ANALYZE silver_staging")
             .map_err(err("analysing the staging table"))?;
+        tracing::debug!(file = %name, seconds = started.elapsed().as_secs_f64(), "bronze and staging copied");
+        // One silver merge at a time, so two files holding the same event
+        // cannot both find it new; sorts and hashes of a file stay in memory.
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('cartscore.silver', 0));
+             SET LOCAL work_mem = '256MB'",
+        )
+        .map_err(err("taking the silver lock"))?;
         for (sql, what) in FROM_STAGING {
-            tx.execute(sql, &[&name]).map_err(err(what))?;
+            let step = Instant::now();
+            if sql.contains("$1") {
+                tx.execute(sql, &[&name]).map_err(err(what))?;
+            } else {
+                tx.batch_execute(sql).map_err(err(what))?;
+            }
+            tracing::debug!(file = %name, seconds = step.elapsed().as_secs_f64(), "{what}");
         }
         load.duplicates = tx
             .query_one("SELECT count(*) FROM silver_staging WHERE duplicate", &[])
             .map_err(err("counting duplicates"))?
             .get::<_, i64>(0) as u64;
         for (sql, what) in DIMENSIONS {
+            let step = Instant::now();
             tx.batch_execute(sql).map_err(err(what))?;
+            tracing::debug!(file = %name, seconds = step.elapsed().as_secs_f64(), "{what}");
         }
         tx.execute(
             "INSERT INTO bronze.load_manifest (checksum, source_file, rows, valid, rejected, duplicates)
