@@ -32,6 +32,8 @@ pub struct FileLoad {
     /// Valid rows equal to an event already in silver.
     pub duplicates: u64,
     pub already_loaded: bool,
+    /// Time to the end of the bronze COPY (the raw load), then in total.
+    pub bronze_seconds: f64,
     pub seconds: f64,
 }
 
@@ -185,6 +187,7 @@ impl Warehouse {
             rejected: 0,
             duplicates: 0,
             already_loaded: done.is_some(),
+            bronze_seconds: 0.0,
             seconds: 0.0,
         };
         if load.already_loaded {
@@ -201,7 +204,7 @@ impl Warehouse {
             .map_err(err(&copy_what))?;
         load.rows = copy_rows(path, &mut writer, &mut BronzeRow::new(&name))?;
         writer.finish().map_err(err(&copy_what))?;
-        tracing::debug!(file = %name, seconds = started.elapsed().as_secs_f64(), "bronze copied");
+        load.bronze_seconds = started.elapsed().as_secs_f64();
 
         tx.batch_execute(STAGING)
             .map_err(err("creating the silver staging table"))?;
