@@ -326,4 +326,29 @@ fn an_unreachable_bucket_is_a_clear_error_naming_the_endpoint() {
         work.path().to_str().unwrap(),
     ]);
     assert!(String::from_utf8_lossy(&mixed.stderr).contains("cannot mix sources"));
+    let out = work.path().join("m");
+    let no_mlflow = trainer(
+        &[
+            &[
+                "train",
+                "--source",
+                dataset().to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ][..],
+            &FAST,
+            &["--mlflow-url", "http://127.0.0.1:1"],
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&no_mlflow.stderr);
+    assert!(!no_mlflow.status.success());
+    assert!(
+        stderr.contains("failed to log the run to MLflow at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(
+        out.join("model.onnx").exists(),
+        "the bundle is kept when MLflow is down"
+    );
 }
