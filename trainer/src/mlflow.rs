@@ -70,11 +70,17 @@ impl Mlflow {
         body: &Value,
     ) -> Result<(u16, Value), MlflowError> {
         let url = format!("{}{path}", self.base);
-        let mut response = self
-            .agent
-            .post(&url)
-            .send_json(body)
-            .map_err(|e| self.fail(what, path, e))?;
+        self.answer(what, path, self.agent.post(&url).send_json(body))
+    }
+
+    /// The status and body of an answer: JSON, or the text when it is not.
+    fn answer(
+        &self,
+        what: &'static str,
+        path: &str,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<(u16, Value), MlflowError> {
+        let mut response = sent.map_err(|e| self.fail(what, path, e))?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()
@@ -95,25 +101,24 @@ impl Mlflow {
     fn experiment_id(&self, name: &str) -> Result<String, MlflowError> {
         let path = "/api/2.0/mlflow/experiments/get-by-name";
         let url = format!("{}{path}", self.base);
-        let mut response = self
-            .agent
-            .get(&url)
-            .query("experiment_name", name)
-            .call()
-            .map_err(|e| self.fail("experiment lookup", path, e))?;
-        let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| self.fail("experiment lookup", path, e))?;
-        if status == 200 {
-            let value: Value =
-                serde_json::from_str(&text).map_err(|e| self.fail("experiment lookup", path, e))?;
-            if let Some(id) = value["experiment"]["experiment_id"].as_str() {
-                return Ok(id.to_owned());
+        let sent = self.agent.get(&url).query("experiment_name", name).call();
+        match self.answer("experiment lookup", path, sent)? {
+            (200, Value::String(text)) => {
+                return Err(self.fail("experiment lookup", path, format!("not JSON: {text}")));
             }
-        } else if status != 404 {
-            return Err(self.fail("experiment lookup", path, format!("HTTP {status}: {text}")));
+            (200, value) => {
+                if let Some(id) = value["experiment"]["experiment_id"].as_str() {
+                    return Ok(id.to_owned());
+                }
+            }
+            (404, _) => {}
+            (status, value) => {
+                return Err(self.fail(
+                    "experiment lookup",
+                    path,
+                    format!("HTTP {status}: {value}"),
+                ));
+            }
         }
         let created = self.call(
             "experiment creation",

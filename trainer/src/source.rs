@@ -99,6 +99,32 @@ impl ReadStats {
             .extend(other.invalid_samples.into_iter().take(room));
     }
 
+    /// Counts one row read at `path:line`: a valid event is returned (and
+    /// checked against the previous one's time), an invalid one recorded.
+    fn record(
+        &mut self,
+        row: Result<Event, EventError>,
+        path: &Path,
+        line: u64,
+        last_time: &mut Option<cartscore_core::Timestamp>,
+    ) -> Option<Event> {
+        self.rows += 1;
+        match row {
+            Ok(event) => {
+                self.valid += 1;
+                if last_time.is_some_and(|t| event.event_time < t) {
+                    self.out_of_order += 1;
+                }
+                *last_time = Some(event.event_time);
+                Some(event)
+            }
+            Err(err) => {
+                self.record_invalid(path, line, &err);
+                None
+            }
+        }
+    }
+
     fn record_invalid(&mut self, file: &Path, line: u64, err: &EventError) {
         self.invalid += 1;
         *self.invalid_by_reason.entry(err.code()).or_default() += 1;
@@ -302,17 +328,8 @@ impl OpenFile {
                     event
                 }
             };
-            stats.rows += 1;
-            match parsed {
-                Ok(event) => {
-                    stats.valid += 1;
-                    if self.last_time.is_some_and(|t| event.event_time < t) {
-                        stats.out_of_order += 1;
-                    }
-                    self.last_time = Some(event.event_time);
-                    return Ok(Some(event));
-                }
-                Err(err) => stats.record_invalid(&self.path, self.line, &err),
+            if let Some(event) = stats.record(parsed, &self.path, self.line, &mut self.last_time) {
+                return Ok(Some(event));
             }
         }
     }
@@ -493,7 +510,7 @@ impl Events {
             SourceSpec::Postgres(url) => {
                 let rows = crate::warehouse::WarehouseEvents::open(url)?;
                 let stats = ReadStats {
-                    files: vec![rows.describe()],
+                    files: vec![spec.describe()],
                     ..ReadStats::default()
                 };
                 Events::Warehouse {
@@ -523,21 +540,10 @@ impl Events {
                     stats.check_budget(*budget, true)?;
                     return Ok(None);
                 };
-                stats.rows += 1;
-                match row {
-                    Ok(event) => {
-                        stats.valid += 1;
-                        if last_time.is_some_and(|t| event.event_time < t) {
-                            stats.out_of_order += 1;
-                        }
-                        *last_time = Some(event.event_time);
-                        return Ok(Some(event));
-                    }
-                    Err(err) => {
-                        let line = stats.rows;
-                        stats.record_invalid(Path::new("silver.events"), line, &err);
-                        stats.check_budget(*budget, false)?;
-                    }
+                let line = stats.rows + 1;
+                match stats.record(row, Path::new("silver.events"), line, last_time) {
+                    Some(event) => return Ok(Some(event)),
+                    None => stats.check_budget(*budget, false)?,
                 }
             },
         }

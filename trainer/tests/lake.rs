@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestBucket, TestDb, dataset, mlflow_url, ok, ok_json, trainer, trainer_at};
+use common::{TestBucket, TestDb, dataset, fails, fails_at, mlflow_url, ok, ok_json, trainer};
 use serde_json::Value;
 
 const FAST: [&str; 6] = ["--trials", "2", "--max-iterations", "30", "--threads", "2"];
@@ -122,9 +122,7 @@ fn an_interrupted_lake_load_resumes_without_duplicates() {
         "3000",
     ];
     // Dies after two checkpoints, having written the third flush's parts.
-    let died = trainer(&[&args[..], &["--interrupt-after-flushes", "2"]].concat());
-    assert!(!died.status.success());
-    let stderr = String::from_utf8_lossy(&died.stderr);
+    let stderr = fails(&[&args[..], &["--interrupt-after-flushes", "2"]].concat());
     assert!(stderr.contains("interrupted after 2 flushes"), "{stderr}");
     let checkpoint_key = bucket
         .keys("_checkpoints/")
@@ -218,7 +216,7 @@ fn bundles_go_through_the_registry_and_mlflow_to_an_appliance_folder() {
         std::fs::read(models.join(&names[0])).unwrap(),
         std::fs::read(out.join("model.onnx")).unwrap()
     );
-    let missing = trainer(&[
+    let stderr = fails(&[
         "publish",
         "--registry",
         &bucket.url("ml"),
@@ -227,8 +225,6 @@ fn bundles_go_through_the_registry_and_mlflow_to_an_appliance_folder() {
         "--to",
         models.to_str().unwrap(),
     ]);
-    let stderr = String::from_utf8_lossy(&missing.stderr);
-    assert!(!missing.status.success());
     assert!(
         stderr.contains("ml/models/no-such-version/model.onnx"),
         "{stderr}"
@@ -292,7 +288,7 @@ fn bundles_go_through_the_registry_and_mlflow_to_an_appliance_folder() {
 #[test]
 fn an_unreachable_bucket_is_a_clear_error_naming_the_endpoint() {
     let work = tempfile::tempdir().unwrap();
-    let out = trainer_at(
+    let stderr = fails_at(
         &[
             "load",
             "--input",
@@ -302,8 +298,6 @@ fn an_unreachable_bucket_is_a_clear_error_naming_the_endpoint() {
         ],
         "http://127.0.0.1:1",
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     assert!(
         stderr.contains("http://127.0.0.1:1") && stderr.contains("bucket lake-x"),
         "{stderr}"
@@ -327,7 +321,7 @@ fn an_unreachable_bucket_is_a_clear_error_naming_the_endpoint() {
     ]);
     assert!(String::from_utf8_lossy(&mixed.stderr).contains("cannot mix sources"));
     let out = work.path().join("m");
-    let no_mlflow = trainer(
+    let stderr = fails(
         &[
             &[
                 "train",
@@ -341,8 +335,6 @@ fn an_unreachable_bucket_is_a_clear_error_naming_the_endpoint() {
         ]
         .concat(),
     );
-    let stderr = String::from_utf8_lossy(&no_mlflow.stderr);
-    assert!(!no_mlflow.status.success());
     assert!(
         stderr.contains("failed to log the run to MLflow at http://127.0.0.1:1"),
         "{stderr}"

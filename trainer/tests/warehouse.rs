@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestDb, dataset, ok, ok_json, trainer};
+use common::{TestDb, dataset, fails, ok, ok_json};
 
 fn load(input: &str, db: &TestDb) -> serde_json::Value {
     ok_json(&["load", "--input", input, "--postgres", &db.url])["postgres"].clone()
@@ -32,9 +32,7 @@ fn migrations_apply_once_and_refuse_an_edited_history() {
             "UPDATE public.cartscore_migrations SET checksum = 'edited' WHERE version = 1",
         )
         .unwrap();
-    let refused = trainer(&["migrate", "--postgres", &db.url]);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
+    let stderr = fails(&["migrate", "--postgres", &db.url]);
     assert!(
         stderr.contains("migration 1 (bronze) was changed after it was applied"),
         "{stderr}"
@@ -342,27 +340,23 @@ fn training_from_the_warehouse_writes_the_feature_rows_to_gold() {
 
 #[test]
 fn an_unreachable_database_is_named_without_its_password() {
-    let out = trainer(&[
+    let stderr = fails(&[
         "migrate",
         "--postgres",
         "postgres://cartscore:hunter2@127.0.0.1:1/warehouse",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     assert!(
         stderr.contains("cannot connect to PostgreSQL at cartscore@127.0.0.1:1/warehouse"),
         "{stderr}"
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
-    let train = trainer(&[
+    let stderr = fails(&[
         "train",
         "--source",
         "postgres://cartscore:hunter2@127.0.0.1:1/warehouse",
         "--out",
         "/tmp/never",
     ]);
-    let stderr = String::from_utf8_lossy(&train.stderr);
-    assert!(!train.status.success());
     assert!(
         stderr.contains("cartscore@127.0.0.1:1/warehouse") && !stderr.contains("hunter2"),
         "{stderr}"

@@ -33,7 +33,6 @@ pub struct WarehouseEvents {
     batches: Receiver<Result<Batch, WarehouseError>>,
     current: std::vec::IntoIter<Result<Event, EventError>>,
     reader: Option<JoinHandle<()>>,
-    endpoint: String,
 }
 
 impl WarehouseEvents {
@@ -41,7 +40,6 @@ impl WarehouseEvents {
     /// the reader thread.
     pub fn open(url: &str) -> Result<Self, WarehouseError> {
         let warehouse = Warehouse::connect(url)?;
-        let endpoint = warehouse.endpoint.clone();
         let (tx, rx) = sync_channel(DEPTH);
         let reader = std::thread::Builder::new()
             .name("silver-reader".into())
@@ -58,13 +56,7 @@ impl WarehouseEvents {
             batches: rx,
             current: Vec::new().into_iter(),
             reader: Some(reader),
-            endpoint,
         })
-    }
-
-    /// Where the events come from, for the report.
-    pub fn describe(&self) -> String {
-        format!("postgres://{} silver.events", self.endpoint)
     }
 
     /// The next row: `Ok(None)` at the end, `Err` when the stream broke.

@@ -35,6 +35,25 @@ pub fn trainer_at(args: &[&str], s3: &str) -> Output {
         .expect("run cartscore-trainer")
 }
 
+/// Runs the trainer, requires failure, returns its stderr.
+pub fn fails(args: &[&str]) -> String {
+    failed(trainer(args), args)
+}
+
+/// Runs the trainer against the S3 endpoint `s3`, requires failure,
+/// returns its stderr.
+pub fn fails_at(args: &[&str], s3: &str) -> String {
+    failed(trainer_at(args, s3), args)
+}
+
+fn failed(output: Output, args: &[&str]) -> String {
+    assert!(
+        !output.status.success(),
+        "cartscore-trainer {args:?} should have failed"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Runs the trainer, requires success, returns its stdout.
 pub fn ok(args: &[&str]) -> String {
     let output = trainer(args);
