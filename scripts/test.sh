@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/cartscore/target}
+# The repository's ./target, as `cargo run --release` (README command 1)
+# uses, so this reuses every dependency that command compiled; set
+# CARGO_TARGET_DIR to share one folder between clones.
 log() { printf '\n==> %s\n' "$*"; }
 
 # --- system packages -------------------------------------------------------
@@ -167,7 +169,7 @@ log "cargo build --release --workspace --bins"
 cargo build --release --workspace --bins -q
 
 log "cargo test --release --workspace"
-cargo test --release --workspace 2>&1 | tee "${TMPDIR:-/tmp}/cartscore-test.log"
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "${TMPDIR:-/tmp}/cartscore-test.log"
 status=${PIPESTATUS[0]}
 passed=$(grep -Eo 'test result: .*' "${TMPDIR:-/tmp}/cartscore-test.log" | awk '{p+=$4; f+=$6} END {print p+0, f+0}')
 read -r p f <<<"$passed"

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use cartscore_appliance::config::StoreConfig;
 use cartscore_appliance::store::{OffsetKind, Store, StreamOffset};
-use cartscore_core::{CsvLayout, Event};
+use cartscore_core::Event;
 use criterion::{Criterion, Throughput};
 
 const BATCH: usize = 1_000;
@@ -27,14 +27,10 @@ fn messages() -> Vec<Vec<u8>> {
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/2019-Oct-head.csv")
         });
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(&dataset)
-        .unwrap_or_else(|e| panic!("{}: {e} (set CARTSCORE_DATASET)", dataset.display()));
-    let layout = CsvLayout::from_header(reader.byte_headers().unwrap()).unwrap();
-    reader
-        .byte_records()
-        .filter_map(|r| Event::from_csv(&r.ok()?, &layout).ok())
+    let (events, _invalid) = cartscore_core::dataset::read_all(&dataset)
+        .unwrap_or_else(|e| panic!("{e} (set CARTSCORE_DATASET)"));
+    events
+        .iter()
         .map(|e| e.to_json().to_string().into_bytes())
         .collect()
 }
@@ -44,7 +40,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StoreConfig {
         path: dir.path().join("lmdb"),
-        map_size_mib: 8192,
+        map_size_mib: std::num::NonZeroU64::new(8192).unwrap(),
         sync: false,
         ..StoreConfig::default()
     })

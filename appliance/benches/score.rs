@@ -14,9 +14,9 @@ use std::time::Instant;
 
 use cartscore_appliance::config::StoreConfig;
 use cartscore_appliance::model::ServingModel;
-use cartscore_appliance::score;
+use cartscore_appliance::serve::score;
 use cartscore_appliance::store::Store;
-use cartscore_core::{CsvLayout, Event, EventType, FEATURE_COUNT, TractModel};
+use cartscore_core::{Event, EventType, FEATURE_COUNT, TractModel};
 use criterion::Criterion;
 
 fn repo() -> PathBuf {
@@ -35,19 +35,12 @@ fn setup() -> Setup {
     let dataset = std::env::var_os("CARTSCORE_DATASET")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("../shared/data/2019-Oct-head.csv"));
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(&dataset)
-        .unwrap_or_else(|e| panic!("{}: {e} (set CARTSCORE_DATASET)", dataset.display()));
-    let layout = CsvLayout::from_header(reader.byte_headers().unwrap()).unwrap();
-    let events: Vec<Event> = reader
-        .byte_records()
-        .filter_map(|r| Event::from_csv(&r.ok()?, &layout).ok())
-        .collect();
+    let (events, _invalid) = cartscore_core::dataset::read_all(&dataset)
+        .unwrap_or_else(|e| panic!("{e} (set CARTSCORE_DATASET)"));
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StoreConfig {
         path: dir.path().join("lmdb"),
-        map_size_mib: 256,
+        map_size_mib: std::num::NonZeroU64::new(256).unwrap(),
         sync: false,
         ..StoreConfig::default()
     })

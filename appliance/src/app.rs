@@ -1,23 +1,30 @@
-//! Wiring of the daemon: store, models, writer, listeners, signals, drain.
+//! The daemon's life: [`build`] opens the store, loads a model and starts
+//! every part (writer, stream, reloader, listeners); [`Running::serve`]
+//! waits for signals (SIGHUP reloads); [`Running::drain`] stops in the order
+//! that loses nothing: listeners, the consumer, in-flight requests, the
+//! writer's queue, then telemetry.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::ApplianceConfig;
-use crate::http::{AppState, router};
-use crate::ingest::Ingestor;
-use crate::metrics::Metrics;
+use crate::ingest::kafka::{StreamConsumer, StreamHealth};
+use crate::ingest::{EventSource, Ingestor};
 use crate::model::ServingModel;
-use crate::reload::{self, ModelRegistry, ReloadRequest, ReloadTrigger};
-use crate::service::{Heartbeats, ServiceManager};
+use crate::model::reload::{self, ModelRegistry, ReloadRequest, ReloadResult, ReloadTrigger};
+use crate::ops::heartbeat::Heartbeats;
+use crate::ops::metrics::Metrics;
+use crate::ops::systemd::ServiceManager;
+use crate::ops::telemetry::{Mirrors, Telemetry};
+use crate::serve::http::{AppState, router};
+use crate::serve::tcp::{Shared, TcpServer};
 use crate::store::Store;
-use crate::stream::{StreamConsumer, StreamHealth};
-use crate::tcp::{Shared, TcpServer};
 
 /// The bundle a start-up would serve: the newest one that verifies.
 pub fn newest_valid_model(config: &ApplianceConfig) -> Result<ServingModel> {
@@ -35,6 +42,303 @@ pub fn newest_valid_model(config: &ApplianceConfig) -> Result<ServingModel> {
         bail!("no *.onnx bundle in {}", dir.display());
     }
     bail!("every bundle was rejected:\n  {}", reasons.join("\n  "))
+}
+
+/// Builds, serves until SIGTERM or SIGINT, and drains.
+pub async fn run(config: ApplianceConfig) -> Result<()> {
+    let running = build(config).await?;
+    running.serve().await?;
+    running.drain().await;
+    Ok(())
+}
+
+/// Everything that runs, and what the drain must stop.
+pub struct Running {
+    config: ApplianceConfig,
+    service: ServiceManager,
+    store: Arc<Store>,
+    models: Arc<ModelRegistry>,
+    state: Arc<AppState>,
+    telemetry: Telemetry,
+    reload: std::sync::mpsc::Sender<ReloadRequest>,
+    watcher: Option<notify::RecommendedWatcher>,
+    writer: JoinHandle<()>,
+    consumer: Option<StreamConsumer>,
+    tcp: Option<TcpServer>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    http_addr: SocketAddr,
+    drain_http: tokio::sync::oneshot::Sender<()>,
+    /// Tells the TCP cores to stop accepting and finish what they hold.
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("http", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the store, loads the newest valid model, and starts the writer,
+/// the Kafka consumer (when configured), the reloader and watcher, the TCP
+/// cores and the HTTP server. Any failure here is reported before serving.
+pub async fn build(config: ApplianceConfig) -> Result<Running> {
+    let service = ServiceManager::from_env();
+    let metrics = Arc::new(Metrics::new());
+    let telemetry = Telemetry::start(
+        &config.telemetry,
+        &metrics,
+        Mirrors {
+            reload_outcomes: &ReloadResult::LABELS,
+            event_sources: &EventSource::LABELS,
+        },
+    )
+    .context("failed to start OpenTelemetry export")?;
+    let store = Arc::new(Store::open(&config.store).context("failed to open the store")?);
+    std::fs::create_dir_all(&config.model.dir).with_context(|| {
+        format!(
+            "failed to create the model folder {}",
+            config.model.dir.display()
+        )
+    })?;
+    let models = Arc::new(ModelRegistry::new(
+        config.model.dir.clone(),
+        config.model.verify_random_rows,
+        Arc::clone(&metrics),
+    ));
+    let startup = {
+        let models = Arc::clone(&models);
+        tokio::task::spawn_blocking(move || models.reload(ReloadTrigger::Startup))
+            .await
+            .context("failed to load the initial model")?
+    };
+    if startup.serving_version.is_none() {
+        tracing::warn!(dir = %config.model.dir.display(), "no valid model bundle: not ready until one is delivered");
+    }
+    let (reload_tx, reload_rx) = std::sync::mpsc::channel::<ReloadRequest>();
+    // The thread stops once every sender is gone.
+    reload::spawn_reloader(Arc::clone(&models), reload_rx)
+        .context("failed to start the reload thread")?;
+    let watcher = if config.model.watch {
+        Some(
+            reload::watch(&config.model.dir, reload_tx.clone())
+                .with_context(|| format!("failed to watch {}", config.model.dir.display()))?,
+        )
+    } else {
+        None
+    };
+    let (ingestor, writer) = Ingestor::start(
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+        config.store.max_batch_events.get(),
+    )
+    .context("failed to start the store writer")?;
+
+    let stream_health = config.kafka.enabled().then(|| {
+        Arc::new(StreamHealth::new(Duration::from_millis(
+            config.kafka.stale_after_ms,
+        )))
+    });
+    let consumer = match &stream_health {
+        Some(health) => Some(
+            StreamConsumer::start(
+                &config.kafka,
+                Arc::clone(&store),
+                ingestor.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(health),
+            )
+            .context("failed to start the Kafka consumer")?,
+        ),
+        None => None,
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(AppState {
+        store: Arc::clone(&store),
+        models: Arc::clone(&models),
+        metrics: Arc::clone(&metrics),
+        ingestor,
+        reload: reload_tx.clone(),
+        config: config.http.clone(),
+        tcp_ready: AtomicBool::new(!config.tcp.enabled),
+        stream: stream_health,
+        unready_when_stale: config.kafka.unready_when_stale,
+    });
+    let heartbeats = Arc::new(Heartbeats::new(if config.tcp.enabled {
+        config.tcp.cores
+    } else {
+        0
+    }));
+    let tcp = if config.tcp.enabled {
+        let shared = Arc::new(Shared {
+            store: Arc::clone(&store),
+            models: Arc::clone(&models),
+            metrics: Arc::clone(&metrics),
+            stop: Arc::clone(&stop),
+            max_frame: config.tcp.max_frame_bytes as usize,
+            grace: Duration::from_millis(config.shutdown_grace_ms),
+            heartbeats: Arc::clone(&heartbeats),
+        });
+        let server = TcpServer::start(&config.tcp, shared)
+            .context("failed to start the binary-protocol server")?;
+        state.tcp_ready.store(true, Ordering::Relaxed);
+        Some(server)
+    } else {
+        None
+    };
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("failed to listen on {} for HTTP", config.http.listen))?;
+    let http_addr = listener
+        .local_addr()
+        .context("failed to read the HTTP address")?;
+    tracing::info!(%http_addr, "HTTP API listening");
+    // Without TCP_NODELAY a response written in two segments waits for the
+    // client's delayed ACK: latency then tracks the gap between requests
+    // (up to 40 ms), which the bench's HTTP mode showed.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "failed to set TCP_NODELAY");
+        }
+    });
+    let (drain_http, drained) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(
+        axum::serve(listener, router(Arc::clone(&state)))
+            .with_graceful_shutdown(async {
+                let _ = drained.await;
+            })
+            .into_future(),
+    );
+
+    print_banner(&config, http_addr, tcp.as_ref(), &models);
+    let serving = Arc::clone(&models);
+    service.spawn_ready_when_serving(
+        move || serving.current().map(|m| m.version().to_owned()),
+        format!(
+            "http {http_addr}, tcp {}",
+            tcp.as_ref()
+                .map_or_else(|| "disabled".to_owned(), |t| t.local_addr.to_string())
+        ),
+    );
+    let readable = Arc::clone(&store);
+    service.spawn_watchdog(heartbeats, move || {
+        readable.reader().map(drop).map_err(|e| e.to_string())
+    });
+    Ok(Running {
+        config,
+        service,
+        store,
+        models,
+        state,
+        telemetry,
+        reload: reload_tx,
+        watcher,
+        writer,
+        consumer,
+        tcp,
+        http,
+        http_addr,
+        drain_http,
+        stop,
+    })
+}
+
+impl Running {
+    /// Serves until SIGTERM or SIGINT; SIGHUP reloads the model folder.
+    pub async fn serve(&self) -> Result<()> {
+        let mut hangup = signal(SignalKind::hangup()).context("failed to install SIGHUP")?;
+        let mut terminate = signal(SignalKind::terminate()).context("failed to install SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("failed to install SIGINT")?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => self.reload_on_signal(),
+                _ = terminate.recv() => return Ok(()),
+                _ = interrupt.recv() => return Ok(()),
+            }
+        }
+    }
+
+    fn reload_on_signal(&self) {
+        tracing::info!("SIGHUP: reloading the model folder");
+        self.service.reloading();
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let _ = self.reload.send(ReloadRequest {
+            trigger: ReloadTrigger::Signal,
+            reply: Some(reply),
+        });
+        let service = self.service;
+        tokio::spawn(async move {
+            if let Ok(report) = done.await {
+                service.ready(&format!("reloaded: {:?}", report.result));
+            }
+        });
+    }
+
+    /// Stops accepting, answers what was received, applies what is queued,
+    /// and flushes telemetry; each step waits at most `shutdown_grace_ms`.
+    pub async fn drain(self) {
+        let grace = Duration::from_millis(self.config.shutdown_grace_ms);
+        tracing::info!(
+            grace_ms = self.config.shutdown_grace_ms,
+            "draining: no new connections, finishing in-flight requests"
+        );
+        self.service.stopping();
+        self.stop.store(true, Ordering::Relaxed);
+        self.state.tcp_ready.store(false, Ordering::Relaxed);
+        if let Some(consumer) = self.consumer {
+            stop_consumer(consumer, grace).await;
+        }
+        let _ = self.drain_http.send(());
+        match tokio::time::timeout(grace, self.http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::error!(%error, "HTTP server failed"),
+            Ok(Err(error)) => tracing::error!(%error, "HTTP server task failed"),
+            Err(_) => tracing::warn!("HTTP drain timed out"),
+        }
+        if let Some(tcp) = self.tcp {
+            let _ = tokio::task::spawn_blocking(move || tcp.join()).await;
+        }
+        drop(self.watcher);
+        drop(self.reload);
+        drop(self.state);
+        drop(self.models);
+        drop(self.store);
+        // The writer applies what is queued, then exits when its last handle is gone.
+        let writer = self.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        // Last, so the final batches and the drain are exported too.
+        let telemetry = self.telemetry;
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        tracing::info!("stopped cleanly");
+    }
+}
+
+/// Stops the consumer (it applies the batch in hand, so the stored offsets
+/// cover it), but waits at most `grace`: with the broker gone, librdkafka's
+/// final flush and close can block for minutes, and nothing of the state
+/// depends on them (offsets live in the same LMDB transactions as the state;
+/// outputs not acknowledged are sent again on restart). A plain thread, not
+/// the runtime's blocking pool, which the runtime would wait for on exit.
+async fn stop_consumer(consumer: StreamConsumer, grace: Duration) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("kafka-stop".into())
+        .spawn(move || {
+            consumer.stop();
+            let _ = done_tx.send(());
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "failed to start the consumer's stop");
+        return;
+    }
+    if tokio::time::timeout(grace, done_rx).await.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "the Kafka client did not close in time (broker unreachable?); exiting without it"
+        );
+    }
 }
 
 fn print_banner(
@@ -89,215 +393,4 @@ fn print_banner(
             "POST /v1/events (no Kafka configured)".to_owned()
         },
     );
-}
-
-/// Stops the consumer (it applies the batch in hand, so the stored offsets
-/// cover it), but waits at most `grace`: with the broker gone, librdkafka's
-/// final flush and close can block for minutes, and nothing of the state
-/// depends on them (offsets live in the same LMDB transactions as the state;
-/// outputs not acknowledged are sent again on restart). A plain thread, not
-/// the runtime's blocking pool, which the runtime would wait for on exit.
-async fn stop_consumer(consumer: StreamConsumer, grace: Duration) {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("kafka-stop".into())
-        .spawn(move || {
-            consumer.stop();
-            let _ = done_tx.send(());
-        });
-    if let Err(error) = spawned {
-        tracing::error!(%error, "failed to start the consumer's stop");
-        return;
-    }
-    if tokio::time::timeout(grace, done_rx).await.is_err() {
-        tracing::warn!(
-            grace_ms = grace.as_millis() as u64,
-            "the Kafka client did not close in time (broker unreachable?); exiting without it"
-        );
-    }
-}
-
-pub async fn run(config: ApplianceConfig) -> Result<()> {
-    let service = ServiceManager::from_env();
-    let metrics = Arc::new(Metrics::new());
-    let telemetry = crate::telemetry::Telemetry::start(&config.telemetry, &metrics)
-        .context("failed to start OpenTelemetry export")?;
-    let store = Arc::new(Store::open(&config.store).context("failed to open the store")?);
-    std::fs::create_dir_all(&config.model.dir).with_context(|| {
-        format!(
-            "failed to create the model folder {}",
-            config.model.dir.display()
-        )
-    })?;
-    let models = Arc::new(ModelRegistry::new(
-        config.model.dir.clone(),
-        config.model.verify_random_rows,
-        Arc::clone(&metrics),
-    ));
-    let startup = {
-        let models = Arc::clone(&models);
-        tokio::task::spawn_blocking(move || models.reload(ReloadTrigger::Startup))
-            .await
-            .context("failed to load the initial model")?
-    };
-    if startup.serving_version.is_none() {
-        tracing::warn!(dir = %config.model.dir.display(), "no valid model bundle: not ready until one is delivered");
-    }
-    let (reload_tx, reload_rx) = std::sync::mpsc::channel::<ReloadRequest>();
-    let _reloader = reload::spawn_reloader(Arc::clone(&models), reload_rx)
-        .context("failed to start the reload thread")?;
-    let watcher = if config.model.watch {
-        Some(
-            reload::watch(&config.model.dir, reload_tx.clone())
-                .with_context(|| format!("failed to watch {}", config.model.dir.display()))?,
-        )
-    } else {
-        None
-    };
-    let (ingestor, writer) = Ingestor::start(
-        Arc::clone(&store),
-        Arc::clone(&metrics),
-        config.store.max_batch_events,
-    )
-    .context("failed to start the store writer")?;
-
-    let stream_health = config.kafka.enabled().then(|| {
-        Arc::new(StreamHealth::new(Duration::from_millis(
-            config.kafka.stale_after_ms,
-        )))
-    });
-    let consumer = match &stream_health {
-        Some(health) => Some(
-            StreamConsumer::start(
-                &config.kafka,
-                Arc::clone(&store),
-                ingestor.clone(),
-                Arc::clone(&metrics),
-                Arc::clone(health),
-            )
-            .context("failed to start the Kafka consumer")?,
-        ),
-        None => None,
-    };
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
-    let state = Arc::new(AppState {
-        store: Arc::clone(&store),
-        models: Arc::clone(&models),
-        metrics: Arc::clone(&metrics),
-        ingestor,
-        reload: reload_tx.clone(),
-        config: config.http.clone(),
-        tcp_ready: AtomicBool::new(!config.tcp.enabled),
-        stream: stream_health,
-        unready_when_stale: config.kafka.unready_when_stale,
-    });
-    let heartbeats = Arc::new(Heartbeats::new(if config.tcp.enabled {
-        config.tcp.cores
-    } else {
-        0
-    }));
-    let tcp = if config.tcp.enabled {
-        let shared = Arc::new(Shared {
-            store: Arc::clone(&store),
-            models: Arc::clone(&models),
-            metrics: Arc::clone(&metrics),
-            stop: Arc::clone(&stop),
-            max_frame: config.tcp.max_frame_bytes as usize,
-            grace,
-            heartbeats: Arc::clone(&heartbeats),
-        });
-        let server = TcpServer::start(&config.tcp, shared)
-            .context("failed to start the binary-protocol server")?;
-        state.tcp_ready.store(true, Ordering::Relaxed);
-        Some(server)
-    } else {
-        None
-    };
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .with_context(|| format!("failed to listen on {} for HTTP", config.http.listen))?;
-    let http_addr = listener
-        .local_addr()
-        .context("failed to read the HTTP address")?;
-    tracing::info!(%http_addr, "HTTP API listening");
-
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    // Without TCP_NODELAY a response written in two segments waits for the
-    // client's delayed ACK: latency then tracks the gap between requests
-    // (up to 40 ms), which the bench's HTTP mode showed.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "failed to set TCP_NODELAY");
-        }
-    });
-    let http = tokio::spawn(
-        axum::serve(listener, router(Arc::clone(&state)))
-            .with_graceful_shutdown(async {
-                let _ = drain_rx.await;
-            })
-            .into_future(),
-    );
-    print_banner(&config, http_addr, tcp.as_ref(), &models);
-    service.spawn_ready_when_serving(
-        Arc::clone(&models),
-        format!(
-            "http {http_addr}, tcp {}",
-            tcp.as_ref()
-                .map_or_else(|| "disabled".to_owned(), |t| t.local_addr.to_string())
-        ),
-    );
-    service.spawn_watchdog(heartbeats, Arc::clone(&store));
-
-    let mut hangup = signal(SignalKind::hangup()).context("failed to install SIGHUP")?;
-    let mut terminate = signal(SignalKind::terminate()).context("failed to install SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("failed to install SIGINT")?;
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reloading the model folder");
-                service.reloading();
-                let (reply, done) = tokio::sync::oneshot::channel();
-                let _ = reload_tx.send(ReloadRequest { trigger: ReloadTrigger::Signal, reply: Some(reply) });
-                tokio::spawn(async move {
-                    if let Ok(report) = done.await {
-                        service.ready(&format!("reloaded: {:?}", report.result));
-                    }
-                });
-            }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        }
-    }
-
-    tracing::info!(
-        grace_ms = config.shutdown_grace_ms,
-        "draining: no new connections, finishing in-flight requests"
-    );
-    service.stopping();
-    stop.store(true, Ordering::Relaxed);
-    state.tcp_ready.store(false, Ordering::Relaxed);
-    if let Some(consumer) = consumer {
-        stop_consumer(consumer, grace).await;
-    }
-    let _ = drain_tx.send(());
-    match tokio::time::timeout(grace, http).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(error))) => tracing::error!(%error, "HTTP server failed"),
-        Ok(Err(error)) => tracing::error!(%error, "HTTP server task failed"),
-        Err(_) => tracing::warn!("HTTP drain timed out"),
-    }
-    if let Some(tcp) = tcp {
-        let _ = tokio::task::spawn_blocking(move || tcp.join()).await;
-    }
-    drop(watcher);
-    drop(reload_tx);
-    drop(state);
-    // The writer applies what is queued, then exits when its last handle is gone.
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    // Last, so the final batches and the drain are exported too.
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
-    tracing::info!("stopped cleanly");
-    Ok(())
 }

@@ -1,12 +1,14 @@
 //! `cartscore [serve]`, `cartscore validate` and `cartscore inspect`.
 
-use std::net::SocketAddr;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
 
-use crate::config::{ApplianceConfig, CliOverrides, LogFormat};
+use crate::config::{ApplianceConfig, LogFormat, Overrides};
+use crate::store::{Store, StoreDigest, StoreStats, StreamOffset};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,56 +26,39 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the appliance (the default).
-    Serve(Settings),
+    Serve,
     /// Check the configuration and the model folder, then exit: 0 when both
     /// are good. systemd runs this before a start and a reload.
-    Validate(Settings),
+    Validate,
     /// Print the store's counts, stream offsets and a digest of all live
     /// state as JSON (two stores with the same digest hold the same state).
     /// Safe while the appliance runs: it reads a snapshot.
-    Inspect(Settings),
+    Inspect,
 }
 
+/// Global: accepted before or after the subcommand.
 #[derive(Debug, Clone, Default, Args)]
 struct Settings {
     /// TOML config file; without it the embedded defaults apply.
     #[arg(long, env = "CARTSCORE_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Override http.listen.
-    #[arg(long, global = true)]
-    http_listen: Option<SocketAddr>,
-    /// Override tcp.listen.
-    #[arg(long, global = true)]
-    tcp_listen: Option<SocketAddr>,
-    /// Override store.path.
-    #[arg(long, global = true)]
-    store_path: Option<PathBuf>,
-    /// Override model.dir.
-    #[arg(long, global = true)]
-    model_dir: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 impl Settings {
     fn load(&self) -> Result<ApplianceConfig> {
-        let overrides = CliOverrides {
-            http_listen: self.http_listen,
-            tcp_listen: self.tcp_listen,
-            store_path: self.store_path.clone(),
-            model_dir: self.model_dir.clone(),
-        };
-        Ok(ApplianceConfig::load(self.config.as_deref(), &overrides)?)
+        Ok(ApplianceConfig::load(
+            self.config.as_deref(),
+            &self.overrides,
+        )?)
     }
+}
 
-    /// Subcommand flags win over the ones given before the subcommand.
-    fn or(self, outer: Settings) -> Settings {
-        Settings {
-            config: self.config.or(outer.config),
-            http_listen: self.http_listen.or(outer.http_listen),
-            tcp_listen: self.tcp_listen.or(outer.tcp_listen),
-            store_path: self.store_path.or(outer.store_path),
-            model_dir: self.model_dir.or(outer.model_dir),
-        }
-    }
+/// Colour only for a person at a terminal: not in a file or the journal,
+/// and never with `NO_COLOR` set (no-color.org).
+pub fn colour_logs() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn init_logging(config: &ApplianceConfig) {
@@ -81,6 +66,7 @@ fn init_logging(config: &ApplianceConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs())
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
@@ -90,20 +76,19 @@ fn init_logging(config: &ApplianceConfig) {
 
 impl Cli {
     pub fn run(self) -> Result<()> {
-        match self.command {
-            None => serve(self.settings),
-            Some(Command::Serve(settings)) => serve(settings.or(self.settings)),
-            Some(Command::Validate(settings)) => validate(settings.or(self.settings)),
-            Some(Command::Inspect(settings)) => inspect(settings.or(self.settings)),
+        let config = self.settings.load()?;
+        match self.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(config),
+            Command::Validate => validate(&config),
+            Command::Inspect => inspect(&config),
         }
     }
 }
 
-fn serve(settings: Settings) -> Result<()> {
-    let config = settings.load()?;
+fn serve(config: ApplianceConfig) -> Result<()> {
     init_logging(&config);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.http.workers)
+        .worker_threads(config.http.workers.get())
         .thread_name("http")
         .enable_all()
         .build()
@@ -111,10 +96,9 @@ fn serve(settings: Settings) -> Result<()> {
         .block_on(crate::app::run(config))
 }
 
-fn validate(settings: Settings) -> Result<()> {
-    let config = settings.load()?;
+fn validate(config: &ApplianceConfig) -> Result<()> {
     println!("configuration is valid");
-    let model = crate::app::newest_valid_model(&config).with_context(|| {
+    let model = crate::app::newest_valid_model(config).with_context(|| {
         format!(
             "model folder {} has no servable bundle",
             config.model.dir.display()
@@ -133,20 +117,23 @@ fn validate(settings: Settings) -> Result<()> {
     Ok(())
 }
 
-fn inspect(settings: Settings) -> Result<()> {
-    let config = settings.load()?;
-    let store = crate::store::Store::open(&config.store).context("failed to open the store")?;
-    let stats = store.stats().context("failed to read store statistics")?;
-    let digest = store.digest().context("failed to digest the store")?;
-    let offsets = store.offsets().context("failed to read stream offsets")?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "path": config.store.path,
-            "stats": stats,
-            "digest": digest,
-            "offsets": offsets,
-        })
-    );
+/// What `cartscore inspect` prints.
+#[derive(Debug, Serialize)]
+struct Inspection<'a> {
+    path: &'a std::path::Path,
+    stats: StoreStats,
+    digest: StoreDigest,
+    offsets: Vec<StreamOffset>,
+}
+
+fn inspect(config: &ApplianceConfig) -> Result<()> {
+    let store = Store::open(&config.store).context("failed to open the store")?;
+    let inspection = Inspection {
+        path: &config.store.path,
+        stats: store.stats().context("failed to read store statistics")?,
+        digest: store.digest().context("failed to digest the store")?,
+        offsets: store.offsets().context("failed to read stream offsets")?,
+    };
+    println!("{}", serde_json::to_string(&inspection)?);
     Ok(())
 }

@@ -2,23 +2,20 @@
 //! per-session state in LMDB, over a thread-per-core binary protocol and a
 //! JSON API, with models hot-reloaded from a folder.
 //!
-//! Data flow: [`stream`] (Kafka) or [`http`] -> `core` validation ->
-//! [`ingest`] -> [`store`]; scoring reads [`store`] -> `core` features ->
-//! [`model`] (compiled ensemble) -> [`score`]. [`reload`] swaps models in.
+//! The modules follow the data: events arrive through [`ingest`] (the Kafka
+//! stream, or `POST /v1/events`) and the single writer applies them to the
+//! [`store`]; [`model`] keeps the newest valid bundle serving; [`serve`]
+//! scores carts from the store with the model and answers over TCP and HTTP.
+//! [`config`] (settings), [`error`] (the table of error codes) and [`ops`]
+//! (metrics, telemetry, heartbeats, systemd) sit below them all, and [`app`]
+//! builds, runs and drains the whole; [`cli`] is the command line.
 
 pub mod app;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod http;
+pub mod error;
 pub mod ingest;
-pub mod metrics;
 pub mod model;
-pub mod protocol;
-pub mod reload;
-pub mod score;
-pub mod service;
+pub mod ops;
+pub mod serve;
 pub mod store;
-pub mod stream;
-pub mod tcp;
-pub mod telemetry;

@@ -1,3 +1,7 @@
+//! `cartscore`: the serving daemon's entry point. Everything it does is in
+//! the library (`cli` parses, `app` builds, serves and drains); this file
+//! picks the allocator and turns an error into exit status 1.
+
 use clap::Parser;
 
 #[global_allocator]

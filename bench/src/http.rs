@@ -26,6 +26,7 @@ pub struct HttpTargetArgs {
     pub headers: Vec<String>,
 }
 
+#[derive(Debug)]
 pub struct HttpTarget {
     url: String,
     addr: SocketAddr,

@@ -425,6 +425,15 @@ fn read_loop(
     result
 }
 
+/// A name for this run (hex microseconds), so sessions and bundles of two
+/// runs never collide.
+pub fn run_id() -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!("{micros:x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,17 +1,7 @@
-//! `cartscore-bench`: the appliance's load and latency harness. Latency
-//! modes are open loop with coordinated-omission correction; `replay` and
-//! `ingest` drive the Kafka side.
+//! `cartscore-bench`: the appliance's latency harness. Every mode is open
+//! loop with coordinated-omission correction.
 
-mod http;
-mod ingest;
-mod kafka;
-mod load;
-mod modes;
-mod replay;
-mod report;
-mod requests;
-mod tcp;
-
+use cartscore_bench::modes;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -31,20 +21,6 @@ enum Command {
     Sweep(modes::SweepArgs),
     /// Keep a TCP load running while new bundles are dropped into the model folder.
     Reload(modes::ReloadArgs),
-    /// Produce to Kafka at a fixed rate; measure applied events/s and produce-to-visible.
-    #[command(visible_alias = "freshness")]
-    Ingest(ingest::IngestArgs),
-    /// Produce CSV events (the data set or trainer synth output) to a topic.
-    Replay(replay::ReplayArgs),
-}
-
-/// A name for this run (hex microseconds), so sessions and bundles of two
-/// runs never collide.
-fn run_id() -> String {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    format!("{micros:x}")
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,7 +29,5 @@ fn main() -> anyhow::Result<()> {
         Command::Http(args) => modes::http(&args),
         Command::Sweep(args) => modes::sweep(&args),
         Command::Reload(args) => modes::reload(&args),
-        Command::Ingest(args) => ingest::run(&args),
-        Command::Replay(args) => replay::run(&args),
     }
 }

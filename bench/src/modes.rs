@@ -272,7 +272,7 @@ pub fn reload(args: &ReloadArgs) -> Result<()> {
             .context("failed to start the load")?
     };
     std::thread::sleep(Duration::from_secs_f64(args.load.warmup) + Duration::from_millis(200));
-    let run = crate::run_id();
+    let run = load::run_id();
     let mut swaps = Vec::new();
     let mut delivered = Vec::new();
     let mut failure = None;

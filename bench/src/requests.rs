@@ -7,7 +7,7 @@ use anyhow::{Context, Result, ensure};
 use cartscore_core::{Event, EventType};
 use clap::Args;
 
-use crate::replay::{Format, Renderer, load_events};
+use crate::render::{Format, Renderer, load_events};
 
 /// A cart of the demo's kind; `{session}` and `{seq}` are filled in.
 pub const CART_TEMPLATE: &str = r#"{"event_time":"2019-10-01 09:00:00 UTC","event_type":"cart","product_id":1004856,"category_id":2053013555631882655,"category_code":"electronics.smartphone","brand":"samsung","price":130.76,"user_id":543272936,"user_session":"{session}"}"#;

@@ -1,13 +1,14 @@
-//! The appliance's binary protocol as a load target, through the crate's client.
+//! The appliance's binary protocol as a load target, through
+//! `cartscore-protocol`'s client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cartscore_appliance::client::{RequestWriter, ResponseReader, TcpClient};
-use cartscore_appliance::protocol::Status;
 use cartscore_core::Event;
+use cartscore_protocol::Status;
+use cartscore_protocol::client::{RequestWriter, ResponseReader, TcpClient};
 use clap::Args;
 
 use crate::load::{Reply, ReplySource, RequestSink, Target};
@@ -19,6 +20,7 @@ pub struct TcpTargetArgs {
     pub addr: SocketAddr,
 }
 
+#[derive(Debug)]
 pub struct TcpTarget {
     pub addr: SocketAddr,
     pub carts: Arc<Vec<Event>>,

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::onnx::{ModelProto, StringStringEntryProto};
 use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tract_onnx::pb::{ModelProto, StringStringEntryProto};
 
 use crate::encoding::EncodingTables;
 use crate::features::{CONTRACT_VERSION, FEATURE_COUNT, FEATURE_NAMES};

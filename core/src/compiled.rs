@@ -3,12 +3,13 @@
 //! Stock tract runs `TreeEnsembleClassifier` with a linear scan over leaves
 //! (milliseconds per row for a few hundred trees). A bundle whose graph is one
 //! binary `TreeEnsembleClassifier` with LOGISTIC output is compiled here
-//! instead: every tree becomes a run of 16-byte nodes walked by index. The
-//! result is only trusted after [`CompiledEnsemble::verify_against`] agrees
-//! with tract.
+//! instead: every tree becomes a run of 16-byte nodes walked by index. A
+//! compiled ensemble is only trusted once it agrees with tract: the loaders
+//! compare [`CompiledEnsemble::max_difference`] against tract's output on the
+//! bundle's golden vectors and on [`check_rows`] around them.
 
+use crate::onnx::{AttributeProto, ModelProto, NodeProto};
 use thiserror::Error;
-use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto};
 
 use crate::features::FEATURE_COUNT;
 

@@ -165,6 +165,18 @@ fn category_prefix(code: Option<&str>, levels: usize) -> &str {
     }
 }
 
+/// Why a header row cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error(
+        "the first line is not a header row: a CSV of the data set starts with the column names {expected} (in any order, extra columns allowed); it starts {found:?}",
+        expected = Field::ALL.map(Field::name).join(",")
+    )]
+    NoHeader { found: String },
+    #[error("the header row has no column `{field}` (it has {found})")]
+    MissingColumn { field: Field, found: String },
+}
+
 /// Where each field sits in a CSV file, read from its header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CsvLayout {
@@ -180,23 +192,33 @@ impl CsvLayout {
     }
 
     /// Reads the column order from a header row; extra columns are allowed.
-    pub fn from_header(header: &csv::ByteRecord) -> Result<Self, EventError> {
+    pub fn from_header(header: &csv::ByteRecord) -> Result<Self, HeaderError> {
+        let names: Vec<&str> = header
+            .iter()
+            .map(|name| {
+                std::str::from_utf8(name)
+                    .unwrap_or("")
+                    .trim()
+                    .trim_start_matches('\u{feff}')
+            })
+            .collect();
         let mut indexes = [usize::MAX; 9];
-        for (i, name) in header.iter().enumerate() {
-            let name = std::str::from_utf8(name)
-                .unwrap_or("")
-                .trim()
-                .trim_start_matches('\u{feff}');
-            if let Some(pos) = Field::ALL.iter().position(|f| f.name() == name) {
-                indexes[pos] = i;
+        for (column, name) in names.iter().enumerate() {
+            if let Some(pos) = Field::ALL.iter().position(|f| f.name() == *name) {
+                indexes[pos] = column;
             }
         }
-        if let Some(pos) = indexes.iter().position(|&i| i == usize::MAX) {
-            return Err(EventError::Missing {
+        match indexes.iter().position(|&i| i == usize::MAX) {
+            None => Ok(Self { indexes }),
+            // Not one known name: a data row (or another file) where the header should be.
+            Some(_) if indexes.iter().all(|&i| i == usize::MAX) => Err(HeaderError::NoHeader {
+                found: truncate(&names.join(",")),
+            }),
+            Some(pos) => Err(HeaderError::MissingColumn {
                 field: Field::ALL[pos],
-            });
+                found: names.join(","),
+            }),
         }
-        Ok(Self { indexes })
     }
 
     /// The column of `field` in a record.
@@ -651,8 +673,9 @@ mod tests {
         let header = csv::ByteRecord::from(vec!["event_time", "event_type"]);
         assert_eq!(
             CsvLayout::from_header(&header),
-            Err(EventError::Missing {
-                field: Field::ProductId
+            Err(HeaderError::MissingColumn {
+                field: Field::ProductId,
+                found: "event_time,event_type".into()
             })
         );
     }

@@ -2,26 +2,39 @@
 //! (replaying history) and the appliance (live), so that training/serving skew
 //! cannot happen by construction.
 //!
-//! The modules follow the data flow: [`event`] parses raw bytes, [`validate`]
-//! names what is wrong with them, [`state`] folds valid events into per-session
-//! and per-user state, [`features`] turns state plus a cart event into a
-//! [`features::FeatureRow`], [`encoding`] holds the learned string tables, and
-//! [`bundle`] is the deployable model's metadata contract.
+//! The modules follow the data flow:
+//! - [`event`] parses the wire forms (a CSV row, a flat JSON object, the
+//!   Kafka Connect envelope) and [`validate`] names what is wrong with one;
+//!   [`time`] is the event clock and its text forms; [`dataset`] reads CSV
+//!   files of the data set;
+//! - [`state`] folds valid events into per-session and per-user state (the
+//!   labels and expiry rules included);
+//! - [`features`] turns state plus a cart event into a
+//!   [`features::FeatureRow`], with the learned string tables of [`encoding`];
+//! - [`bundle`] is the deployable model's metadata contract, [`onnx`] the
+//!   ONNX schema it travels in, [`compiled`] the flat tree-ensemble evaluator
+//!   that serving uses, and [`model`] (feature `tract`) the reference reader
+//!   the compiled evaluator and the trainer's exports are checked against.
 
 pub mod bundle;
 pub mod compiled;
+pub mod dataset;
 pub mod encoding;
 pub mod event;
 pub mod features;
+#[cfg(feature = "tract")]
 pub mod model;
+pub mod onnx;
 pub mod state;
 pub mod time;
 pub mod validate;
 
 pub use bundle::{BundleError, BundleMetadata, GoldenVector};
+pub use dataset::{CsvEvents, CsvRow, DatasetError};
 pub use encoding::{CategoryTable, EncodingTables};
-pub use event::{CsvLayout, Event, EventType};
+pub use event::{CsvLayout, Event, EventType, HeaderError};
 pub use features::{CONTRACT_VERSION, FEATURE_COUNT, FEATURE_NAMES, FeatureRow};
+#[cfg(feature = "tract")]
 pub use model::{ModelError, TractModel};
 pub use state::{SessionState, UserState};
 pub use time::Timestamp;

@@ -1,16 +1,17 @@
-//! Loading a bundle with tract: the reference reader of every `.onnx` file.
-//! The appliance compiles tree ensembles into its own evaluator, but verifies
-//! it against this; the trainer checks its exports against this.
+//! Loading a bundle with tract: the reference reader of every `.onnx` file
+//! (feature `tract`). The appliance compiles tree ensembles into its own
+//! evaluator, but verifies it against this; the trainer checks its exports
+//! against this.
 
 use std::path::Path;
 
 use prost::Message;
 use thiserror::Error;
-use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use crate::bundle::{BundleError, BundleMetadata, GoldenError};
 use crate::features::FEATURE_COUNT;
+use crate::onnx::ModelProto;
 
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -33,6 +34,7 @@ type Plan = Arc<TypedRunnableModel>;
 pub struct TractModel {
     plan: Plan,
     pub metadata: BundleMetadata,
+    /// The decoded file, for whoever compiles the graph itself.
     pub proto: ModelProto,
 }
 
@@ -43,8 +45,9 @@ impl TractModel {
             .map_err(|e| ModelError::Load(format!("not a valid ONNX protobuf: {e}")))?;
         let metadata = BundleMetadata::from_metadata_props(&proto.metadata_props)?;
         metadata.check_contract()?;
+        // tract decodes the file with its own copy of the schema.
         let plan = tract_onnx::onnx()
-            .model_for_proto_model(&proto)
+            .model_for_read(&mut &bytes[..])
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| ModelError::Load(format!("{e:#}")))?;

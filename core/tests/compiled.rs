@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use cartscore_core::compiled::{CompileError, CompiledEnsemble, check_rows};
+use cartscore_core::onnx::ModelProto;
 use cartscore_core::{FEATURE_COUNT, TractModel};
-use tract_onnx::pb::ModelProto;
 
 fn demo() -> (TractModel, CompiledEnsemble) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/demo/model.onnx");

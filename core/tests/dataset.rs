@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use cartscore_core::validate::Field;
-use cartscore_core::{CsvLayout, Event, EventError, EventType};
+use cartscore_core::{CsvEvents, EventError, EventType};
 
 fn dataset_path() -> PathBuf {
     match std::env::var_os("CARTSCORE_DATASET") {
@@ -19,20 +19,16 @@ fn dataset_path() -> PathBuf {
 #[test]
 fn every_row_of_the_real_slice_validates() {
     let path = dataset_path();
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(&path)
+    let mut reader = CsvEvents::open(&path)
         .unwrap_or_else(|e| panic!("the data slice {} must be readable: {e}", path.display()));
-    let layout = CsvLayout::from_header(reader.byte_headers().expect("header")).expect("layout");
     let (mut views, mut carts, mut purchases, mut removes, mut rows) = (0, 0, 0, 0, 0);
     let mut max_category_id = 0u64;
     let mut rejected = Vec::new();
-    for (i, record) in reader.byte_records().enumerate() {
-        let record = record.expect("csv record");
-        let event = match Event::from_csv(&record, &layout) {
+    while let Some(row) = reader.next_row().expect("csv record") {
+        let event = match row.event() {
             Ok(event) => event,
             Err(err) => {
-                rejected.push((i + 2, err));
+                rejected.push((row.line, err));
                 continue;
             }
         };

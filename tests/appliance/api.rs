@@ -6,9 +6,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use crate::common::{Appliance, Options, cart_json, view_json};
-use cartscore_appliance::client::TcpClient;
-use cartscore_appliance::protocol::{self, Status};
 use cartscore_core::{FEATURE_COUNT, TractModel};
+use cartscore_protocol::client::TcpClient;
+use cartscore_protocol::{self as protocol, Status};
 
 fn env(pairs: &[(&str, &str)]) -> Options {
     Options {

@@ -8,13 +8,26 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::broker::{Broker, create_topic, kafka_env, unique};
-use crate::common::{Appliance, Options, bench_binary, dataset, model_dir_with_demo};
+use crate::common::{
+    Appliance, Options, bench_binary, dataset, model_dir_with_demo, producer_binary,
+};
 
-/// Runs the bench; returns its stdout and the JSON it wrote.
+/// Runs `cartscore-bench`; returns its stdout and the JSON it wrote.
 fn bench(work: &Path, name: &str, args: &[&str], extra: &[&str]) -> (String, Value) {
+    run_tool(&bench_binary(), work, name, args, extra)
+}
+
+/// Runs a harness binary with `--json` right after its mode.
+fn run_tool(
+    tool: &Path,
+    work: &Path,
+    name: &str,
+    args: &[&str],
+    extra: &[&str],
+) -> (String, Value) {
     let json = work.join(format!("{name}.json"));
     // Right after the mode: `sweep`'s target subcommand comes last.
-    let output = Command::new(bench_binary())
+    let output = Command::new(tool)
         .arg(args[0])
         .args(["--json", json.to_str().unwrap()])
         .args(extra)
@@ -25,7 +38,8 @@ fn bench(work: &Path, name: &str, args: &[&str], extra: &[&str]) -> (String, Val
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "cartscore-bench {args:?} failed:\n{stdout}\n{}",
+        "{} {args:?} failed:\n{stdout}\n{}",
+        tool.display(),
         String::from_utf8_lossy(&output.stderr)
     );
     let summary = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -207,7 +221,7 @@ fn latency_modes_measure_a_running_appliance() {
 }
 
 #[test]
-fn ingest_mode_measures_applied_rate_and_freshness_through_kafka() {
+fn freshness_mode_measures_applied_rate_and_freshness_through_kafka() {
     let brokers = Broker::shared();
     let topic = unique("bench-ingest");
     create_topic(brokers, &topic, 1);
@@ -219,11 +233,12 @@ fn ingest_mode_measures_applied_rate_and_freshness_through_kafka() {
     };
     let app = Appliance::start(work.path(), &models, &options);
     let input = dataset();
-    let (table, summary) = bench(
+    let (table, summary) = run_tool(
+        &producer_binary(),
         work.path(),
-        "ingest",
+        "freshness",
         &[
-            "ingest",
+            "freshness",
             "--brokers",
             brokers,
             "--topic",

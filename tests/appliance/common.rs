@@ -7,9 +7,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use cartscore_core::BundleMetadata;
+use cartscore_core::onnx::ModelProto;
 use prost::Message;
 use serde_json::Value;
-use tract_onnx::pb::ModelProto;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -28,35 +28,49 @@ pub fn dataset() -> PathBuf {
     path
 }
 
-/// The trainer binary from the same build, built on demand when only this
-/// package was built.
-pub fn trainer() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_cartscore"));
-    let trainer = exe.with_file_name("cartscore-trainer");
-    if !trainer.exists() {
+/// A binary of the workspace from the same target folder and profile as
+/// this test (scripts/test.sh builds every binary first); built on demand
+/// when only the tests were built.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/appliance-<hash> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    let _one_build_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let package = match name {
+            "cartscore" => "cartscore-appliance",
+            other => other,
+        };
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "cartscore-trainer"]);
-        if exe.components().any(|c| c.as_os_str() == "release") {
+        build.args(["build", "-p", package, "--bin", name]);
+        if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
         assert!(
             build.status().unwrap().success(),
-            "failed to build the trainer"
+            "failed to build {name} ({package})"
         );
     }
-    trainer
+    path
 }
 
-/// The `cartscore-bench` binary of the same build (scripts/test.sh builds
-/// every binary before the tests).
+/// The appliance, `cartscore`.
+pub fn appliance_binary() -> PathBuf {
+    binary("cartscore")
+}
+
+pub fn trainer() -> PathBuf {
+    binary("cartscore-trainer")
+}
+
 pub fn bench_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_cartscore")).with_file_name("cartscore-bench");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build --release --workspace --bins`",
-        path.display()
-    );
-    path
+    binary("cartscore-bench")
+}
+
+pub fn producer_binary() -> PathBuf {
+    binary("cartscore-producer")
 }
 
 pub fn demo_model() -> PathBuf {
@@ -104,7 +118,7 @@ impl Appliance {
         let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let store_dir = work.join("store");
         let stderr = work.join(format!("cartscore-{}.log", http.port()));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cartscore"));
+        let mut command = Command::new(appliance_binary());
         command
             .args(["--http-listen", &http.to_string()])
             .args(["--tcp-listen", &tcp.to_string()])

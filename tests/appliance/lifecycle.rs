@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{Appliance, Options, cart_json, view_json};
-use cartscore_appliance::client::TcpClient;
-use cartscore_appliance::protocol::Status;
+use cartscore_protocol::Status;
+use cartscore_protocol::client::TcpClient;
 
 #[test]
 fn sigterm_drains_and_restart_keeps_state() {
@@ -43,6 +43,8 @@ fn sigterm_drains_and_restart_keeps_state() {
         log.contains("draining") && log.contains("stopped cleanly"),
         "{log}"
     );
+    // The log went to a file: plain text, no colour escapes.
+    assert!(!log.contains('\u{1b}'), "colour in a log file: {log:?}");
 
     let app = Appliance::start(work.path(), &models, &Options::default());
     let (_, after) = app.get("/v1/sessions/keep?product_id=101&price=12");
@@ -86,7 +88,7 @@ fn a_full_store_is_an_error_and_serving_continues() {
 }
 
 fn cartscore(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cartscore"));
+    let mut command = Command::new(crate::common::appliance_binary());
     command.args(args).env("RUST_BACKTRACE", "0");
     for (k, v) in env {
         command.env(k, v);

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cartscore_appliance::client::TcpClient;
+use cartscore_protocol::client::TcpClient;
 
 use crate::broker::{Broker, TestProducer, create_topic, kafka_env, unique};
 use crate::common::{Appliance, Options, cart_json, model_dir_with_demo, repo_root, view_json};

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::{Appliance, Options, cart_json, deliver, demo_variant};
-use cartscore_appliance::client::TcpClient;
-use cartscore_appliance::protocol::Status;
+use cartscore_protocol::Status;
+use cartscore_protocol::client::TcpClient;
 
 const RELOADS: usize = 5;
 

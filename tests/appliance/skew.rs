@@ -5,9 +5,9 @@
 use std::process::Command;
 
 use crate::common::{Appliance, Options, dataset, trainer};
-use cartscore_appliance::client::TcpClient;
-use cartscore_appliance::protocol::Status;
 use cartscore_core::{CsvLayout, Event, EventType, FEATURE_COUNT, FEATURE_NAMES};
+use cartscore_protocol::Status;
+use cartscore_protocol::client::TcpClient;
 
 const TOLERANCE: f64 = 1e-6;
 

@@ -11,7 +11,7 @@ use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 
 use crate::broker::{Broker, TestProducer, create_topic, read_topic, unique};
-use crate::common::{Appliance, Options, bench_binary, cart_json, dataset, model_dir_with_demo};
+use crate::common::{Appliance, Options, cart_json, dataset, model_dir_with_demo, producer_binary};
 
 struct Topics {
     raw: String,
@@ -55,7 +55,7 @@ impl Topics {
 
 /// Runs `cartscore-bench replay` with `args`; returns its summary.
 fn replay(brokers: &str, topic: &str, args: &[&str]) -> Value {
-    let output = Command::new(bench_binary())
+    let output = Command::new(producer_binary())
         .args(["replay", "--brokers", brokers, "--topic", topic, "--input"])
         .arg(dataset())
         .args(args)
@@ -69,7 +69,7 @@ fn replay(brokers: &str, topic: &str, args: &[&str]) -> Value {
 
 /// `cartscore inspect` on a store folder.
 fn inspect(store: &Path) -> Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_cartscore"))
+    let output = Command::new(crate::common::appliance_binary())
         .arg("inspect")
         .arg("--store-path")
         .arg(store)

@@ -114,7 +114,7 @@ fn notifies_systemd_when_serving_and_pings_the_watchdog_while_alive() {
 
 /// The units with the binaries of this build in place of /usr/local/bin.
 fn units_for_this_build(dir: &Path) -> Vec<PathBuf> {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_cartscore"));
+    let bin = crate::common::appliance_binary();
     let bin_dir = bin.parent().unwrap().display().to_string();
     let _ = trainer();
     [
@@ -178,4 +178,93 @@ fn the_units_verify_and_the_service_is_hardened() {
         score <= 2.0,
         "exposure {score} (want <= 2.0, \"OK\"):\n{text}"
     );
+}
+
+/// DWARF debug info among `sections` (`.debug_gdb_scripts` is not: it
+/// names gdb's pretty-printers for Rust types and stays in the binary).
+fn dwarf(sections: &[String]) -> Vec<&String> {
+    sections
+        .iter()
+        .filter(|s| s.starts_with(".debug_") && *s != ".debug_gdb_scripts")
+        .collect()
+}
+
+/// The ELF section names of `path`, from binutils' readelf.
+fn sections(path: &Path) -> Vec<String> {
+    let output = Command::new("readelf")
+        .args(["-S", "-W"])
+        .arg(path)
+        .output()
+        .expect("readelf (binutils) runs");
+    assert!(output.status.success(), "readelf {}", path.display());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(']')?;
+            rest.split_whitespace().next().map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn installed_binaries_are_stripped_with_their_debug_info_kept_apart() {
+    let built = crate::common::appliance_binary();
+    // Every binary the script installs must be built (the test command
+    // builds them all first).
+    for name in ["cartscore-trainer", "cartscore-bench", "cartscore-producer"] {
+        crate::common::binary(name);
+    }
+    let target = built.parent().and_then(Path::parent).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let output = Command::new("bash")
+        .arg(repo_root().join("scripts/install-binaries.sh"))
+        .env("DESTDIR", root.path())
+        .env("CARGO_TARGET_DIR", target)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "install-binaries.sh failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let installed = root.path().join("usr/local/bin/cartscore");
+    let debug = root
+        .path()
+        .join("usr/lib/debug/usr/local/bin/cartscore.debug");
+    let (built_sections, installed_sections) = (sections(&built), sections(&installed));
+    // The build carries line tables; the installed binary does not, but it
+    // keeps its symbols (names in panics and profiles) and a link to them.
+    assert!(
+        built_sections.iter().any(|s| s == ".debug_line"),
+        "{built_sections:?}"
+    );
+    assert!(
+        dwarf(&installed_sections).is_empty(),
+        "{installed_sections:?}"
+    );
+    assert!(
+        installed_sections.iter().any(|s| s == ".symtab"),
+        "{installed_sections:?}"
+    );
+    assert!(
+        installed_sections.iter().any(|s| s == ".gnu_debuglink"),
+        "{installed_sections:?}"
+    );
+    assert!(sections(&debug).iter().any(|s| s == ".debug_line"));
+    let (built_size, installed_size) = (
+        std::fs::metadata(&built).unwrap().len(),
+        std::fs::metadata(&installed).unwrap().len(),
+    );
+    assert!(
+        installed_size * 2 < built_size,
+        "{installed_size} bytes installed of {built_size} built"
+    );
+    let version = Command::new(&installed).arg("--version").output().unwrap();
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("cartscore "));
+    for name in ["cartscore-trainer", "cartscore-bench", "cartscore-producer"] {
+        let path = root.path().join("usr/local/bin").join(name);
+        assert!(dwarf(&sections(&path)).is_empty(), "{name} is not stripped");
+    }
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::lake::{Lake, LakeLoadOptions};
+use crate::report::TrainReport;
 use crate::source::SourceSpec;
 use crate::synth::SynthConfig;
 use crate::train::{TrainConfig, TrainRequest};
@@ -241,7 +242,7 @@ impl Cli {
                     write_test_rows: args.write_test_rows,
                 };
                 let report = crate::train::run(&request).context("training failed")?;
-                print!("{}", crate::report::text(&report));
+                print!("{}", report.text());
                 deliver_trained(&args, &report)?;
             }
             Command::Migrate(args) => {
@@ -281,7 +282,7 @@ impl Cli {
 
 /// `load`: into the warehouse and/or the lake; returns the JSON summary.
 fn load(args: &LoadArgs) -> Result<serde_json::Value> {
-    let files: Vec<PathBuf> = crate::source::list_inputs(&args.inputs)?
+    let files: Vec<PathBuf> = crate::files::list_inputs(&args.inputs)?
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "csv"))
         .collect();
@@ -339,8 +340,8 @@ fn load_summary(files: &impl serde::Serialize, rows: u64, started: Instant) -> s
 }
 
 /// After training: the model folder, the S3 registry, MLflow.
-fn deliver_trained(args: &TrainArgs, report: &serde_json::Value) -> Result<()> {
-    let version = report["model_version"].as_str().unwrap_or_default();
+fn deliver_trained(args: &TrainArgs, report: &TrainReport) -> Result<()> {
+    let version = report.model_version.as_str();
     if let Some(dir) = &args.publish {
         let temp = incoming(dir);
         std::fs::copy(args.out.join("model.onnx"), &temp)

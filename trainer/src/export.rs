@@ -9,14 +9,14 @@
 use anyhow::{Context, Result, bail, ensure};
 use cartscore_core::BundleMetadata;
 use cartscore_core::FEATURE_COUNT;
-use prost::Message;
-use tract_onnx::pb::attribute_proto::AttributeType;
-use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
-use tract_onnx::pb::type_proto::{Tensor as TensorType, Value as TypeValue};
-use tract_onnx::pb::{
+use cartscore_core::onnx::attribute_proto::AttributeType;
+use cartscore_core::onnx::tensor_shape_proto::{Dimension, dimension};
+use cartscore_core::onnx::type_proto::{Tensor as TensorType, Value as TypeValue};
+use cartscore_core::onnx::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
     TypeProto, ValueInfoProto,
 };
+use prost::Message;
 
 /// One split of a tree.
 #[derive(Debug, Clone, PartialEq)]

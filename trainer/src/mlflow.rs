@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
+use crate::report::TrainReport;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MlflowError {
     #[error("MLflow {what} at {url} failed: {reason}")]
@@ -167,12 +169,12 @@ impl Mlflow {
         &self,
         experiment: &str,
         registered_model: &str,
-        report: &Value,
+        report: &TrainReport,
         out: &Path,
     ) -> Result<MlflowRun, MlflowError> {
         let experiment_id = self.experiment_id(experiment)?;
         let now = chrono::Utc::now().timestamp_millis();
-        let version = report["model_version"].as_str().unwrap_or("unknown");
+        let version = report.model_version.as_str();
         let created = self.call(
             "run creation",
             "/api/2.0/mlflow/runs/create",
@@ -182,7 +184,7 @@ impl Mlflow {
                 "start_time": now,
                 "tags": [
                     { "key": "cartscore.model_version", "value": version },
-                    { "key": "cartscore.data_fingerprint", "value": report["data_fingerprint"].as_str().unwrap_or("") },
+                    { "key": "cartscore.data_fingerprint", "value": report.data_fingerprint },
                     { "key": "mlflow.source.name", "value": "cartscore-trainer" },
                 ],
             }),
@@ -194,40 +196,53 @@ impl Mlflow {
             return Err(self.fail("run creation", "/api/2.0/mlflow/runs/create", created));
         }
 
+        let tuning = &report.tuning;
         let mut params = vec![
-            json!({ "key": "contract_version", "value": report["contract_version"].to_string() }),
-            json!({ "key": "data_fingerprint", "value": report["data_fingerprint"].as_str().unwrap_or("") }),
-            json!({ "key": "best_trial", "value": report["tuning"]["best"]["index"].to_string() }),
-            json!({ "key": "trials", "value": report["tuning"]["trials"].to_string() }),
+            param("contract_version", report.contract_version),
+            param("data_fingerprint", &report.data_fingerprint),
+            param("best_trial", tuning.best.index),
+            // The whole search, as MLflow shows a long parameter: JSON text.
+            param(
+                "trials",
+                serde_json::to_value(&tuning.trials).unwrap_or_default(),
+            ),
         ];
-        if let Some(best) = report["tuning"]["best"]["params"].as_object() {
+        if let Value::Object(best) = serde_json::to_value(&tuning.best.params).unwrap_or_default() {
             for (key, value) in best {
-                params.push(json!({ "key": key, "value": value.to_string() }));
+                params.push(param(&key, value));
             }
         }
+        let metric = |key: String, value: f64| Metric {
+            key,
+            value,
+            timestamp: now,
+            step: 0,
+        };
         let mut metrics = Vec::new();
-        for window in ["test", "validation"] {
-            for name in ["roc_auc", "pr_auc", "log_loss", "brier"] {
-                if let Some(v) = report[window][name].as_f64() {
-                    metrics.push(json!({ "key": format!("{window}_{name}"), "value": v, "timestamp": now, "step": 0 }));
-                }
+        for (window, evaluation) in [("test", &report.test), ("validation", &report.validation)] {
+            let s = &evaluation.scores;
+            for (name, value) in [
+                ("roc_auc", s.roc_auc),
+                ("pr_auc", s.pr_auc),
+                ("log_loss", s.log_loss),
+                ("brier", s.brier),
+            ] {
+                metrics.push(metric(format!("{window}_{name}"), value));
             }
         }
-        for (name, baseline) in report["baselines"].as_object().into_iter().flatten() {
-            if let Some(v) = baseline["roc_auc"].as_f64() {
-                metrics.push(json!({ "key": format!("baseline_{name}_roc_auc"), "value": v, "timestamp": now, "step": 0 }));
-            }
+        for (name, baseline) in report.baselines.named() {
+            metrics.push(metric(format!("baseline_{name}_roc_auc"), baseline.roc_auc));
         }
-        for (key, path) in [
-            ("train_rows", &report["rows"]["train"]),
-            ("cart_examples", &report["replay"]["cart_examples"]),
-            ("events", &report["replay"]["events"]),
-            ("total_seconds", &report["timings"]["total_seconds"]),
+        for (key, value) in [
+            ("train_rows", report.rows.train as f64),
+            ("cart_examples", report.replay.cart_examples as f64),
+            ("events", report.replay.events as f64),
+            ("total_seconds", report.timings.total_seconds),
         ] {
-            if let Some(v) = path.as_f64() {
-                metrics.push(json!({ "key": key, "value": v, "timestamp": now, "step": 0 }));
-            }
+            metrics.push(metric(key.to_owned(), value));
         }
+        // MLflow takes only numbers; an undefined score (one class) is left out.
+        metrics.retain(|m| m.value.is_finite());
         self.call(
             "logging params and metrics",
             "/api/2.0/mlflow/runs/log-batch",
@@ -293,4 +308,26 @@ impl Mlflow {
             alias: CHAMPION,
         })
     }
+}
+
+/// A run parameter: MLflow takes every value as text.
+#[derive(Debug, serde::Serialize)]
+struct Param {
+    key: String,
+    value: String,
+}
+
+fn param(key: &str, value: impl std::fmt::Display) -> Param {
+    Param {
+        key: key.to_owned(),
+        value: value.to_string(),
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Metric {
+    key: String,
+    value: f64,
+    timestamp: i64,
+    step: i64,
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use cartscore_core::{FEATURE_COUNT, FEATURE_NAMES, TractModel};
 
+use crate::files::MergedEvents;
 use crate::replay::Replay;
-use crate::source::MergedEvents;
 
 #[derive(Debug, Default)]
 pub struct PredictSummary {

@@ -1,116 +1,241 @@
-//! The human-readable twin of report.json.
+//! What a training run found, as one type: written as `report.json`,
+//! rendered as `report.txt`, logged to MLflow and read by the CLI, all from
+//! the same fields.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use serde_json::Value;
+use serde::Serialize;
 
-fn num(v: &Value) -> String {
-    match v.as_f64() {
-        Some(x) if x.is_finite() => format!("{x:.4}"),
-        _ => "n/a".into(),
+use crate::files::ReadStats;
+use crate::gbdt::Trial;
+use crate::metrics::{CalibrationBin, Scores};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub model_version: String,
+    pub contract_version: u32,
+    pub data_fingerprint: String,
+    pub model_file: String,
+    pub model_bytes: usize,
+    /// The rows read, valid and invalid (by reason, with samples).
+    pub input: ReadStats,
+    pub replay: ReplaySummary,
+    pub rows: Split<usize>,
+    pub windows: Split<WindowSummary>,
+    /// The tuned model on the test window (used once, for this report).
+    pub test: Evaluation,
+    pub validation: Evaluation,
+    pub baselines: Baselines,
+    /// The best reachable scores, when the data came with an oracle.
+    pub oracle: Option<OracleScores>,
+    pub auc_vs_oracle: Option<f64>,
+    pub tuning: Tuning,
+    pub parity: Parity,
+    pub feature_importance_gain: BTreeMap<String, f64>,
+    pub timings: Timings,
+    /// Trained from the warehouse: the feature rows written back to gold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gold: Option<GoldSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplaySummary {
+    pub events: u64,
+    pub cart_examples: usize,
+    pub peak_live_sessions: usize,
+}
+
+/// One value per time window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Split<T> {
+    pub train: T,
+    pub validation: T,
+    pub test: T,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowSummary {
+    pub rows: usize,
+    pub positives: usize,
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    #[serde(flatten)]
+    pub scores: Scores,
+    pub calibration: Vec<CalibrationBin>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Baselines {
+    /// Every cart scored with the training window's purchase rate.
+    pub base_rate: Scores,
+    /// The original stack's model: one stump on its six features.
+    pub original_stack: Scores,
+}
+
+impl Baselines {
+    pub fn named(&self) -> [(&'static str, &Scores); 2] {
+        [
+            ("base_rate", &self.base_rate),
+            ("original_stack", &self.original_stack),
+        ]
     }
 }
 
-pub fn text(report: &Value) -> String {
-    let mut out = String::new();
-    let r = report;
-    let _ = writeln!(out, "cartscore training report");
-    let _ = writeln!(
-        out,
-        "model version      {}",
-        r["model_version"].as_str().unwrap_or("")
-    );
-    let _ = writeln!(out, "contract version   {}", r["contract_version"]);
-    let _ = writeln!(
-        out,
-        "data fingerprint   {}",
-        r["data_fingerprint"].as_str().unwrap_or("")
-    );
-    let _ = writeln!(
-        out,
-        "input              {} rows, {} valid, {} invalid {}",
-        r["input"]["rows"],
-        r["input"]["valid"],
-        r["input"]["invalid"],
-        r["input"]["invalid_by_reason"]
-    );
-    let _ = writeln!(
-        out,
-        "replay             {} events, {} cart examples",
-        r["replay"]["events"], r["replay"]["cart_examples"]
-    );
-    let _ = writeln!(out, "\nwindows (by time)");
-    for name in ["train", "validation", "test"] {
-        let w = &r["windows"][name];
-        let _ = writeln!(
-            out,
-            "  {name:<11} {:>8} rows {:>7} positive   {} .. {}",
-            w["rows"],
-            w["positives"],
-            w["from"].as_str().unwrap_or(""),
-            w["to"].as_str().unwrap_or("")
-        );
+#[derive(Debug, Clone, Serialize)]
+pub struct OracleScores {
+    /// Test-window carts the oracle file has a probability for.
+    pub matched: usize,
+    pub roc_auc: f64,
+    pub pr_auc: f64,
+    pub log_loss: f64,
+    pub brier: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tuning {
+    pub search: &'static str,
+    pub selected_by: &'static str,
+    pub early_stopping: &'static str,
+    pub trials: Vec<Trial>,
+    pub best: Trial,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Parity {
+    pub reader: &'static str,
+    pub rows: usize,
+    pub edge_rows: usize,
+    pub max_abs_diff: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    pub replay_seconds: f64,
+    pub total_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GoldSummary {
+    pub table: &'static str,
+    pub rows: u64,
+    pub seconds: f64,
+}
+
+fn num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.4}")
+    } else {
+        "n/a".into()
     }
-    let _ = writeln!(
-        out,
-        "\ntest window          ROC-AUC  PR-AUC  log-loss  Brier"
-    );
-    let mut line = |name: &str, s: &Value| {
+}
+
+impl TrainReport {
+    /// The human-readable twin of report.json.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let r = self;
+        let _ = writeln!(out, "cartscore training report");
+        let _ = writeln!(out, "model version      {}", r.model_version);
+        let _ = writeln!(out, "contract version   {}", r.contract_version);
+        let _ = writeln!(out, "data fingerprint   {}", r.data_fingerprint);
         let _ = writeln!(
             out,
-            "  {name:<18} {:>7}  {:>6}  {:>8}  {:>6}",
-            num(&s["roc_auc"]),
-            num(&s["pr_auc"]),
-            num(&s["log_loss"]),
-            num(&s["brier"])
+            "input              {} rows, {} valid, {} invalid {}",
+            r.input.rows,
+            r.input.valid,
+            r.input.invalid,
+            serde_json::to_string(&r.input.invalid_by_reason).unwrap_or_default()
         );
-    };
-    line("model", &r["test"]);
-    line("original stack", &r["baselines"]["original_stack"]);
-    line("base rate", &r["baselines"]["base_rate"]);
-    if !r["oracle"].is_null() {
-        line("oracle", &r["oracle"]);
         let _ = writeln!(
             out,
-            "  model AUC / oracle AUC = {}",
-            num(&r["auc_vs_oracle"])
+            "replay             {} events, {} cart examples",
+            r.replay.events, r.replay.cart_examples
         );
+        let _ = writeln!(out, "\nwindows (by time)");
+        for (name, w) in [
+            ("train", &r.windows.train),
+            ("validation", &r.windows.validation),
+            ("test", &r.windows.test),
+        ] {
+            let _ = writeln!(
+                out,
+                "  {name:<11} {:>8} rows {:>7} positive   {} .. {}",
+                w.rows, w.positives, w.from, w.to
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\ntest window          ROC-AUC  PR-AUC  log-loss  Brier"
+        );
+        let mut line = |name: &str, roc: f64, pr: f64, log_loss: f64, brier: f64| {
+            let _ = writeln!(
+                out,
+                "  {name:<18} {:>7}  {:>6}  {:>8}  {:>6}",
+                num(roc),
+                num(pr),
+                num(log_loss),
+                num(brier)
+            );
+        };
+        let scores = |s: &Scores| (s.roc_auc, s.pr_auc, s.log_loss, s.brier);
+        for (name, s) in [
+            ("model", &r.test.scores),
+            ("original stack", &r.baselines.original_stack),
+            ("base rate", &r.baselines.base_rate),
+        ] {
+            let (a, b, c, d) = scores(s);
+            line(name, a, b, c, d);
+        }
+        if let Some(o) = &r.oracle {
+            line("oracle", o.roc_auc, o.pr_auc, o.log_loss, o.brier);
+            let _ = writeln!(
+                out,
+                "  model AUC / oracle AUC = {}",
+                r.auc_vs_oracle.map_or_else(|| "n/a".into(), num)
+            );
+        }
+        let _ = writeln!(out, "\ncalibration (test)   predicted  observed   count");
+        for bin in &r.test.calibration {
+            let _ = writeln!(
+                out,
+                "  [{:.1}, {:.1})        {:>8}  {:>8}  {:>6}",
+                bin.lower,
+                bin.upper,
+                num(bin.mean_predicted),
+                num(bin.observed_rate),
+                bin.count
+            );
+        }
+        let t = &r.tuning;
+        let _ = writeln!(
+            out,
+            "\ntuning             {} random trials in {:.1} s; best #{} validation AUC {} with {} trees",
+            t.trials.len(),
+            t.seconds,
+            t.best.index,
+            num(t.best.validation_auc),
+            t.best.iterations
+        );
+        let _ = writeln!(
+            out,
+            "best params        {}",
+            // As a JSON object with sorted keys, like the bundle's params.
+            serde_json::to_value(&t.best.params).unwrap_or_default()
+        );
+        let p = &r.parity;
+        let _ = writeln!(
+            out,
+            "tract parity       {} rows ({} on split edges), max |diff| {:e}",
+            p.rows, p.edge_rows, p.max_abs_diff
+        );
+        let _ = writeln!(out, "total time         {:.1} s", r.timings.total_seconds);
+        out
     }
-    let _ = writeln!(out, "\ncalibration (test)   predicted  observed   count");
-    for bin in r["test"]["calibration"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "  [{:.1}, {:.1})        {:>8}  {:>8}  {:>6}",
-            bin["lower"].as_f64().unwrap_or(0.0),
-            bin["upper"].as_f64().unwrap_or(0.0),
-            num(&bin["mean_predicted"]),
-            num(&bin["observed_rate"]),
-            bin["count"]
-        );
-    }
-    let t = &r["tuning"];
-    let _ = writeln!(
-        out,
-        "\ntuning             {} random trials in {:.1} s; best #{} validation AUC {} with {} trees",
-        t["trials"].as_array().map_or(0, |a| a.len()),
-        t["seconds"].as_f64().unwrap_or(0.0),
-        t["best"]["index"],
-        num(&t["best"]["validation_auc"]),
-        t["best"]["iterations"]
-    );
-    let _ = writeln!(out, "best params        {}", t["best"]["params"]);
-    let p = &r["parity"];
-    let _ = writeln!(
-        out,
-        "tract parity       {} rows ({} on split edges), max |diff| {:e}",
-        p["rows"],
-        p["edge_rows"],
-        p["max_abs_diff"].as_f64().unwrap_or(f64::NAN)
-    );
-    let _ = writeln!(
-        out,
-        "total time         {:.1} s",
-        r["timings"]["total_seconds"].as_f64().unwrap_or(0.0)
-    );
-    out
 }

@@ -1,6 +1,9 @@
-//! `train`: replay -> labelled examples -> time split -> encodings -> tuned
-//! LightGBM -> evaluation against baselines (and the oracle) -> ONNX bundle
-//! verified with tract.
+//! `train`, as its steps: [`replay`] the source through `core` into cart
+//! examples -> [`Windows::split`] them by time and encode the strings ->
+//! [`tune`] LightGBM on the validation window -> [`evaluate`] on the test
+//! window against the baselines (and the oracle) -> [`export`] the ONNX
+//! bundle -> [`check_parity`] with tract -> [`write_outputs`] -> (from the
+//! warehouse) [`write_gold`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,13 +16,18 @@ use cartscore_core::{
     BundleMetadata, CONTRACT_VERSION, CategoryTable, EncodingTables, FEATURE_COUNT, FEATURE_NAMES,
     GoldenVector, Timestamp, TractModel,
 };
+use lightgbm3::Booster;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use crate::export;
-use crate::gbdt::{self, Matrix, TuneConfig};
+use crate::export::{self as onnx, Tree};
+use crate::files::ReadStats;
+use crate::gbdt::{self, Matrix, TreeParams, TuneConfig, Tuned};
 use crate::metrics::{Scores, calibration};
 use crate::replay::{Example, Interner, Replay};
+use crate::report::{
+    Baselines, Evaluation, GoldSummary, OracleScores, Parity, ReplaySummary, Split, Timings,
+    TrainReport, Tuning, WindowSummary,
+};
 use crate::source::{Events, SourceSpec};
 
 /// Everything `train` can be told; a TOML file may set any of it, flags win.
@@ -104,6 +112,114 @@ pub struct TrainRequest {
     pub config: TrainConfig,
 }
 
+/// Trains, exports and verifies a bundle; writes `model.onnx` and the
+/// reports into `request.out`.
+pub fn run(request: &TrainRequest) -> Result<TrainReport> {
+    let config = &request.config;
+    config.validate()?;
+    let started = Instant::now();
+    let replayed = replay(&request.source, config.error_budget)?;
+    let examples = &replayed.replay.examples;
+    let data = Windows::split(examples, &replayed.replay.interner, config)?;
+    let (tuned, tuning) = tune(&data, config)?;
+    let booster = gbdt::load(&tuned.model_text)?;
+    let evaluation = evaluate(&booster, &data, request.oracle.as_deref(), examples)?;
+    let bundle = export(
+        request,
+        &tuned,
+        &booster,
+        &data,
+        &evaluation,
+        &replayed.replay,
+    )?;
+    let parity = check_parity(&bundle, &booster, &data.test, config.threads)?;
+    let model_file = request.out.join("model.onnx");
+    let mut report = TrainReport {
+        model_version: bundle.metadata.model_version.clone(),
+        contract_version: CONTRACT_VERSION,
+        data_fingerprint: bundle.metadata.data_fingerprint.clone(),
+        model_file: model_file.display().to_string(),
+        model_bytes: bundle.bytes.len(),
+        input: replayed.stats,
+        replay: ReplaySummary {
+            events: replayed.replay.events,
+            cart_examples: examples.len(),
+            peak_live_sessions: replayed
+                .replay
+                .peak_sessions
+                .max(replayed.replay.live_sessions()),
+        },
+        rows: Split {
+            train: data.train.matrix.rows(),
+            validation: data.validation.matrix.rows(),
+            test: data.test.matrix.rows(),
+        },
+        windows: Split {
+            train: data.train.summary(),
+            validation: data.validation.summary(),
+            test: data.test.summary(),
+        },
+        test: evaluation.test,
+        validation: evaluation.validation,
+        baselines: evaluation.baselines,
+        auc_vs_oracle: evaluation.auc_vs_oracle,
+        oracle: evaluation.oracle,
+        tuning,
+        parity,
+        feature_importance_gain: importance(&booster),
+        timings: Timings {
+            replay_seconds: replayed.seconds,
+            total_seconds: started.elapsed().as_secs_f64(),
+        },
+        gold: None,
+    };
+    write_outputs(
+        request,
+        &bundle.bytes,
+        &report,
+        &data.test,
+        &evaluation.test_p,
+    )?;
+    if let SourceSpec::Postgres(url) = &request.source {
+        report.gold = Some(write_gold(url, request, &report, examples, &data)?);
+        write_report_json(&request.out, &report)?;
+    }
+    Ok(report)
+}
+
+/// Every valid event of the source replayed in time order through `core`.
+struct Replayed {
+    replay: Replay,
+    stats: ReadStats,
+    seconds: f64,
+}
+
+fn replay(source: &SourceSpec, error_budget: f64) -> Result<Replayed> {
+    let started = Instant::now();
+    let mut events = Events::open(source, error_budget)?;
+    let mut replay = Replay::new();
+    while let Some(event) = events.next_event()? {
+        replay.push(&event);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        events = replay.events,
+        examples = replay.examples.len(),
+        seconds,
+        "replay done"
+    );
+    ensure!(
+        replay.examples.len() >= 100,
+        "only {} cart events in the input: too few to train on",
+        replay.examples.len()
+    );
+    Ok(Replayed {
+        stats: events.stats().clone(),
+        replay,
+        seconds,
+    })
+}
+
 /// The examples of one time window, encoded.
 struct Window {
     matrix: Matrix,
@@ -112,22 +228,95 @@ struct Window {
     to: Timestamp,
 }
 
-fn window(
-    examples: &[Example],
-    range: std::ops::Range<usize>,
-    encoded: &[[f32; FEATURE_COUNT]],
-) -> Window {
-    let mut matrix = Matrix::new(FEATURE_COUNT);
-    for i in range.clone() {
-        matrix.push(&encoded[i], examples[i].label);
+impl Window {
+    fn of(
+        examples: &[Example],
+        range: std::ops::Range<usize>,
+        encoded: &[[f32; FEATURE_COUNT]],
+    ) -> Self {
+        let mut matrix = Matrix::new(FEATURE_COUNT);
+        for i in range.clone() {
+            matrix.push(&encoded[i], examples[i].label);
+        }
+        Self {
+            matrix,
+            from: examples.get(range.start).map_or(Timestamp(0), |e| e.time),
+            to: examples
+                .get(range.end.saturating_sub(1))
+                .map_or(Timestamp(0), |e| e.time),
+            examples: range.collect(),
+        }
     }
-    Window {
-        matrix,
-        from: examples.get(range.start).map_or(Timestamp(0), |e| e.time),
-        to: examples
-            .get(range.end.saturating_sub(1))
-            .map_or(Timestamp(0), |e| e.time),
-        examples: range.collect(),
+
+    fn positives(&self) -> usize {
+        self.matrix.labels.iter().filter(|&&l| l).count()
+    }
+
+    fn summary(&self) -> WindowSummary {
+        WindowSummary {
+            rows: self.matrix.rows(),
+            positives: self.positives(),
+            from: self.from.to_rfc3339(),
+            to: self.to.to_rfc3339(),
+        }
+    }
+}
+
+/// The examples split by time into training, validation and test windows,
+/// with the encoding tables learned on the training window.
+struct Windows {
+    tables: EncodingTables,
+    /// Every example's row, in example order (training rows out-of-fold).
+    encoded: Vec<[f32; FEATURE_COUNT]>,
+    train_end: usize,
+    valid_end: usize,
+    train: Window,
+    validation: Window,
+    test: Window,
+}
+
+impl Windows {
+    fn split(examples: &[Example], names: &Interner, config: &TrainConfig) -> Result<Self> {
+        let train_end = cut(examples, config.train_fraction);
+        let valid_end =
+            cut(examples, config.train_fraction + config.validation_fraction).max(train_end + 1);
+        ensure!(
+            valid_end < examples.len(),
+            "the test window is empty: add data or lower the training fractions"
+        );
+        let (tables, encoded) = encode_all(examples, train_end, names);
+        let windows = Self {
+            train: Window::of(examples, 0..train_end, &encoded),
+            validation: Window::of(examples, train_end..valid_end, &encoded),
+            test: Window::of(examples, valid_end..examples.len(), &encoded),
+            tables,
+            encoded,
+            train_end,
+            valid_end,
+        };
+        for (name, w) in [
+            ("train", &windows.train),
+            ("validation", &windows.validation),
+            ("test", &windows.test),
+        ] {
+            let positives = w.positives();
+            if positives == 0 || positives == w.matrix.rows() {
+                bail!(
+                    "the {name} window ({} rows) has only one class: add data",
+                    w.matrix.rows()
+                );
+            }
+        }
+        Ok(windows)
+    }
+
+    /// The window example `i` belongs to.
+    fn name_of(&self, i: usize) -> &'static str {
+        match i {
+            i if i < self.train_end => "train",
+            i if i < self.valid_end => "validation",
+            _ => "test",
+        }
     }
 }
 
@@ -195,6 +384,84 @@ fn encode_all(
     (tables, encoded)
 }
 
+/// Random search on the validation window (never the test window).
+fn tune(data: &Windows, config: &TrainConfig) -> Result<(Tuned, Tuning)> {
+    let started = Instant::now();
+    let tuned = gbdt::tune(
+        &data.train.matrix,
+        &data.validation.matrix,
+        &TuneConfig {
+            trials: config.trials,
+            threads: config.threads,
+            seed: config.seed,
+            max_iterations: config.max_iterations,
+            early_stopping: config.early_stopping,
+        },
+    )?;
+    let tuning = Tuning {
+        search: "random",
+        selected_by: "validation roc_auc",
+        early_stopping: "validation binary_logloss",
+        trials: tuned.trials.clone(),
+        best: tuned.best.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((tuned, tuning))
+}
+
+/// The tuned model on the test and validation windows, and the baselines
+/// and the oracle on the test window.
+struct Evaluated {
+    test: Evaluation,
+    /// The model's test-window probabilities (for `test_rows.csv`).
+    test_p: Vec<f64>,
+    validation: Evaluation,
+    baselines: Baselines,
+    oracle: Option<OracleScores>,
+    auc_vs_oracle: Option<f64>,
+}
+
+fn evaluation(probabilities: &[f64], labels: &[bool]) -> Evaluation {
+    Evaluation {
+        scores: Scores::of(probabilities, labels),
+        calibration: calibration(probabilities, labels),
+    }
+}
+
+fn evaluate(
+    booster: &Booster,
+    data: &Windows,
+    oracle: Option<&Path>,
+    examples: &[Example],
+) -> Result<Evaluated> {
+    let (train, test) = (&data.train.matrix, &data.test.matrix);
+    let test_p = gbdt::predict(booster, test)?;
+    let valid_p = gbdt::predict(booster, &data.validation.matrix)?;
+    let base_rate = data.train.positives() as f64 / train.rows() as f64;
+    let base_p = vec![base_rate; test.rows()];
+    let stump = gbdt::stump(&train.select(&ORIGINAL_SIX))?;
+    let stump_p = gbdt::predict(&stump, &test.select(&ORIGINAL_SIX))?;
+    let oracle = match oracle {
+        None => None,
+        Some(path) => Some(oracle_scores(path, &data.test, examples)?),
+    };
+    let test_eval = evaluation(&test_p, &test.labels);
+    let auc_vs_oracle = oracle
+        .as_ref()
+        .map(|o| test_eval.scores.roc_auc / o.roc_auc);
+    Ok(Evaluated {
+        test: test_eval,
+        test_p,
+        validation: evaluation(&valid_p, &data.validation.matrix.labels),
+        baselines: Baselines {
+            base_rate: Scores::of(&base_p, &test.labels),
+            original_stack: Scores::of(&stump_p, &test.labels),
+        },
+        oracle,
+        auc_vs_oracle,
+    })
+}
+
 fn load_oracle(path: &Path) -> Result<HashMap<(i64, String, u64), f64>> {
     let mut reader = csv::Reader::from_path(path)
         .with_context(|| format!("failed to open oracle file {}", path.display()))?;
@@ -220,130 +487,72 @@ fn load_oracle(path: &Path) -> Result<HashMap<(i64, String, u64), f64>> {
     Ok(out)
 }
 
-fn scores_json(scores: &Scores, probabilities: &[f64], labels: &[bool]) -> serde_json::Value {
-    let mut v = serde_json::to_value(scores).unwrap_or_default();
-    v["calibration"] = serde_json::to_value(calibration(probabilities, labels)).unwrap_or_default();
-    v
+/// The oracle's probabilities on the test window's carts: the best reachable
+/// scores for synthetic data.
+fn oracle_scores(path: &Path, test: &Window, examples: &[Example]) -> Result<OracleScores> {
+    let table = load_oracle(path)?;
+    let (mut p, mut labels) = (Vec::new(), Vec::new());
+    for &i in &test.examples {
+        let e = &examples[i];
+        if let Some(&q) = table.get(&(e.time.micros(), e.session.to_string(), e.product_id)) {
+            p.push(q);
+            labels.push(e.label);
+        }
+    }
+    ensure!(
+        !p.is_empty(),
+        "the oracle file {} matches no test-window cart event",
+        path.display()
+    );
+    let scores = Scores::of(&p, &labels);
+    Ok(OracleScores {
+        matched: p.len(),
+        roc_auc: scores.roc_auc,
+        pr_auc: scores.pr_auc,
+        log_loss: scores.log_loss,
+        brier: scores.brier,
+    })
 }
 
-pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
+/// Who trained the bundle and how; part of the bundle's bytes, so it holds
+/// no timings (the same data gives the same bytes).
+#[derive(Debug, Serialize)]
+struct TrainerParams<'a> {
+    trainer: String,
+    engine: &'static str,
+    trees: usize,
+    best_params: &'a TreeParams,
+    best_trial: usize,
+    iterations: i32,
+    seed: u64,
+}
+
+/// The exported bundle and the trees it was made from.
+struct Bundle {
+    bytes: Vec<u8>,
+    metadata: BundleMetadata,
+    trees: Vec<Tree>,
+}
+
+/// The ONNX bundle: trees, encodings, golden vectors (test rows and rows on
+/// split thresholds, with LightGBM's probabilities) and the metadata.
+fn export(
+    request: &TrainRequest,
+    tuned: &Tuned,
+    booster: &Booster,
+    data: &Windows,
+    evaluated: &Evaluated,
+    replay: &Replay,
+) -> Result<Bundle> {
     let config = &request.config;
-    config.validate()?;
-    let started = Instant::now();
-
-    // 1. Replay every valid event in time order through the shared crate.
-    let mut source = Events::open(&request.source, config.error_budget)?;
-    let mut replay = Replay::new();
-    while let Some(event) = source.next_event()? {
-        replay.push(&event);
-    }
-    let read_stats = source.stats().clone();
-    let replay_seconds = started.elapsed().as_secs_f64();
-    tracing::info!(
-        events = replay.events,
-        examples = replay.examples.len(),
-        seconds = replay_seconds,
-        "replay done"
-    );
-    let examples = &replay.examples;
-    ensure!(
-        examples.len() >= 100,
-        "only {} cart events in the input: too few to train on",
-        examples.len()
-    );
-
-    // 2. Split by time.
-    let train_end = cut(examples, config.train_fraction);
-    let valid_end =
-        cut(examples, config.train_fraction + config.validation_fraction).max(train_end + 1);
-    ensure!(
-        valid_end < examples.len(),
-        "the test window is empty: add data or lower the training fractions"
-    );
-    let (tables, encoded) = encode_all(examples, train_end, &replay.interner);
-    let train = window(examples, 0..train_end, &encoded);
-    let valid = window(examples, train_end..valid_end, &encoded);
-    let test = window(examples, valid_end..examples.len(), &encoded);
-    for (name, w) in [("train", &train), ("validation", &valid), ("test", &test)] {
-        let positives = w.matrix.labels.iter().filter(|&&l| l).count();
-        if positives == 0 || positives == w.matrix.rows() {
-            bail!(
-                "the {name} window ({} rows) has only one class: add data",
-                w.matrix.rows()
-            );
-        }
-    }
-
-    // 3. Tune on the validation window.
-    let tune_started = Instant::now();
-    let tuned = gbdt::tune(
-        &train.matrix,
-        &valid.matrix,
-        &TuneConfig {
-            trials: config.trials,
-            threads: config.threads,
-            seed: config.seed,
-            max_iterations: config.max_iterations,
-            early_stopping: config.early_stopping,
-        },
-    )?;
-    let tune_seconds = tune_started.elapsed().as_secs_f64();
-    let booster = gbdt::load(&tuned.model_text)?;
-
-    // 4. Evaluate on the test window, next to the baselines.
-    let test_p = gbdt::predict(&booster, &test.matrix)?;
-    let valid_p = gbdt::predict(&booster, &valid.matrix)?;
-    let test_scores = Scores::of(&test_p, &test.matrix.labels);
-    let valid_scores = Scores::of(&valid_p, &valid.matrix.labels);
-    let base_rate =
-        train.matrix.labels.iter().filter(|&&l| l).count() as f64 / train.matrix.rows() as f64;
-    let base_p = vec![base_rate; test.matrix.rows()];
-    let stump = gbdt::stump(&train.matrix.select(&ORIGINAL_SIX))?;
-    let stump_p = gbdt::predict(&stump, &test.matrix.select(&ORIGINAL_SIX))?;
-    let mut baselines = serde_json::Map::new();
-    baselines.insert(
-        "base_rate".into(),
-        serde_json::to_value(Scores::of(&base_p, &test.matrix.labels))?,
-    );
-    baselines.insert(
-        "original_stack".into(),
-        serde_json::to_value(Scores::of(&stump_p, &test.matrix.labels))?,
-    );
-
-    let oracle = match &request.oracle {
-        None => serde_json::Value::Null,
-        Some(path) => {
-            let table = load_oracle(path)?;
-            let (mut p, mut labels) = (Vec::new(), Vec::new());
-            for &i in &test.examples {
-                let e = &examples[i];
-                if let Some(&q) = table.get(&(e.time.micros(), e.session.to_string(), e.product_id))
-                {
-                    p.push(q);
-                    labels.push(e.label);
-                }
-            }
-            ensure!(
-                !p.is_empty(),
-                "the oracle file {} matches no test-window cart event",
-                path.display()
-            );
-            let scores = Scores::of(&p, &labels);
-            json!({ "matched": p.len(), "roc_auc": scores.roc_auc, "pr_auc": scores.pr_auc,
-                    "log_loss": scores.log_loss, "brier": scores.brier })
-        }
-    };
-
-    // 5. Export the bundle with golden vectors and check it in tract.
-    let trees = export::parse_lightgbm(&tuned.model_text)?;
-    let n_golden = config.golden_vectors.min(test.matrix.rows());
+    let test = &data.test.matrix;
+    let trees = onnx::parse_lightgbm(&tuned.model_text)?;
+    let n_golden = config.golden_vectors.min(test.rows());
     let mut golden_rows: Vec<f32> = (0..n_golden)
-        .flat_map(|k| test.matrix.row(k * test.matrix.rows() / n_golden).to_vec())
+        .flat_map(|k| test.row(k * test.rows() / n_golden).to_vec())
         .collect();
-    golden_rows.extend(export::edge_rows(&trees, &test.matrix.values, 8));
-    let golden_p = booster
-        .predict_with_params(&golden_rows, FEATURE_COUNT as i32, true, "num_threads=1")
-        .map_err(|e| anyhow::anyhow!("LightGBM prediction failed: {e}"))?;
+    golden_rows.extend(onnx::edge_rows(&trees, &test.values, 8));
+    let golden_p = lightgbm_predict(booster, &golden_rows)?;
     let golden_vectors: Vec<GoldenVector> = golden_rows
         .chunks(FEATURE_COUNT)
         .zip(&golden_p)
@@ -358,6 +567,7 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
         .model_version
         .clone()
         .unwrap_or_else(|| format!("{}-{model_hash}", &fingerprint[..8]));
+    let (test_scores, valid_scores) = (&evaluated.test.scores, &evaluated.validation.scores);
     let metrics = BTreeMap::from([
         ("test_roc_auc".to_string(), test_scores.roc_auc),
         ("test_pr_auc".to_string(), test_scores.pr_auc),
@@ -365,36 +575,55 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
         ("test_brier".to_string(), test_scores.brier),
         ("validation_roc_auc".to_string(), valid_scores.roc_auc),
     ]);
+    let params = TrainerParams {
+        trainer: format!("cartscore-trainer {}", env!("CARGO_PKG_VERSION")),
+        engine: "lightgbm",
+        trees: trees.len(),
+        best_params: &tuned.best.params,
+        best_trial: tuned.best.index,
+        iterations: tuned.best.iterations,
+        seed: config.seed,
+    };
     let metadata = BundleMetadata {
-        model_version: model_version.clone(),
+        model_version,
         contract_version: CONTRACT_VERSION,
         feature_names: FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
-        encodings: tables,
-        data_fingerprint: fingerprint.clone(),
+        encodings: data.tables.clone(),
+        data_fingerprint: fingerprint,
         metrics,
-        params: json!({
-            "trainer": format!("cartscore-trainer {}", env!("CARGO_PKG_VERSION")),
-            "engine": "lightgbm",
-            "trees": trees.len(),
-            // Timings stay out of the bundle so the same data gives the same bytes.
-            "best_params": tuned.best.params,
-            "best_trial": tuned.best.index,
-            "iterations": tuned.best.iterations,
-            "seed": config.seed,
-        }),
+        params: serde_json::to_value(&params)?,
         golden_vectors,
     };
-    let bytes = export::encode(&export::onnx_model(&trees, &metadata));
-    let parity_started = Instant::now();
-    let tract =
-        TractModel::from_bytes(&bytes).context("the exported bundle does not load in tract")?;
-    let mut parity_rows = test.matrix.values.clone();
-    let edge = export::edge_rows(&trees, &test.matrix.values, 2_000);
-    parity_rows.extend_from_slice(&edge);
-    let reference = booster
-        .predict_with_params(&parity_rows, FEATURE_COUNT as i32, true, "num_threads=1")
-        .map_err(|e| anyhow::anyhow!("LightGBM prediction failed: {e}"))?;
-    let tract_p = predict_parallel(&tract, &parity_rows, config.threads)?;
+    let bytes = onnx::encode(&onnx::onnx_model(&trees, &metadata));
+    Ok(Bundle {
+        bytes,
+        metadata,
+        trees,
+    })
+}
+
+fn lightgbm_predict(booster: &Booster, rows: &[f32]) -> Result<Vec<f64>> {
+    booster
+        .predict_with_params(rows, FEATURE_COUNT as i32, true, "num_threads=1")
+        .map_err(|e| anyhow::anyhow!("LightGBM prediction failed: {e}"))
+}
+
+/// tract, reading the exported bytes, must give LightGBM's probabilities on
+/// the whole test window and on up to 2,000 rows sitting on split edges.
+fn check_parity(
+    bundle: &Bundle,
+    booster: &Booster,
+    test: &Window,
+    threads: usize,
+) -> Result<Parity> {
+    let started = Instant::now();
+    let tract = TractModel::from_bytes(&bundle.bytes)
+        .context("the exported bundle does not load in tract")?;
+    let mut rows = test.matrix.values.clone();
+    let edge = onnx::edge_rows(&bundle.trees, &test.matrix.values, 2_000);
+    rows.extend_from_slice(&edge);
+    let reference = lightgbm_predict(booster, &rows)?;
+    let tract_p = predict_parallel(&tract, &rows, threads)?;
     let max_diff = reference
         .iter()
         .zip(&tract_p)
@@ -404,103 +633,92 @@ pub fn run(request: &TrainRequest) -> Result<serde_json::Value> {
         max_diff <= cartscore_core::bundle::GOLDEN_TOLERANCE,
         "tract disagrees with LightGBM by {max_diff:e} on the test window: the export is wrong"
     );
-    let parity_seconds = parity_started.elapsed().as_secs_f64();
+    Ok(Parity {
+        reader: "tract-onnx 0.23",
+        rows: reference.len(),
+        edge_rows: edge.len() / FEATURE_COUNT,
+        max_abs_diff: max_diff,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
 
-    // 6. Write the bundle atomically, then the reports.
-    std::fs::create_dir_all(&request.out)
-        .with_context(|| format!("failed to create {}", request.out.display()))?;
-    let model_path = request.out.join("model.onnx");
-    write_atomically(&model_path, &bytes)?;
-    let importance = booster
+fn importance(booster: &Booster) -> BTreeMap<String, f64> {
+    booster
         .feature_importance(lightgbm3::ImportanceType::Gain)
         .map(|g| {
             FEATURE_NAMES
                 .iter()
                 .zip(g)
                 .map(|(n, v)| (n.to_string(), v))
-                .collect::<BTreeMap<_, _>>()
+                .collect()
         })
-        .unwrap_or_default();
-    let window_json = |w: &Window| {
-        json!({ "rows": w.matrix.rows(), "positives": w.matrix.labels.iter().filter(|&&l| l).count(),
-        "from": w.from.to_rfc3339(), "to": w.to.to_rfc3339() })
-    };
-    let auc_vs_oracle = oracle
-        .get("roc_auc")
-        .and_then(|v| v.as_f64())
-        .map(|o| test_scores.roc_auc / o);
-    let report = json!({
-        "model_version": model_version,
-        "contract_version": CONTRACT_VERSION,
-        "data_fingerprint": fingerprint,
-        "model_file": model_path.display().to_string(),
-        "model_bytes": bytes.len(),
-        "input": read_stats,
-        "replay": { "events": replay.events, "cart_examples": examples.len(), "peak_live_sessions": replay.peak_sessions.max(replay.live_sessions()) },
-        "rows": { "train": train.matrix.rows(), "validation": valid.matrix.rows(), "test": test.matrix.rows() },
-        "windows": { "train": window_json(&train), "validation": window_json(&valid), "test": window_json(&test) },
-        "test": scores_json(&test_scores, &test_p, &test.matrix.labels),
-        "validation": scores_json(&valid_scores, &valid_p, &valid.matrix.labels),
-        "baselines": baselines,
-        "oracle": oracle,
-        "auc_vs_oracle": auc_vs_oracle,
-        "tuning": { "search": "random", "selected_by": "validation roc_auc", "early_stopping": "validation binary_logloss",
-                    "trials": tuned.trials, "best": tuned.best, "seconds": tune_seconds },
-        "parity": { "reader": "tract-onnx 0.23", "rows": reference.len(), "edge_rows": edge.len() / FEATURE_COUNT,
-                    "max_abs_diff": max_diff, "seconds": parity_seconds },
-        "feature_importance_gain": importance,
-        "timings": { "replay_seconds": replay_seconds, "total_seconds": started.elapsed().as_secs_f64() },
-    });
-    write_atomically(
-        &request.out.join("report.json"),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    write_atomically(
-        &request.out.join("report.txt"),
-        crate::report::text(&report).as_bytes(),
-    )?;
+        .unwrap_or_default()
+}
+
+/// The bundle (atomically, so a watcher never sees half of it), then the
+/// reports, and the test rows when asked.
+fn write_outputs(
+    request: &TrainRequest,
+    bytes: &[u8],
+    report: &TrainReport,
+    test: &Window,
+    test_p: &[f64],
+) -> Result<()> {
+    std::fs::create_dir_all(&request.out)
+        .with_context(|| format!("failed to create {}", request.out.display()))?;
+    write_atomically(&request.out.join("model.onnx"), bytes)?;
+    write_report_json(&request.out, report)?;
+    write_atomically(&request.out.join("report.txt"), report.text().as_bytes())?;
     if request.write_test_rows {
-        write_test_rows(&request.out.join("test_rows.csv"), &test.matrix, &test_p)?;
+        write_test_rows(&request.out.join("test_rows.csv"), &test.matrix, test_p)?;
     }
-    let mut report = report;
-    // 7. Trained from the warehouse: write the feature rows back to gold.
-    if let SourceSpec::Postgres(url) = &request.source {
-        let gold_started = Instant::now();
-        let split = |i: usize| match i {
-            i if i < train_end => "train",
-            i if i < valid_end => "validation",
-            _ => "test",
-        };
-        let rows = examples
-            .iter()
-            .zip(&encoded)
-            .enumerate()
-            .map(|(i, (e, row))| crate::warehouse::GoldRow {
-                time: e.time,
-                session: &e.session,
-                product_id: e.product_id,
-                split: split(i),
-                label: e.label,
-                features: row,
-            });
-        let written = crate::warehouse::Warehouse::connect(url)?.write_gold(
-            &crate::warehouse::GoldRun {
-                model_version: &model_version,
-                data_fingerprint: &fingerprint,
-                contract_version: CONTRACT_VERSION,
-                source: &request.source.describe(),
-                report: &report,
-            },
-            rows,
-        )?;
-        report["gold"] = json!({ "table": "gold.feature_rows", "rows": written,
-                                 "seconds": gold_started.elapsed().as_secs_f64() });
-        write_atomically(
-            &request.out.join("report.json"),
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
-    }
-    Ok(report)
+    Ok(())
+}
+
+fn write_report_json(out: &Path, report: &TrainReport) -> Result<()> {
+    write_atomically(
+        &out.join("report.json"),
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )
+}
+
+/// Trained from the warehouse: the replay's point-in-time rows, exactly as
+/// the model saw them, go back to `gold.feature_rows`.
+fn write_gold(
+    url: &str,
+    request: &TrainRequest,
+    report: &TrainReport,
+    examples: &[Example],
+    data: &Windows,
+) -> Result<GoldSummary> {
+    let started = Instant::now();
+    let rows = examples
+        .iter()
+        .zip(&data.encoded)
+        .enumerate()
+        .map(|(i, (e, row))| crate::warehouse::GoldRow {
+            time: e.time,
+            session: &e.session,
+            product_id: e.product_id,
+            split: data.name_of(i),
+            label: e.label,
+            features: row,
+        });
+    let written = crate::warehouse::Warehouse::connect(url)?.write_gold(
+        &crate::warehouse::GoldRun {
+            model_version: &report.model_version,
+            data_fingerprint: &report.data_fingerprint,
+            contract_version: CONTRACT_VERSION,
+            source: &request.source.describe(),
+            report,
+        },
+        rows,
+    )?;
+    Ok(GoldSummary {
+        table: "gold.feature_rows",
+        rows: written,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Scores rows with tract on `threads` threads (tract's tree walk is slow, and

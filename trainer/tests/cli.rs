@@ -16,7 +16,7 @@ use cartscore_core::{CsvLayout, Event, FEATURE_COUNT, TractModel};
 use parquet::arrow::ArrowWriter;
 use serde_json::Value;
 
-use common::{dataset, ok, repo, trainer};
+use common::{dataset, fails, ok, repo, trainer};
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -176,6 +176,30 @@ fn missing_input_is_a_clear_error() {
 }
 
 #[test]
+fn a_headerless_csv_is_named_with_the_columns_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let headerless = dir.path().join("headerless.csv");
+    std::fs::write(
+        &headerless,
+        "2019-10-01 00:00:00 UTC,view,1,2,,,1.0,3,s1\n2019-10-01 00:00:01 UTC,cart,1,2,,,1.0,3,s1\n",
+    )
+    .unwrap();
+    let out = dir.path().join("model");
+    let stderr = fails(&["train", "--input", s(&headerless), "--out", s(&out)]);
+    assert!(
+        stderr.contains("headerless.csv: the first line is not a header row"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2019-10-01 00:00:00 UTC,view"), "{stderr}");
+}
+
+#[test]
 fn trains_a_model_near_the_oracle_that_tract_and_onnxruntime_reproduce() {
     let dir = tempfile::tempdir().unwrap();
     let (data, oracle, model_dir) = (
@@ -288,12 +312,8 @@ fn trains_a_model_near_the_oracle_that_tract_and_onnxruntime_reproduce() {
 }
 
 fn csv_to_parquet(csv_path: &Path, parquet_path: &Path) {
-    let mut reader = csv::Reader::from_path(csv_path).unwrap();
-    let layout = CsvLayout::from_header(reader.byte_headers().unwrap()).unwrap();
-    let events: Vec<Event> = reader
-        .byte_records()
-        .map(|r| Event::from_csv(&r.unwrap(), &layout).unwrap())
-        .collect();
+    let (events, invalid) = cartscore_core::dataset::read_all(csv_path).unwrap();
+    assert!(invalid.is_empty(), "{invalid:?}");
     let text = |f: &dyn Fn(&Event) -> Option<String>| -> ArrayRef {
         Arc::new(StringArray::from(events.iter().map(f).collect::<Vec<_>>()))
     };

@@ -6,7 +6,7 @@ use std::io::Write;
 use cartscore_core::FEATURE_COUNT;
 use cartscore_core::Timestamp;
 
-use super::{Warehouse, WarehouseError, query_error};
+use super::client::{Warehouse, WarehouseError, query_error};
 
 /// One training run, as recorded in `gold.training_runs`.
 #[derive(Debug)]
@@ -15,7 +15,7 @@ pub struct GoldRun<'a> {
     pub data_fingerprint: &'a str,
     pub contract_version: u32,
     pub source: &'a str,
-    pub report: &'a serde_json::Value,
+    pub report: &'a crate::report::TrainReport,
 }
 
 /// One cart event's model row.
@@ -45,7 +45,7 @@ impl Warehouse {
             &[&run.model_version],
         )
         .map_err(err("replacing the gold run"))?;
-        let examples = run.report["replay"]["cart_examples"].as_i64().unwrap_or(0);
+        let examples = run.report.replay.cart_examples as i64;
         tx.execute(
             "INSERT INTO gold.training_runs (model_version, data_fingerprint, contract_version, source, examples, report)
              VALUES ($1, $2, $3, $4, $5, $6::text::jsonb)",
@@ -55,7 +55,7 @@ impl Warehouse {
                 &(run.contract_version as i32),
                 &run.source,
                 &examples,
-                &run.report.to_string(),
+                &serde_json::to_string(run.report).unwrap_or_default(),
             ],
         )
         .map_err(err("recording the run in gold.training_runs"))?;

@@ -9,15 +9,14 @@
 //! transaction: a file is loaded completely or not at all, a killed load
 //! leaves nothing, and a re-run skips what is already there.
 
-use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cartscore_core::validate::Field;
-use cartscore_core::{CsvLayout, Event, EventError};
+use cartscore_core::{CsvEvents, CsvRow, Event, EventError};
 
-use super::{Warehouse, WarehouseError, query_error};
+use super::client::{Warehouse, WarehouseError, query_error};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FileLoad {
@@ -162,7 +161,11 @@ impl Warehouse {
 
     fn load_file(&mut self, path: &Path) -> Result<FileLoad, WarehouseError> {
         let started = Instant::now();
-        let checksum = file_checksum(path)?;
+        let checksum =
+            crate::files::file_checksum(path).map_err(|source| WarehouseError::Read {
+                path: path.into(),
+                source,
+            })?;
         let name = path.display().to_string();
         let endpoint = self.endpoint.as_str();
         let err = |what: &str| query_error(endpoint, what);
@@ -266,33 +269,9 @@ impl Warehouse {
     }
 }
 
-pub fn file_checksum(path: &Path) -> Result<String, WarehouseError> {
-    let read = |source| WarehouseError::Read {
-        path: path.into(),
-        source,
-    };
-    let mut hasher = blake3::Hasher::new();
-    let mut file = File::open(path).map_err(read)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(read)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().to_hex().to_string())
-}
-
 /// Turns one CSV record into one COPY text line (without the newline).
 trait CopyRow {
-    fn encode(
-        &mut self,
-        line: u64,
-        record: &csv::ByteRecord,
-        layout: &CsvLayout,
-        out: &mut Vec<u8>,
-    );
+    fn encode(&mut self, row: &CsvRow<'_>, out: &mut Vec<u8>);
 }
 
 /// Bronze keeps every field as it came, as text: a missing field is NULL,
@@ -311,19 +290,13 @@ impl BronzeRow {
 }
 
 impl CopyRow for BronzeRow {
-    fn encode(
-        &mut self,
-        line: u64,
-        record: &csv::ByteRecord,
-        layout: &CsvLayout,
-        out: &mut Vec<u8>,
-    ) {
+    fn encode(&mut self, row: &CsvRow<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.file_field);
         out.push(b'\t');
-        out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(row.line).as_bytes());
         for field in Field::ALL {
             out.push(b'\t');
-            match record.get(layout.index(field)) {
+            match row.record.get(row.layout.index(field)) {
                 Some(bytes) => match std::str::from_utf8(bytes) {
                     Ok(_) => escape_text(bytes, out),
                     Err(_) => escape_text(String::from_utf8_lossy(bytes).as_bytes(), out),
@@ -343,15 +316,10 @@ struct SilverRow {
 }
 
 impl CopyRow for SilverRow {
-    fn encode(
-        &mut self,
-        line: u64,
-        record: &csv::ByteRecord,
-        layout: &CsvLayout,
-        out: &mut Vec<u8>,
-    ) {
-        out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
-        let checked = Event::from_csv(record, layout)
+    fn encode(&mut self, row: &CsvRow<'_>, out: &mut Vec<u8>) {
+        out.extend_from_slice(itoa::Buffer::new().format(row.line).as_bytes());
+        let checked = row
+            .event()
             .map_err(Rejected::from)
             .and_then(|event| storable(&event).map(|()| event));
         match checked {
@@ -471,55 +439,29 @@ fn encode_event(event: &Event, out: &mut Vec<u8>) {
 }
 
 /// Reads `path` as a CSV file of the data set and writes one COPY line per
-/// data row. A row that cannot be read as CSV at all is an error of the
-/// file (the load is rolled back); a row that reads but does not validate
-/// is the encoder's business.
+/// data row. A file that cannot be read as CSV at all is an error of the file
+/// (the load is rolled back); a row that reads but does not validate is the
+/// encoder's business.
 fn copy_rows(
     path: &Path,
     out: &mut impl Write,
-    row: &mut impl CopyRow,
+    encoder: &mut impl CopyRow,
 ) -> Result<u64, WarehouseError> {
-    let read = |source| WarehouseError::Read {
-        path: path.into(),
-        source,
-    };
-    // Lines are counted here: the csv crate's positions are one short on
-    // CRLF files (the data set's form). A record is one line.
-    let csv_error = |line: u64| {
-        move |error: csv::Error| WarehouseError::Csv {
-            path: path.into(),
-            line,
-            reason: error.to_string(),
-        }
-    };
-    let file = File::open(path).map_err(read)?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_reader(BufReader::with_capacity(1 << 20, file));
-    let layout =
-        CsvLayout::from_header(reader.byte_headers().map_err(csv_error(1))?).map_err(|error| {
-            WarehouseError::Csv {
-                path: path.into(),
-                line: 1,
-                reason: format!("unusable header: {error}"),
-            }
-        })?;
-    let mut record = csv::ByteRecord::new();
+    let mut rows = CsvEvents::open(path)?;
     let mut line_buf = Vec::with_capacity(512);
-    let mut rows = 0u64;
-    while reader
-        .read_byte_record(&mut record)
-        .map_err(csv_error(rows + 2))?
-    {
-        let line = rows + 2;
+    let mut count = 0u64;
+    while let Some(row) = rows.next_row()? {
         line_buf.clear();
-        row.encode(line, &record, &layout, &mut line_buf);
+        encoder.encode(&row, &mut line_buf);
         line_buf.push(b'\n');
-        out.write_all(&line_buf).map_err(read)?;
-        rows += 1;
+        out.write_all(&line_buf)
+            .map_err(|source| WarehouseError::Read {
+                path: path.into(),
+                source,
+            })?;
+        count += 1;
     }
-    Ok(rows)
+    Ok(count)
 }
 
 /// COPY text format escaping (backslash, tab, newline, carriage return).
@@ -537,9 +479,11 @@ pub(super) fn escape_text(field: &[u8], out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    use cartscore_core::CsvLayout;
+
     use super::*;
 
-    fn encode(row: &mut impl CopyRow, line: &[u8]) -> String {
+    fn encode(encoder: &mut impl CopyRow, line: &[u8]) -> String {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
             .flexible(true)
@@ -547,7 +491,13 @@ mod tests {
         let mut record = csv::ByteRecord::new();
         reader.read_byte_record(&mut record).unwrap();
         let mut out = Vec::new();
-        row.encode(7, &record, &CsvLayout::dataset(), &mut out);
+        let layout = CsvLayout::dataset();
+        let row = CsvRow {
+            line: 7,
+            record: &record,
+            layout: &layout,
+        };
+        encoder.encode(&row, &mut out);
         String::from_utf8(out).unwrap()
     }
 

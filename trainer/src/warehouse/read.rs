@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use cartscore_core::event::{RawEvent, RawValue};
 use cartscore_core::{Event, EventError};
 
-use super::{Warehouse, WarehouseError, query_error};
+use super::client::{Warehouse, WarehouseError, query_error};
 
 /// Silver in the order the trainer replays it; ties keep the source files'
 /// order, as a replay of the files themselves would.

@@ -57,11 +57,16 @@ fn failed(output: Output, args: &[&str]) -> String {
 /// Runs the trainer, requires success, returns its stdout.
 pub fn ok(args: &[&str]) -> String {
     let output = trainer(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "cartscore-trainer {args:?} failed:\n{}\n{}",
+        "cartscore-trainer {args:?} failed:\n{}\n{stderr}",
         String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    );
+    // Its log went to a pipe, not a terminal: plain text, no colour escapes.
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour in a piped log: {stderr:?}"
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

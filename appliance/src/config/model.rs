@@ -1,0 +1,43 @@
+//! `[model]`: the folder bundles are delivered to and how they are checked.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ConfigError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Folder watched for `.onnx` bundles; the newest valid one serves.
+    pub dir: PathBuf,
+    /// Reload when files change in the folder (SIGHUP and /admin/reload work
+    /// regardless).
+    pub watch: bool,
+    /// Random feature rows on which a compiled ensemble must match tract
+    /// before it may serve (in addition to the bundle's golden vectors).
+    pub verify_random_rows: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("models/demo"),
+            watch: true,
+            verify_random_rows: 256,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "model.dir",
+                "\"\"",
+                "must not be empty",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,111 @@
+//! The Kafka event source: consume raw events, route each message by
+//! `core`'s validation (valid ones to the store and, optionally, to the
+//! validated topic; invalid ones to the invalid topic with the reason and the
+//! original bytes), and apply them exactly once.
+//!
+//! Exactly once: the store, not the broker, owns the consumed positions. A
+//! batch's state changes and its next offsets are one LMDB transaction; on
+//! assignment the consumer seeks to the stored offsets (the beginning of a
+//! partition it has never applied), and messages below the stored position are
+//! skipped, so no rebalance, retry or crash can apply a message twice or skip
+//! one. Offsets are also committed to the group, for lag tools only.
+//!
+//! The output topics are at-least-once and never hold up the state (see
+//! [`outputs`]); each record carries its source topic, partition and offset
+//! to de-duplicate on.
+//!
+//! By seam: [`consumer`] is the thread's loop and its batches, [`route`]
+//! what each message becomes, [`outputs`] the producer of the output topics,
+//! [`rebalance`] the consumer's callbacks (assignments, statistics), and
+//! [`health`] what readiness and the metrics say about the stream.
+
+mod client;
+mod consumer;
+pub mod health;
+mod outputs;
+mod rebalance;
+mod route;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::{KafkaConfig, KafkaMode};
+use crate::ingest::writer::Ingestor;
+use crate::ops::metrics::Metrics;
+use crate::store::Store;
+use client::consumer_config;
+use consumer::Worker;
+use outputs::Outputs;
+use rebalance::ConsumerCallbacks;
+
+pub use client::StreamError;
+pub use health::{StreamHealth, StreamStatus};
+
+/// The running consumer; [`StreamConsumer::stop`] applies what it holds and
+/// returns.
+#[derive(Debug)]
+pub struct StreamConsumer {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl StreamConsumer {
+    pub fn start(
+        config: &KafkaConfig,
+        store: Arc<Store>,
+        ingestor: Ingestor,
+        metrics: Arc<Metrics>,
+        health: Arc<StreamHealth>,
+    ) -> Result<Self, StreamError> {
+        let callbacks = ConsumerCallbacks {
+            store,
+            health,
+            metrics: Arc::clone(&metrics),
+            positions: Mutex::default(),
+        };
+        let consumer: BaseConsumer<ConsumerCallbacks> = consumer_config(config)
+            .create_with_context(callbacks)
+            .map_err(|source| StreamError::Client {
+                client: "consumer",
+                brokers: config.brokers.clone(),
+                source,
+            })?;
+        if config.mode == KafkaMode::Shard {
+            let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+            consumer
+                .subscribe(&topics)
+                .map_err(|source| StreamError::Subscribe {
+                    topics: config.topics.clone(),
+                    source,
+                })?;
+        }
+        tracing::info!(brokers = config.brokers, mode = ?config.mode, group = config.group_id, topics = ?config.topics, "consuming events from Kafka");
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            consumer,
+            outputs: Outputs::new(config, Arc::clone(&metrics), Arc::clone(&stop))?,
+            ingestor,
+            metrics,
+            config: config.clone(),
+            stop: Arc::clone(&stop),
+            last_error: None,
+            last_delivered_write: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("kafka-consumer".into())
+            .spawn(move || worker.run())?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops polling, applies the batch in hand, and leaves the group.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if self.thread.join().is_err() {
+            tracing::error!("the Kafka consumer thread panicked");
+        }
+    }
+}

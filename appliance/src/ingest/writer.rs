@@ -1,0 +1,238 @@
+//! The single writer. Every source of events (`POST /v1/events`, the Kafka
+//! consumer) hands validated batches to this thread, which groups what is
+//! queued into one write transaction (group commit) and, between batches,
+//! runs the expiry sweep a slice per transaction.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use cartscore_core::Event;
+use thiserror::Error;
+
+use crate::error::{Code, ErrorCode};
+use crate::ops::metrics::{Metrics, SourceLabels};
+use crate::ops::telemetry;
+use crate::store::{AppliedBatch, Store, StoreError, StreamOffset};
+
+/// Pause between two garbage-collection passes over the store. Expiry is
+/// semantic (an idle session reads as new whether or not it was deleted), so
+/// this only bounds how long dead entries occupy the map.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where a batch of events came from (the `source` label of the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSource {
+    Http,
+    Kafka,
+}
+
+impl EventSource {
+    pub const ALL: [EventSource; 2] = [Self::Http, Self::Kafka];
+    pub const LABELS: [&'static str; 2] = ["http", "kafka"];
+
+    pub fn label(self) -> &'static str {
+        Self::LABELS[self as usize]
+    }
+}
+
+#[derive(Debug, Clone, Error)]
+pub enum IngestError {
+    /// The write transaction failed; one error answers every job it held.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    #[error("the ingest writer has stopped")]
+    Stopped,
+}
+
+impl ErrorCode for IngestError {
+    fn error_code(&self) -> Code {
+        match self {
+            Self::Store(error) => error.error_code(),
+            Self::Stopped => Code::ShuttingDown,
+        }
+    }
+}
+
+type Reply = tokio::sync::oneshot::Receiver<Result<AppliedBatch, IngestError>>;
+
+struct IngestJob {
+    events: Vec<Event>,
+    offsets: Vec<StreamOffset>,
+    source: EventSource,
+    reply: tokio::sync::oneshot::Sender<Result<AppliedBatch, IngestError>>,
+}
+
+/// Handle to the writer thread; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Ingestor {
+    jobs: Sender<IngestJob>,
+}
+
+impl std::fmt::Debug for IngestJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestJob")
+            .field("events", &self.events.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingestor {
+    /// Starts the writer thread. It stops once every `Ingestor` is dropped,
+    /// after applying what is queued.
+    pub fn start(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        max_batch_events: usize,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        // Known before the first event, so `rate()` works from the first scrape.
+        for source in EventSource::ALL {
+            let _ = metrics.events_applied.get_or_create(&SourceLabels {
+                source: source.label(),
+            });
+        }
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(&store, &metrics, &queue, max_batch_events))?;
+        Ok((Self { jobs }, handle))
+    }
+
+    fn enqueue(
+        &self,
+        events: Vec<Event>,
+        offsets: Vec<StreamOffset>,
+        source: EventSource,
+    ) -> Result<Reply, IngestError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(IngestJob {
+                events,
+                offsets,
+                source,
+                reply,
+            })
+            .map_err(|_| IngestError::Stopped)?;
+        Ok(done)
+    }
+
+    /// Applies `events` (and records `offsets`) in order, atomically.
+    pub async fn apply(
+        &self,
+        events: Vec<Event>,
+        offsets: Vec<StreamOffset>,
+        source: EventSource,
+    ) -> Result<AppliedBatch, IngestError> {
+        let done = self.enqueue(events, offsets, source)?;
+        done.await.map_err(|_| IngestError::Stopped)?
+    }
+
+    /// [`Ingestor::apply`] for threads outside an async runtime.
+    pub fn apply_blocking(
+        &self,
+        events: Vec<Event>,
+        offsets: Vec<StreamOffset>,
+        source: EventSource,
+    ) -> Result<AppliedBatch, IngestError> {
+        let done = self.enqueue(events, offsets, source)?;
+        done.blocking_recv().map_err(|_| IngestError::Stopped)?
+    }
+}
+
+fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, max_events: usize) {
+    let mut last_pass = Instant::now();
+    let mut pass_running = true;
+    loop {
+        let wait = if pass_running {
+            Duration::ZERO
+        } else {
+            SWEEP_INTERVAL.saturating_sub(last_pass.elapsed())
+        };
+        match queue.recv_timeout(wait) {
+            Ok(first) => {
+                let mut group = vec![first];
+                let mut queued = group[0].events.len();
+                while queued < max_events {
+                    match queue.try_recv() {
+                        Ok(job) => {
+                            queued += job.events.len();
+                            group.push(job);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                apply_group(store, metrics, group);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if !pass_running && last_pass.elapsed() >= SWEEP_INTERVAL {
+            pass_running = true;
+            last_pass = Instant::now();
+        }
+        if pass_running {
+            // One slice per transaction, so queued events wait at most one.
+            pass_running = match store.sweep() {
+                Ok(outcome) => {
+                    metrics.sessions_expired.inc_by(outcome.sessions as u64);
+                    metrics.users_expired.inc_by(outcome.users as u64);
+                    outcome.more
+                }
+                Err(error) => {
+                    metrics.store_write_failed(error.error_code());
+                    tracing::error!(%error, "expiry sweep failed");
+                    false
+                }
+            };
+        }
+    }
+}
+
+fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
+    let mut span = telemetry::span("ingest.batch");
+    if let Some(span) = &mut span {
+        let events: usize = group.iter().map(|j| j.events.len()).sum();
+        span.attr("cartscore.ingest.events", events as i64);
+        span.attr("cartscore.ingest.jobs", group.len() as i64);
+        span.attr(
+            "cartscore.ingest.source",
+            group.first().map_or("", |j| j.source.label()),
+        );
+    }
+    let started = Instant::now();
+    let result = store.apply(
+        group.iter().flat_map(|j| &j.events),
+        group.iter().flat_map(|j| &j.offsets),
+    );
+    metrics
+        .ingest_batch_duration
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(_) => {
+            for job in group {
+                metrics
+                    .events_applied
+                    .get_or_create(&SourceLabels {
+                        source: job.source.label(),
+                    })
+                    .inc_by(job.events.len() as u64);
+                let _ = job.reply.send(Ok(AppliedBatch {
+                    events: job.events.len(),
+                    ..AppliedBatch::default()
+                }));
+            }
+        }
+        Err(error) => {
+            let code = error.error_code();
+            if let Some(span) = &mut span {
+                span.attr("error.type", code.label());
+            }
+            metrics.store_write_failed(code);
+            tracing::error!(%error, events = group.iter().map(|j| j.events.len()).sum::<usize>(), "write transaction failed; nothing of it was applied");
+            let shared = IngestError::Store(Arc::new(error));
+            for job in group {
+                let _ = job.reply.send(Err(shared.clone()));
+            }
+        }
+    }
+}

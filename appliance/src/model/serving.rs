@@ -1,0 +1,209 @@
+//! A bundle made ready to serve: tract loads and checks it (contract, golden
+//! vectors), then a plain tree ensemble is compiled into the flat evaluator
+//! and must agree with tract on the golden vectors and on random rows before
+//! it may serve. Any other graph is served by tract itself.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use cartscore_core::bundle::GOLDEN_TOLERANCE;
+use cartscore_core::compiled::{CompiledEnsemble, check_rows};
+use cartscore_core::features::CategoricalKeys;
+use cartscore_core::{BundleMetadata, FEATURE_COUNT, FeatureRow, ModelError, TractModel};
+use thiserror::Error;
+
+use crate::error::{Code, ErrorCode};
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: ModelError,
+    },
+    #[error("{path}: the bundle has no golden vectors to verify it with")]
+    NoGoldenVectors { path: PathBuf },
+    #[error(
+        "{path}: the compiled ensemble differs from tract by {diff:e} on {rows} check rows (tolerance {GOLDEN_TOLERANCE:e})"
+    )]
+    CompiledMismatch {
+        path: PathBuf,
+        diff: f64,
+        rows: usize,
+    },
+    #[error(
+        "{path}: the model returns {value} for a check row; probabilities must be finite and in [0, 1]"
+    )]
+    NotAProbability { path: PathBuf, value: f32 },
+}
+
+impl ErrorCode for LoadError {
+    fn error_code(&self) -> Code {
+        Code::ModelRejected
+    }
+}
+
+impl ErrorCode for ModelError {
+    fn error_code(&self) -> Code {
+        Code::ModelFailed
+    }
+}
+
+/// How the serving path evaluates rows.
+#[derive(Debug)]
+pub enum Evaluator {
+    Compiled(CompiledEnsemble),
+    Tract(Box<TractModel>),
+}
+
+/// Identity of a file on disk, to tell a changed file from an unchanged one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileIdentity {
+    pub path: PathBuf,
+    pub size: u64,
+    pub modified_unix_nanos: u128,
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        let modified = meta
+            .modified()?
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(Self {
+            path: path.into(),
+            size: meta.len(),
+            modified_unix_nanos: modified.as_nanos(),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct ServingModel {
+    pub metadata: BundleMetadata,
+    pub evaluator: Evaluator,
+    pub file: FileIdentity,
+    pub blake3: String,
+    pub loaded_at: SystemTime,
+    pub load_time: Duration,
+    /// Largest |compiled - tract| over the check rows (0 for tract).
+    pub verified_max_diff: f64,
+    pub verified_rows: usize,
+    pub trees: usize,
+}
+
+impl ServingModel {
+    pub fn load(path: &Path, random_rows: usize) -> Result<Self, LoadError> {
+        let started = Instant::now();
+        let file = FileIdentity::of(path).map_err(|source| LoadError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let bundle_error = |source| LoadError::Bundle {
+            path: path.into(),
+            source,
+        };
+        // Decodes, checks the contract version and the golden vectors.
+        let tract = TractModel::from_bytes(&bytes).map_err(bundle_error)?;
+        if tract.metadata.golden_vectors.is_empty() {
+            return Err(LoadError::NoGoldenVectors { path: path.into() });
+        }
+        let golden = tract.metadata.golden_rows();
+        let mut rows: Vec<f32> = golden.iter().flatten().copied().collect();
+        let hash = blake3::hash(&bytes);
+        let seed = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+        rows.extend(check_rows(&golden, random_rows, seed));
+        let reference = tract.predict(&rows).map_err(bundle_error)?;
+        if let Some(&value) = reference.iter().find(|p| !(0.0..=1.0).contains(*p)) {
+            return Err(LoadError::NotAProbability {
+                path: path.into(),
+                value,
+            });
+        }
+        let check_count = reference.len();
+        let (evaluator, diff, trees) = match CompiledEnsemble::compile(&tract.proto) {
+            Ok(compiled) => {
+                let diff = f64::from(compiled.max_difference(&rows, &reference));
+                if diff.is_nan() || diff > GOLDEN_TOLERANCE {
+                    return Err(LoadError::CompiledMismatch {
+                        path: path.into(),
+                        diff,
+                        rows: check_count,
+                    });
+                }
+                let trees = compiled.trees();
+                (Evaluator::Compiled(compiled), diff, trees)
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    %reason,
+                    "graph is not a plain tree ensemble; serving it with tract (slower)"
+                );
+                (Evaluator::Tract(Box::new(tract.clone())), 0.0, 0)
+            }
+        };
+        Ok(Self {
+            metadata: tract.metadata,
+            evaluator,
+            file,
+            blake3: hash.to_hex().to_string(),
+            loaded_at: SystemTime::now(),
+            load_time: started.elapsed(),
+            verified_max_diff: diff,
+            verified_rows: check_count,
+            trees,
+        })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.metadata.model_version
+    }
+
+    pub fn evaluator_name(&self) -> &'static str {
+        match self.evaluator {
+            Evaluator::Compiled(_) => "compiled",
+            Evaluator::Tract(_) => "tract",
+        }
+    }
+
+    /// Fills the encoded string columns of a state-built row.
+    pub fn encode(&self, row: &mut FeatureRow, keys: CategoricalKeys<'_>) {
+        row.encode(keys, &self.metadata.encodings);
+    }
+
+    /// Probability of purchase for one complete row.
+    pub fn predict(&self, row: &FeatureRow) -> Result<f32, ModelError> {
+        match &self.evaluator {
+            Evaluator::Compiled(compiled) => Ok(compiled.predict(&row.0)),
+            Evaluator::Tract(tract) => tract
+                .predict(&row.0)
+                .map(|p| p.first().copied().unwrap_or(f32::NAN)),
+        }
+    }
+
+    /// Probabilities for a row-major batch.
+    pub fn predict_batch(&self, rows: &[f32]) -> Result<Vec<f32>, ModelError> {
+        match &self.evaluator {
+            Evaluator::Compiled(compiled) => Ok(rows
+                .as_chunks::<FEATURE_COUNT>()
+                .0
+                .iter()
+                .map(|row| compiled.predict(row))
+                .collect()),
+            Evaluator::Tract(tract) => tract.predict(rows),
+        }
+    }
+}

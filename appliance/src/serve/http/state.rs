@@ -1,0 +1,33 @@
+//! What every handler shares: the store, the models, the writer, the
+//! metrics and the readiness of the other listeners.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::extract::State;
+
+use crate::config::HttpConfig;
+use crate::ingest::Ingestor;
+use crate::ingest::kafka::StreamHealth;
+use crate::model::{ModelRegistry, ReloadRequest};
+use crate::ops::metrics::Metrics;
+use crate::store::Store;
+
+#[derive(Debug)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub models: Arc<ModelRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub ingestor: Ingestor,
+    pub reload: std::sync::mpsc::Sender<ReloadRequest>,
+    pub config: HttpConfig,
+    /// The binary-protocol listeners are up (or disabled).
+    pub tcp_ready: AtomicBool,
+    /// The Kafka consumer's health, when one runs.
+    pub stream: Option<Arc<StreamHealth>>,
+    /// A stale stream makes /readyz fail (`kafka.unready_when_stale`).
+    pub unready_when_stale: bool,
+}
+
+/// What every handler extracts.
+pub type App = State<Arc<AppState>>;

@@ -1,0 +1,444 @@
+//! `/v1`: scoring one cart or a batch, ingesting events, the feature service
+//! (a session's state and the features a cart would get) and the serving
+//! model's status.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use cartscore_core::features::col;
+use cartscore_core::state::{ArchivedSessionState, ArchivedUserState};
+use cartscore_core::validate::MAX_SESSION_BYTES;
+use cartscore_core::{Event, EventType, FEATURE_COUNT, FEATURE_NAMES, FeatureRow, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::error::{ApiError, ErrorBody};
+use super::state::App;
+use crate::error::{Code, ErrorCode};
+use crate::ingest::EventSource;
+use crate::model::reload::Rejection;
+use crate::model::{ReloadReport, ServingModel};
+use crate::serve::score::{self, Scored};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreQuery {
+    #[serde(default)]
+    explain: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchProbe<'a> {
+    #[serde(borrow, default)]
+    events: Option<Vec<&'a RawValue>>,
+}
+
+/// f32 values in their shortest exact form: going through `serde_json::Value`
+/// would widen them to f64 digits (0.39225027 -> 0.39225026965141296).
+#[derive(Debug)]
+pub struct Named(Vec<(&'static str, f32)>);
+
+impl Serialize for Named {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in &self.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScoreResult {
+    probability: f32,
+    session_known: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    features: Option<Named>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum BatchItem {
+    Scored(ScoreResult),
+    Failed { error: ErrorBody },
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum ScoreAnswer<'a> {
+    Single {
+        #[serde(flatten)]
+        result: ScoreResult,
+        model_version: &'a str,
+    },
+    Batch {
+        model_version: &'a str,
+        results: Vec<BatchItem>,
+    },
+}
+
+fn score_result(scored: &Scored, explain: bool) -> ScoreResult {
+    ScoreResult {
+        probability: scored.probability,
+        session_known: scored.session_known,
+        features: explain.then(|| Named(scored.row.named().collect())),
+    }
+}
+
+fn failed(error: &dyn ErrorCode) -> BatchItem {
+    BatchItem::Failed {
+        error: ErrorBody::of(error),
+    }
+}
+
+/// `POST /v1/score`: one cart event, or `{"events": […]}`.
+pub async fn score(
+    State(app): App,
+    query: Result<Query<ScoreQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::query(&e))?;
+    let body = body.map_err(|e| ApiError::body(&e))?;
+    let probe: BatchProbe<'_> = serde_json::from_slice(&body).map_err(|e| ApiError::json(&e))?;
+    let model = app.models.current().ok_or_else(ApiError::no_model)?;
+    let reader = app.store.reader()?;
+    // The answer is encoded while this handler holds the model that scored it.
+    let model_version = model.version();
+    let answer = match probe.events {
+        None => {
+            let event = Event::from_json(&body)?;
+            let scored = score::score(&model, &reader, &event)?;
+            ScoreAnswer::Single {
+                result: score_result(&scored, query.explain),
+                model_version,
+            }
+        }
+        Some(items) => {
+            ApiError::check_batch(items.len(), app.config.max_batch.get())?;
+            let results = items
+                .iter()
+                .map(|raw| match Event::from_json(raw.get().as_bytes()) {
+                    Err(e) => failed(&e),
+                    Ok(event) => match score::score(&model, &reader, &event) {
+                        Ok(scored) => BatchItem::Scored(score_result(&scored, query.explain)),
+                        Err(e) => failed(&e),
+                    },
+                })
+                .collect();
+            ScoreAnswer::Batch {
+                model_version,
+                results,
+            }
+        }
+    };
+    Ok(Json(answer).into_response())
+}
+
+/// The raw items of an ingest body: a JSON array, or JSON lines.
+fn ingest_items(body: &[u8]) -> Result<Vec<&[u8]>, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| ApiError::json(&e))?;
+        return Ok(items.into_iter().map(|r| r.get().as_bytes()).collect());
+    }
+    Ok(body
+        .split(|b| *b == b'\n')
+        .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+        .collect())
+}
+
+/// An item of an ingest request that failed validation.
+#[derive(Debug, Serialize)]
+pub struct Rejected {
+    index: usize,
+    code: &'static str,
+    field: Option<&'static str>,
+    message: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Ingested {
+    applied: usize,
+    rejected: usize,
+    errors: Vec<Rejected>,
+}
+
+/// `POST /v1/events`: a JSON array or JSON lines, applied in order in one
+/// transaction; invalid items are reported and counted, valid ones applied.
+pub async fn events(
+    State(app): App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Ingested>, ApiError> {
+    let body = body.map_err(|e| ApiError::body(&e))?;
+    let items = ingest_items(&body)?;
+    ApiError::check_batch(items.len(), app.config.max_ingest_events.get())?;
+    let mut valid = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match Event::from_json(item) {
+            Ok(event) => valid.push(event),
+            Err(error) => {
+                let code = error.error_code();
+                app.metrics.event_invalid(EventSource::Http.label(), code);
+                errors.push(Rejected {
+                    index,
+                    code: code.name(),
+                    field: error.field().map(|f| f.name()),
+                    message: error.to_string(),
+                });
+            }
+        }
+    }
+    let applied = valid.len();
+    if !valid.is_empty() {
+        app.ingestor
+            .apply(valid, Vec::new(), EventSource::Http)
+            .await?;
+    }
+    Ok(Json(Ingested {
+        applied,
+        rejected: errors.len(),
+        errors,
+    }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionQuery {
+    /// Product of the hypothetical cart (default: one not in the session).
+    product_id: Option<u64>,
+    price: Option<f64>,
+    /// Time of the hypothetical cart (default: the store's watermark).
+    at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProductActivity {
+    product_id: u64,
+    last_seen_at: String,
+    views: u32,
+    carts: u32,
+    removes: u32,
+    purchases: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SessionView {
+    user_id: u64,
+    started_at: String,
+    last_event_at: String,
+    events: u32,
+    views: u32,
+    carts: u32,
+    removes: u32,
+    purchases: u32,
+    distinct_products: u32,
+    mean_view_price: Option<f64>,
+    products: Vec<ProductActivity>,
+}
+
+impl SessionView {
+    fn of(s: &ArchivedSessionState) -> Self {
+        let facts = s.facts(0);
+        Self {
+            user_id: s.user_id.to_native(),
+            started_at: facts.started_at.to_rfc3339(),
+            last_event_at: facts.last_event_at.to_rfc3339(),
+            events: facts.events,
+            views: facts.views,
+            carts: facts.carts,
+            removes: facts.removes,
+            purchases: facts.purchases,
+            distinct_products: facts.distinct_products,
+            mean_view_price: facts.mean_view_price,
+            products: s
+                .products
+                .iter()
+                .map(|p| ProductActivity {
+                    product_id: p.product_id.to_native(),
+                    last_seen_at: p.last_seen_at.get().to_rfc3339(),
+                    views: p.views.to_native(),
+                    carts: p.carts.to_native(),
+                    removes: p.removes.to_native(),
+                    purchases: p.purchases.to_native(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    first_seen_at: String,
+    last_event_at: String,
+    sessions: u32,
+    events: u32,
+    views: u32,
+    carts: u32,
+    purchases: u32,
+}
+
+impl UserView {
+    fn of(u: &ArchivedUserState) -> Self {
+        let facts = u.facts();
+        Self {
+            first_seen_at: facts.first_seen_at.to_rfc3339(),
+            last_event_at: facts.last_event_at.to_rfc3339(),
+            sessions: facts.sessions,
+            events: facts.events,
+            views: u.views.to_native(),
+            carts: facts.carts,
+            purchases: facts.purchases,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SessionAnswer {
+    session_id: String,
+    live: bool,
+    as_of: String,
+    session: SessionView,
+    user: Option<UserView>,
+    features: Named,
+    features_note: &'static str,
+}
+
+/// Columns that come from the cart's brand and category, not from state.
+const ENCODED: [usize; 6] = [
+    col::BRAND_FREQ,
+    col::BRAND_PURCHASE_RATE,
+    col::CATEGORY_L1_FREQ,
+    col::CATEGORY_L1_PURCHASE_RATE,
+    col::CATEGORY_L2_FREQ,
+    col::CATEGORY_L2_PURCHASE_RATE,
+];
+
+/// `GET /v1/sessions/{id}`: the feature service.
+pub async fn session(
+    State(app): App,
+    Path(id): Path<String>,
+    query: Result<Query<SessionQuery>, QueryRejection>,
+) -> Result<Json<SessionAnswer>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::query(&e))?;
+    let reader = app.store.reader()?;
+    // No valid event carries a longer id, and LMDB refuses over-long keys.
+    let stored = if id.len() <= MAX_SESSION_BYTES {
+        reader.session(&id)?
+    } else {
+        None
+    };
+    let Some(session) = stored else {
+        return Err(ApiError::new(
+            Code::SessionNotFound,
+            format!("no state for session {id:?} (never seen, or expired and swept)"),
+        ));
+    };
+    let user_id = session.user_id.to_native();
+    let user = reader.user(user_id)?;
+    let at = match &query.at {
+        Some(text) => {
+            Timestamp::parse(text).map_err(|e| ApiError::new(Code::BadQuery, e.to_string()))?
+        }
+        None => reader
+            .watermark()?
+            .unwrap_or_else(|| session.last_event_at.get()),
+    };
+    let product_id = query.product_id.unwrap_or(0);
+    let cart = Event {
+        event_time: at,
+        event_type: EventType::Cart,
+        product_id,
+        category_id: 0,
+        category_code: None,
+        brand: None,
+        price: query.price.unwrap_or(0.0),
+        user_id,
+        user_session: id.clone(),
+    };
+    let session_facts = session.facts(product_id);
+    let row = FeatureRow::from_facts(Some(session_facts), user.map(|u| u.facts()), &cart);
+    let features = Named(
+        (0..FEATURE_COUNT)
+            .filter(|c| !ENCODED.contains(c))
+            .map(|c| (FEATURE_NAMES[c], row.0[c]))
+            .collect(),
+    );
+    Ok(Json(SessionAnswer {
+        live: session_facts.is_live_at(at),
+        as_of: at.to_rfc3339(),
+        session: SessionView::of(session),
+        user: user.map(UserView::of),
+        features,
+        features_note: "values a cart of product_id at as_of would get; brand and category encodings depend on the cart and are left out",
+        session_id: id,
+    }))
+}
+
+/// The serving bundle as `GET /v1/model` describes it.
+#[derive(Debug, Serialize)]
+pub struct ModelView<'a> {
+    model_version: &'a str,
+    contract_version: u32,
+    evaluator: &'static str,
+    trees: usize,
+    path: &'a std::path::Path,
+    size_bytes: u64,
+    blake3: &'a str,
+    loaded_at_unix_seconds: f64,
+    load_ms: f64,
+    verified_rows: usize,
+    verified_max_diff: f64,
+    feature_names: &'a [String],
+    data_fingerprint: &'a str,
+    metrics: &'a std::collections::BTreeMap<String, f64>,
+}
+
+impl<'a> ModelView<'a> {
+    fn of(model: &'a ServingModel) -> Self {
+        Self {
+            model_version: model.version(),
+            contract_version: model.metadata.contract_version,
+            evaluator: model.evaluator_name(),
+            trees: model.trees,
+            path: &model.file.path,
+            size_bytes: model.file.size,
+            blake3: &model.blake3,
+            loaded_at_unix_seconds: model
+                .loaded_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            load_ms: model.load_time.as_secs_f64() * 1e3,
+            verified_rows: model.verified_rows,
+            verified_max_diff: model.verified_max_diff,
+            feature_names: &model.metadata.feature_names,
+            data_fingerprint: &model.metadata.data_fingerprint,
+            metrics: &model.metadata.metrics,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelAnswer<'a> {
+    model: Option<ModelView<'a>>,
+    model_dir: PathBuf,
+    last_reload: Option<ReloadReport>,
+    recent_rejections: Vec<Rejection>,
+}
+
+/// `GET /v1/model`: the serving bundle, the last reload, recent rejections.
+pub async fn model(State(app): App) -> Response {
+    let model = app.models.current();
+    Json(ModelAnswer {
+        model: model.as_deref().map(ModelView::of),
+        model_dir: app.models.dir().to_path_buf(),
+        last_reload: app.models.last_report(),
+        recent_rejections: app.models.recent_rejections(),
+    })
+    .into_response()
+}

@@ -1,0 +1,393 @@
+//! The thread-per-core binary-protocol server. Each core runs its own monoio
+//! runtime (io_uring, or epoll where io_uring is unavailable) with its own
+//! SO_REUSEPORT listener, so the kernel spreads connections and a request
+//! never crosses threads. Requests are read in batches; all complete frames
+//! in a read are answered from one store snapshot and one model handle, and
+//! their responses leave in one write (pipelining for free).
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
+use cartscore_protocol::{self as protocol, ScoreFrame, Status};
+
+use crate::config::{IoDriver, TcpConfig};
+use crate::error::{Code, ErrorCode};
+use crate::model::ServingModel;
+use crate::model::reload::{ModelCache, ModelRegistry};
+use crate::ops::heartbeat::{HEARTBEAT_EVERY, Heartbeats};
+use crate::ops::metrics::{Metrics, OutcomeLabels, ReasonLabels};
+use crate::serve::score;
+use crate::store::{Store, StoreReader};
+
+const READ_CHUNK: usize = 16 * 1024;
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// What every core shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub models: Arc<ModelRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub stop: Arc<AtomicBool>,
+    pub max_frame: usize,
+    pub grace: Duration,
+    /// Each core stamps its slot from its own runtime (the watchdog reads them).
+    pub heartbeats: Arc<Heartbeats>,
+}
+
+/// Per-core state: this core's model handle (it follows a swap at the next
+/// batch of requests) and metric handles resolved once, so a request touches
+/// no shared map and no lock.
+struct Core {
+    shared: Arc<Shared>,
+    model: RefCell<ModelCache>,
+    open_connections: Cell<usize>,
+    outcomes: [Counter; Status::ALL.len()],
+    duration: Histogram,
+}
+
+impl Core {
+    fn new(shared: Arc<Shared>) -> Self {
+        let outcome = |status: Status| {
+            shared
+                .metrics
+                .tcp_requests
+                .get_or_create(&OutcomeLabels {
+                    outcome: status.label(),
+                })
+                .clone()
+        };
+        let outcomes = Status::ALL.map(outcome);
+        let duration = shared.metrics.tcp_duration.clone();
+        Self {
+            model: RefCell::new(shared.models.cache()),
+            shared,
+            open_connections: Cell::new(0),
+            outcomes,
+            duration,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TcpServer {
+    pub local_addr: SocketAddr,
+    pub driver: &'static str,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl TcpServer {
+    /// Binds one listener per core and starts serving. Errors (address in
+    /// use, no permission) are returned before anything serves.
+    pub fn start(config: &TcpConfig, shared: Arc<Shared>) -> std::io::Result<Self> {
+        let mut threads = Vec::with_capacity(config.cores);
+        let mut addr = config.listen;
+        let mut driver_name = "";
+        for core in 0..config.cores {
+            let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+            let shared = Arc::clone(&shared);
+            let driver = config.driver;
+            let thread = std::thread::Builder::new()
+                .name(format!("tcp-core-{core}"))
+                .spawn(move || run_core(core, driver, addr, shared, bound_tx))?;
+            let (bound, name) = bound_rx
+                .recv()
+                .map_err(|_| std::io::Error::other("serving core exited while binding"))??;
+            // With port 0 the first core picks the port; the others share it.
+            addr = bound;
+            driver_name = name;
+            threads.push(thread);
+        }
+        tracing::info!(%addr, cores = config.cores, driver = driver_name, "binary protocol listening");
+        Ok(Self {
+            local_addr: addr,
+            driver: driver_name,
+            threads,
+        })
+    }
+
+    /// Waits for every core to finish draining (after `stop` was set).
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+type Bound = std::io::Result<(SocketAddr, &'static str)>;
+
+fn run_core(
+    index: usize,
+    driver: IoDriver,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    bound: std::sync::mpsc::Sender<Bound>,
+) {
+    let uring = driver == IoDriver::Auto && monoio::utils::detect_uring();
+    let name = if uring { "io_uring" } else { "epoll" };
+    let serve = serve_core(index, addr, shared, bound.clone(), name);
+    let runtime = if uring {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(serve))
+    } else {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(serve))
+    };
+    if let Err(error) = runtime {
+        let _ = bound.send(Err(error));
+    }
+}
+
+async fn serve_core(
+    index: usize,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    bound: std::sync::mpsc::Sender<Bound>,
+    driver: &'static str,
+) {
+    let opts = ListenerOpts::new()
+        .reuse_port(true)
+        .reuse_addr(true)
+        .backlog(1024);
+    let listener = match TcpListener::bind_with_config(addr, &opts) {
+        Ok(listener) => listener,
+        Err(error) => {
+            let _ = bound.send(Err(std::io::Error::new(
+                error.kind(),
+                format!("cannot listen on {addr}: {error}"),
+            )));
+            return;
+        }
+    };
+    let local = listener.local_addr().unwrap_or(addr);
+    let _ = bound.send(Ok((local, driver)));
+    let core = Rc::new(Core::new(shared));
+    monoio::spawn(heartbeat(index, Rc::clone(&core)));
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    monoio::spawn(serve_connection(stream, Rc::clone(&core)));
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(%error, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            () = stopped(&core.shared.stop) => break,
+        }
+    }
+    drop(listener);
+    let deadline = Instant::now() + core.shared.grace;
+    while core.open_connections.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs on the core's own runtime: when the core is wedged, it stops.
+async fn heartbeat(index: usize, core: Rc<Core>) {
+    while !core.shared.stop.load(Ordering::Relaxed) {
+        core.shared.heartbeats.beat(index);
+        monoio::time::sleep(HEARTBEAT_EVERY).await;
+    }
+}
+
+async fn stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        monoio::time::sleep(STOP_POLL).await;
+    }
+}
+
+struct OpenConnection<'a>(&'a Core);
+
+impl<'a> OpenConnection<'a> {
+    fn new(core: &'a Core) -> Self {
+        core.open_connections.set(core.open_connections.get() + 1);
+        core.shared.metrics.tcp_connections.inc();
+        Self(core)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0
+            .open_connections
+            .set(self.0.open_connections.get() - 1);
+        self.0.shared.metrics.tcp_connections.dec();
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, core: Rc<Core>) {
+    let _open = OpenConnection::new(&core);
+    let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut output: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    loop {
+        if input.capacity() - input.len() < READ_CHUNK / 4 {
+            input.reserve(READ_CHUNK);
+        }
+        let filled = input.len();
+        let (result, slice) = {
+            let canceller = Canceller::new();
+            let read = stream.cancelable_read(input.slice_mut(filled..), canceller.handle());
+            let mut read = std::pin::pin!(read);
+            monoio::select! {
+                biased;
+                done = &mut read => done,
+                () = stopped(&core.shared.stop) => {
+                    // Draining: take what already arrived, then close.
+                    let _canceller = canceller.cancel();
+                    (&mut read).await
+                }
+            }
+        };
+        input = slice.into_inner();
+        // End of stream, an error, or (draining) a cancelled read that found
+        // nothing more to answer.
+        match result {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let close = answer_frames(&core, &mut input, &mut output);
+        if !output.is_empty() {
+            let (written, buf) = stream.write_all(output).await;
+            output = buf;
+            output.clear();
+            if written.is_err() {
+                return;
+            }
+        }
+        // While draining, keep answering what the client already sent; the
+        // next read that finds nothing ends the connection.
+        if close {
+            return;
+        }
+    }
+}
+
+/// Answers every complete frame in `input` and removes them from it.
+/// Returns true when the connection must close (a malformed frame).
+fn answer_frames(core: &Core, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool {
+    let model = core.model.borrow_mut().load().clone();
+    let shared = &core.shared;
+    let mut reader: Option<StoreReader<'_>> = None;
+    let mut consumed = 0;
+    let mut close = false;
+    loop {
+        let started = Instant::now();
+        match protocol::parse_request(&input[consumed..], shared.max_frame) {
+            Ok(Some((frame, used))) => {
+                let status = answer(core, model.as_deref(), &mut reader, &frame, output);
+                core.outcomes[status as usize].inc();
+                core.duration.observe(started.elapsed().as_secs_f64());
+                consumed += used;
+            }
+            Ok(None) => break,
+            Err(error) => {
+                let version = model.as_deref().map_or("", ServingModel::version);
+                protocol::encode_response(
+                    output,
+                    0,
+                    error.status(),
+                    false,
+                    f32::NAN,
+                    version,
+                    &error.to_string(),
+                );
+                core.outcomes[error.status() as usize].inc();
+                shared
+                    .metrics
+                    .tcp_frame_errors
+                    .get_or_create(&ReasonLabels {
+                        reason: error.reason(),
+                    })
+                    .inc();
+                close = true;
+                break;
+            }
+        }
+    }
+    input.drain(..consumed);
+    close
+}
+
+/// Why a request got no score: its status and what to tell the client.
+struct Refusal {
+    status: Status,
+    message: String,
+}
+
+fn refuse(error: &dyn ErrorCode) -> Refusal {
+    Refusal {
+        status: error.error_code().tcp(),
+        message: error.to_string(),
+    }
+}
+
+fn answer<'s>(
+    core: &'s Core,
+    model: Option<&ServingModel>,
+    reader: &mut Option<StoreReader<'s>>,
+    frame: &ScoreFrame<'_>,
+    output: &mut Vec<u8>,
+) -> Status {
+    let (status, known, probability, message) = match score_frame(core, model, reader, frame) {
+        Ok(scored) => (
+            Status::Ok,
+            scored.session_known,
+            scored.probability,
+            String::new(),
+        ),
+        Err(refusal) => (refusal.status, false, f32::NAN, refusal.message),
+    };
+    protocol::encode_response(
+        output,
+        frame.request_id,
+        status,
+        known,
+        probability,
+        model.map_or("", ServingModel::version),
+        &message,
+    );
+    status
+}
+
+/// The frame's cart scored from one snapshot (opened by the first request
+/// of a read and shared by the rest).
+fn score_frame<'s>(
+    core: &'s Core,
+    model: Option<&ServingModel>,
+    reader: &mut Option<StoreReader<'s>>,
+    frame: &ScoreFrame<'_>,
+) -> Result<score::Scored, Refusal> {
+    let event = frame.to_event().map_err(|e| refuse(&e))?;
+    let model = model.ok_or_else(|| Refusal {
+        status: Code::ModelUnavailable.tcp(),
+        message: "no model is loaded".into(),
+    })?;
+    if reader.is_none() {
+        *reader = Some(core.shared.store.reader().map_err(|e| refuse(&e))?);
+    }
+    let Some(snapshot) = reader.as_ref() else {
+        return Err(Refusal {
+            status: Status::InternalError,
+            message: "no store snapshot".into(),
+        });
+    };
+    score::score(model, snapshot, &event).map_err(|e| refuse(&e))
+}

@@ -1,0 +1,309 @@
+//! The LMDB environment: open, apply a batch of events with the offsets it
+//! consumed in one write transaction, and read snapshots.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use cartscore_core::Event;
+use cartscore_core::state::{ArchivedSessionState, ArchivedUserState, apply};
+use cartscore_core::{SessionState, Timestamp, UserState};
+use heed::byteorder::BigEndian;
+use heed::types::{Bytes, I64, Str, U64};
+use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
+use rkyv::rancor;
+
+use super::codec::{Archiver, read_session, read_user};
+use super::error::{StoreError, lmdb};
+use super::offsets::StreamOffset;
+use crate::config::StoreConfig;
+
+const MIB: u64 = 1024 * 1024;
+const WATERMARK: &str = "watermark";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppliedBatch {
+    pub events: usize,
+    pub sessions_written: usize,
+    pub users_written: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Expiry {
+    pub(super) session_micros: i64,
+    pub(super) user_micros: i64,
+    pub(super) sweep_batch: usize,
+}
+
+pub struct Store {
+    pub(super) env: Env<WithoutTls>,
+    path: PathBuf,
+    map_size_mib: u64,
+    pub(super) expiry: Expiry,
+    pub(super) sessions: Database<'static, Str, Bytes>,
+    pub(super) users: Database<'static, U64<BigEndian>, Bytes>,
+    /// Where the sweep pass stands in each database (last key examined).
+    pub(super) sweep_cursor: Mutex<SweepCursor>,
+    offsets: Database<'static, Str, I64<BigEndian>>,
+    meta: Database<'static, Str, I64<BigEndian>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct SweepCursor {
+    pub(super) session: Option<Vec<u8>>,
+    pub(super) user: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let path = config.path.clone();
+        let open_error = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&path).map_err(|e| open_error(heed::Error::Io(e)))?;
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options
+            .map_size((config.map_size_mib.get() * MIB) as usize)
+            .max_dbs(8)
+            .max_readers(1024);
+        // WRITE_MAP: dirty pages are written in the map instead of being
+        // copied from malloc'd buffers at commit, which doubled ingest
+        // throughput. NO_SYNC only drops the fsync at commit; LMDB stays
+        // consistent after a process crash either way.
+        let mut flags = heed::EnvFlags::WRITE_MAP;
+        if !config.sync {
+            flags |= heed::EnvFlags::NO_SYNC;
+        }
+        // SAFETY: with WRITE_MAP a stray write through a pointer into the map
+        // could corrupt the store; values are only ever written through
+        // LMDB's put, and readers get shared slices.
+        #[allow(unsafe_code)]
+        unsafe {
+            options.flags(flags);
+        }
+        // SAFETY: LMDB forbids opening the same environment twice in one
+        // process; the appliance opens its store exactly once, at start-up.
+        #[allow(unsafe_code)]
+        let env = unsafe { options.open(&path) }.map_err(open_error)?;
+        let wtxn = env.write_txn().map_err(open_error)?;
+        let (sessions, users, offsets, meta) = env
+            .create_databases_and_commit(wtxn, |opener, wtxn| -> heed::Result<_> {
+                Ok(CommitOrAbort::<_, ()>::Commit((
+                    opener.create_database::<Str, Bytes>(wtxn, Some("sessions"))?,
+                    opener.create_database::<U64<BigEndian>, Bytes>(wtxn, Some("users"))?,
+                    opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("offsets"))?,
+                    opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("meta"))?,
+                )))
+            })
+            .map_err(open_error)?
+            .unwrap_commit();
+        Ok(Self {
+            env,
+            path,
+            map_size_mib: config.map_size_mib.get(),
+            expiry: Expiry {
+                session_micros: (config.session_idle_expiry_secs + config.allowed_lateness_secs)
+                    as i64
+                    * 1_000_000,
+                user_micros: (config.user_idle_expiry_secs + config.allowed_lateness_secs) as i64
+                    * 1_000_000,
+                sweep_batch: config.sweep_batch.get(),
+            },
+            sessions,
+            users,
+            sweep_cursor: Mutex::default(),
+            offsets,
+            meta,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(super) fn err(&self, operation: &'static str) -> impl Fn(heed::Error) -> StoreError {
+        lmdb(operation, self.map_size_mib)
+    }
+
+    /// A consistent snapshot for reads; cheap, and never blocks the writer.
+    /// Keep it short-lived: an open snapshot pins the pages it sees.
+    pub fn reader(&self) -> Result<StoreReader<'_>, StoreError> {
+        Ok(StoreReader {
+            store: self,
+            txn: self.env.read_txn().map_err(self.err("read_txn"))?,
+        })
+    }
+
+    pub(super) fn watermark(&self, txn: &RoTxn) -> Result<i64, StoreError> {
+        Ok(self
+            .meta
+            .get(txn, WATERMARK)
+            .map_err(self.err("get watermark"))?
+            .unwrap_or(i64::MIN))
+    }
+
+    /// Applies `events` in order and records `offsets`, all in one write
+    /// transaction: either everything is stored or nothing is.
+    /// Takes iterators so the writer can apply several queued batches as one
+    /// without copying their events.
+    pub fn apply<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a Event>,
+        offsets: impl IntoIterator<Item = &'a StreamOffset>,
+    ) -> Result<AppliedBatch, StoreError> {
+        let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
+        let mut watermark = self.watermark(&wtxn)?;
+        // Each touched state is decoded once, updated in memory for the whole
+        // batch and written back once.
+        let mut sessions: HashMap<&str, SessionState> = HashMap::new();
+        let mut users: HashMap<u64, UserState> = HashMap::new();
+        let mut applied_events = 0;
+        for event in events {
+            applied_events += 1;
+            let session = match sessions.entry(event.user_session.as_str()) {
+                Entry::Occupied(slot) => slot.into_mut(),
+                Entry::Vacant(slot) => {
+                    let loaded = self.load_session(&wtxn, slot.key())?;
+                    slot.insert(loaded.unwrap_or_default())
+                }
+            };
+            let user = match users.entry(event.user_id) {
+                Entry::Occupied(slot) => slot.into_mut(),
+                Entry::Vacant(slot) => {
+                    slot.insert(self.load_user(&wtxn, event.user_id)?.unwrap_or_default())
+                }
+            };
+            apply(session, user, event);
+            watermark = watermark.max(event.event_time.micros());
+        }
+        let applied = AppliedBatch {
+            events: applied_events,
+            sessions_written: sessions.len(),
+            users_written: users.len(),
+        };
+        let mut archiver = Archiver::default();
+        // In key order: consecutive puts then walk mostly the same B-tree
+        // pages, which measured ~15% faster than hash order.
+        let mut sessions: Vec<_> = sessions.into_iter().collect();
+        sessions.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut users: Vec<_> = users.into_iter().collect();
+        users.sort_unstable_by_key(|u| u.0);
+        for (key, state) in &sessions {
+            let bytes = archiver.archive(state, "session state")?;
+            self.sessions
+                .put(&mut wtxn, key, bytes)
+                .map_err(self.err("put session"))?;
+        }
+        for (key, state) in &users {
+            let bytes = archiver.archive(state, "user state")?;
+            self.users
+                .put(&mut wtxn, key, bytes)
+                .map_err(self.err("put user"))?;
+        }
+        for offset in offsets {
+            self.offsets
+                .put(&mut wtxn, &offset.key(), &offset.next_offset)
+                .map_err(self.err("put offset"))?;
+        }
+        if watermark != i64::MIN {
+            self.meta
+                .put(&mut wtxn, WATERMARK, &watermark)
+                .map_err(self.err("put watermark"))?;
+        }
+        wtxn.commit().map_err(self.err("commit"))?;
+        Ok(applied)
+    }
+
+    /// Every recorded stream position.
+    pub fn offsets(&self) -> Result<Vec<StreamOffset>, StoreError> {
+        let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
+        let mut out = Vec::new();
+        for entry in self
+            .offsets
+            .iter(&txn)
+            .map_err(self.err("iterate offsets"))?
+        {
+            let (key, next_offset) = entry.map_err(self.err("iterate offsets"))?;
+            out.extend(StreamOffset::from_entry(key, next_offset));
+        }
+        Ok(out)
+    }
+
+    fn load_session(&self, txn: &RoTxn, key: &str) -> Result<Option<SessionState>, StoreError> {
+        let Some(bytes) = self
+            .sessions
+            .get(txn, key)
+            .map_err(self.err("get session"))?
+        else {
+            return Ok(None);
+        };
+        let archived = read_session(bytes, key)?;
+        rkyv::deserialize::<SessionState, rancor::Error>(archived)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                database: "sessions",
+                key: key.into(),
+                source,
+            })
+    }
+
+    fn load_user(&self, txn: &RoTxn, key: u64) -> Result<Option<UserState>, StoreError> {
+        let Some(bytes) = self.users.get(txn, &key).map_err(self.err("get user"))? else {
+            return Ok(None);
+        };
+        let archived = read_user(bytes, key)?;
+        rkyv::deserialize::<UserState, rancor::Error>(archived)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                database: "users",
+                key: key.to_string(),
+                source,
+            })
+    }
+}
+
+/// A read snapshot of the store.
+pub struct StoreReader<'a> {
+    store: &'a Store,
+    txn: RoTxn<'a, WithoutTls>,
+}
+
+impl std::fmt::Debug for StoreReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreReader").finish_non_exhaustive()
+    }
+}
+
+impl StoreReader<'_> {
+    pub fn session(&self, id: &str) -> Result<Option<&ArchivedSessionState>, StoreError> {
+        self.store
+            .sessions
+            .get(&self.txn, id)
+            .map_err(self.store.err("get session"))?
+            .map(|bytes| read_session(bytes, id))
+            .transpose()
+    }
+
+    pub fn user(&self, id: u64) -> Result<Option<&ArchivedUserState>, StoreError> {
+        self.store
+            .users
+            .get(&self.txn, &id)
+            .map_err(self.store.err("get user"))?
+            .map(|bytes| read_user(bytes, id))
+            .transpose()
+    }
+
+    /// Latest event time applied, if any event was.
+    pub fn watermark(&self) -> Result<Option<Timestamp>, StoreError> {
+        let w = self.store.watermark(&self.txn)?;
+        Ok((w != i64::MIN).then_some(Timestamp(w)))
+    }
+}

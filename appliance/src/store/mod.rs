@@ -1,0 +1,210 @@
+//! Session and user state in LMDB. Values are rkyv archives read in place
+//! (no deserialisation on the scoring path); the single writer applies
+//! events through `core::state::apply` in batched write transactions that
+//! also record the stream offsets they consumed.
+//!
+//! Databases:
+//! - `sessions`: session id -> archived `SessionState`
+//! - `users`: user id (u64 BE) -> archived `UserState`
+//! - `offsets`: `topic/partition` -> next offset to consume (i64 BE); see
+//!   [`offsets`]
+//! - `meta`: `watermark` -> latest event time applied (µs, i64 BE)
+//!
+//! This file opens the store, applies batches and reads snapshots;
+//! [`offsets`] holds the stream positions and [`sweep`] the expiry sweep,
+//! the statistics and the digest.
+//!
+//! There is no expiry index: keeping one costs two more B-tree writes per
+//! touched session and user on every batch, which halved ingest throughput.
+//! Expiry is semantic instead (`core` treats a session idle past its timeout
+//! as new, and scoring ignores it), so the sweeper is only garbage
+//! collection: it walks each database in key order, a slice per transaction,
+//! and deletes what is idle past its expiry at the current watermark.
+
+mod codec;
+mod db;
+mod error;
+mod offsets;
+mod sweep;
+
+pub use db::{AppliedBatch, Store, StoreReader};
+pub use error::StoreError;
+pub use offsets::{OffsetKind, StreamOffset};
+pub use sweep::{StoreDigest, StoreStats, SweepOutcome};
+
+#[cfg(test)]
+mod tests {
+    use std::num::{NonZeroU64, NonZeroUsize};
+    use std::path::Path;
+
+    use cartscore_core::state::apply;
+    use cartscore_core::{Event, SessionState, Timestamp, UserState};
+
+    use super::*;
+    use crate::config::StoreConfig;
+    use cartscore_core::EventType;
+
+    fn config(dir: &Path) -> StoreConfig {
+        StoreConfig {
+            path: dir.join("lmdb"),
+            map_size_mib: NonZeroU64::new(16).unwrap(),
+            sweep_batch: NonZeroUsize::new(2).unwrap(),
+            ..StoreConfig::default()
+        }
+    }
+
+    fn event(secs: i64, session: &str, user: u64, kind: EventType) -> Event {
+        Event {
+            event_time: Timestamp::from_secs(1_569_888_000 + secs),
+            event_type: kind,
+            product_id: 5,
+            category_id: 1,
+            category_code: None,
+            brand: None,
+            price: 10.0,
+            user_id: user,
+            user_session: session.into(),
+        }
+    }
+
+    #[test]
+    fn applies_like_core_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = [
+            event(0, "a", 1, EventType::View),
+            event(5, "a", 1, EventType::Cart),
+            event(7, "b", 2, EventType::View),
+        ];
+        let (mut s, mut u) = (SessionState::default(), UserState::default());
+        for e in &events[..2] {
+            apply(&mut s, &mut u, e);
+        }
+        {
+            let store = Store::open(&config(dir.path())).unwrap();
+            // Two transactions: state carries over between batches.
+            store.apply(&events[..1], &[]).unwrap();
+            let offset = StreamOffset {
+                topic: "t".into(),
+                partition: 3,
+                next_offset: 42,
+                kind: OffsetKind::Applied,
+            };
+            store
+                .apply(&events[1..], std::slice::from_ref(&offset))
+                .unwrap();
+            assert_eq!(store.offsets().unwrap(), vec![offset]);
+        }
+        let store = Store::open(&config(dir.path())).unwrap();
+        let reader = store.reader().unwrap();
+        let archived = reader.session("a").unwrap().unwrap();
+        assert_eq!(archived.facts(5), s.facts(5));
+        assert_eq!(reader.user(1).unwrap().unwrap().facts(), u.facts());
+        assert!(reader.session("zzz").unwrap().is_none());
+        assert_eq!(
+            reader.watermark().unwrap(),
+            Some(Timestamp::from_secs(1_569_888_007))
+        );
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.sessions, stats.users), (2, 2));
+    }
+
+    #[test]
+    fn sweeps_idle_sessions_by_event_time_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        let old: Vec<Event> = (0..5)
+            .map(|i| event(i, &format!("old{i}"), 100, EventType::View))
+            .collect();
+        store.apply(&old, &[]).unwrap();
+        // Touching old0 again keeps it; the watermark moves past the others'
+        // expiry plus the allowed lateness.
+        let later = 7_200 + 4 * 3600 + 10;
+        store
+            .apply(
+                &[
+                    event(later - 100, "old0", 100, EventType::View),
+                    event(later, "new", 100, EventType::View),
+                ],
+                &[],
+            )
+            .unwrap();
+        // Slices of 2 over 6 sessions: the third ends exactly at the last key,
+        // so a fourth finds the end.
+        let mut steps = Vec::new();
+        loop {
+            let step = store.sweep().unwrap();
+            steps.push(step.sessions);
+            if !step.more {
+                break;
+            }
+        }
+        assert_eq!(steps, vec![0, 2, 2, 0]);
+        assert_eq!(store.sweep().unwrap().sessions, 0);
+        let reader = store.reader().unwrap();
+        assert!(reader.session("old0").unwrap().is_some());
+        assert!(reader.session("new").unwrap().is_some());
+        assert!(reader.session("old3").unwrap().is_none());
+        assert_eq!(store.stats().unwrap().sessions, 2);
+    }
+
+    #[test]
+    fn digest_depends_on_state_not_on_batching() {
+        let events: Vec<Event> = (0..40)
+            .map(|i| {
+                event(
+                    i,
+                    &format!("s{}", i % 7),
+                    1 + (i % 3) as u64,
+                    EventType::View,
+                )
+            })
+            .collect();
+        let one = tempfile::tempdir().unwrap();
+        let one = Store::open(&config(one.path())).unwrap();
+        one.apply(&events, &[]).unwrap();
+        let many = tempfile::tempdir().unwrap();
+        let many = Store::open(&config(many.path())).unwrap();
+        for chunk in events.chunks(3) {
+            many.apply(chunk, &[]).unwrap();
+        }
+        assert_eq!(one.digest().unwrap(), many.digest().unwrap());
+        assert_eq!(one.digest().unwrap().live_sessions, 7);
+        many.apply(&events[..1], &[]).unwrap();
+        assert_ne!(one.digest().unwrap(), many.digest().unwrap());
+    }
+
+    #[test]
+    fn full_map_is_an_error_and_keeps_what_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreConfig {
+            map_size_mib: NonZeroU64::MIN,
+            ..config(dir.path())
+        })
+        .unwrap();
+        store
+            .apply(&[event(0, "kept", 1, EventType::View)], &[])
+            .unwrap();
+        let mut full = None;
+        for round in 0..200 {
+            let batch: Vec<Event> = (0..500)
+                .map(|i| {
+                    event(
+                        1,
+                        &format!("s{round}-{i}"),
+                        round * 1000 + i,
+                        EventType::View,
+                    )
+                })
+                .collect();
+            if let Err(e) = store.apply(&batch, &[]) {
+                full = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(full, Some(StoreError::MapFull { map_size_mib: 1 })),
+            "{full:?}"
+        );
+        assert!(store.reader().unwrap().session("kept").unwrap().is_some());
+    }
+}

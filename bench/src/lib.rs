@@ -1,0 +1,14 @@
+//! cartscore's latency harness, as a library: open-loop load with
+//! coordinated-omission correction ([`load`]) against the binary protocol
+//! ([`tcp`]) or any HTTP endpoint ([`http`]), request bodies ([`requests`],
+//! [`render`]), and what a run prints and writes ([`report`]). [`modes`] are
+//! the `cartscore-bench` commands; the Kafka producer (`cartscore-producer`)
+//! reuses the rendering and the reports.
+
+pub mod http;
+pub mod load;
+pub mod modes;
+pub mod render;
+pub mod report;
+pub mod requests;
+pub mod tcp;
