@@ -282,7 +282,11 @@ impl std::fmt::Debug for StoreReader<'_> {
     }
 }
 
+// Inlined into the scoring path: as a call of its own (the store and the
+// scoring code sit in different codegen units) the full score measured ~5%
+// slower in the in-process bench.
 impl StoreReader<'_> {
+    #[inline]
     pub fn session(&self, id: &str) -> Result<Option<&ArchivedSessionState>, StoreError> {
         self.store
             .sessions
@@ -292,6 +296,7 @@ impl StoreReader<'_> {
             .transpose()
     }
 
+    #[inline]
     pub fn user(&self, id: u64) -> Result<Option<&ArchivedUserState>, StoreError> {
         self.store
             .users
