@@ -158,6 +158,22 @@ export CARTSCORE_TEST_MLFLOW=http://127.0.0.1:$mlflow_port
 export CARTSCORE_DATASET=${CARTSCORE_DATASET:-$(pwd)/../shared/data/2019-Oct-head.csv}
 [ -r "$CARTSCORE_DATASET" ] || { echo "data slice not found at $CARTSCORE_DATASET (set CARTSCORE_DATASET)" >&2; exit 1; }
 
+# --- cargo-hakari: the workspace-hack crate pins every dependency to the one
+# feature set the whole workspace needs (dev-dependencies included), so the
+# test build reuses what `cargo run --release` compiled. It must follow the
+# dependency graph: after changing dependencies run `cargo hakari generate`
+# and `cargo hakari manage-deps`; this fails the run when they were not.
+HAKARI_VERSION=0.9.39
+hakari_bin=$HOME/.cache/cartscore/hakari/bin/cargo-hakari
+if ! "$hakari_bin" hakari --version 2>/dev/null | grep -q "$HAKARI_VERSION"; then
+  log "building cargo-hakari $HAKARI_VERSION (cached afterwards)"
+  cargo install cargo-hakari --version "$HAKARI_VERSION" --locked -q \
+    --root "$HOME/.cache/cartscore/hakari" --target-dir "$HOME/.cache/cartscore/hakari-target"
+fi
+log "cargo hakari: workspace-hack is current"
+"$hakari_bin" hakari generate --diff
+"$hakari_bin" hakari manage-deps --dry-run
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

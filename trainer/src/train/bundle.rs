@@ -1,0 +1,174 @@
+//! The deployable bundle: LightGBM's trees as an ONNX
+//! `TreeEnsembleClassifier` with the encodings, golden vectors and metadata,
+//! then read back by tract, which must give LightGBM's probabilities.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use cartscore_core::{
+    BundleMetadata, CONTRACT_VERSION, FEATURE_COUNT, FEATURE_NAMES, GoldenVector, TractModel,
+};
+use lightgbm3::Booster;
+use serde::Serialize;
+
+use super::config::TrainRequest;
+use super::evaluate::Evaluated;
+use super::windows::{Window, Windows};
+use crate::export::{self as onnx, Tree};
+use crate::gbdt::{TreeParams, Tuned};
+use crate::replay::Replay;
+use crate::report::Parity;
+
+/// Who trained the bundle and how; part of the bundle's bytes, so it holds
+/// no timings (the same data gives the same bytes).
+#[derive(Debug, Serialize)]
+struct TrainerParams<'a> {
+    trainer: String,
+    engine: &'static str,
+    trees: usize,
+    best_params: &'a TreeParams,
+    best_trial: usize,
+    iterations: i32,
+    seed: u64,
+}
+
+/// The exported bundle and the trees it was made from.
+pub(super) struct Bundle {
+    pub(super) bytes: Vec<u8>,
+    pub(super) metadata: BundleMetadata,
+    trees: Vec<Tree>,
+}
+
+/// The ONNX bundle: trees, encodings, golden vectors (test rows and rows on
+/// split thresholds, with LightGBM's probabilities) and the metadata.
+pub(super) fn export(
+    request: &TrainRequest,
+    tuned: &Tuned,
+    booster: &Booster,
+    data: &Windows,
+    evaluated: &Evaluated,
+    replay: &Replay,
+) -> Result<Bundle> {
+    let config = &request.config;
+    let test = &data.test.matrix;
+    let trees = onnx::parse_lightgbm(&tuned.model_text)?;
+    let n_golden = config.golden_vectors.min(test.rows());
+    let mut golden_rows: Vec<f32> = (0..n_golden)
+        .flat_map(|k| test.row(k * test.rows() / n_golden).to_vec())
+        .collect();
+    golden_rows.extend(onnx::edge_rows(&trees, &test.values, 8));
+    let golden_p = lightgbm_predict(booster, &golden_rows)?;
+    let golden_vectors: Vec<GoldenVector> = golden_rows
+        .chunks(FEATURE_COUNT)
+        .zip(&golden_p)
+        .map(|(row, &p)| GoldenVector {
+            features: row.to_vec(),
+            probability: p,
+        })
+        .collect();
+    let fingerprint = replay.fingerprint();
+    let model_hash = blake3::hash(tuned.model_text.as_bytes()).to_hex()[..8].to_string();
+    let model_version = request
+        .model_version
+        .clone()
+        .unwrap_or_else(|| format!("{}-{model_hash}", &fingerprint[..8]));
+    let (test_scores, valid_scores) = (&evaluated.test.scores, &evaluated.validation.scores);
+    let metrics = BTreeMap::from([
+        ("test_roc_auc".to_string(), test_scores.roc_auc),
+        ("test_pr_auc".to_string(), test_scores.pr_auc),
+        ("test_log_loss".to_string(), test_scores.log_loss),
+        ("test_brier".to_string(), test_scores.brier),
+        ("validation_roc_auc".to_string(), valid_scores.roc_auc),
+    ]);
+    let params = TrainerParams {
+        trainer: format!("cartscore-trainer {}", env!("CARGO_PKG_VERSION")),
+        engine: "lightgbm",
+        trees: trees.len(),
+        best_params: &tuned.best.params,
+        best_trial: tuned.best.index,
+        iterations: tuned.best.iterations,
+        seed: config.seed,
+    };
+    let metadata = BundleMetadata {
+        model_version,
+        contract_version: CONTRACT_VERSION,
+        feature_names: FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
+        encodings: data.tables.clone(),
+        data_fingerprint: fingerprint,
+        metrics,
+        params: serde_json::to_value(&params)?,
+        golden_vectors,
+    };
+    let bytes = onnx::encode(&onnx::onnx_model(&trees, &metadata));
+    Ok(Bundle {
+        bytes,
+        metadata,
+        trees,
+    })
+}
+
+fn lightgbm_predict(booster: &Booster, rows: &[f32]) -> Result<Vec<f64>> {
+    booster
+        .predict_with_params(rows, FEATURE_COUNT as i32, true, "num_threads=1")
+        .map_err(|e| anyhow::anyhow!("LightGBM prediction failed: {e}"))
+}
+
+/// tract, reading the exported bytes, must give LightGBM's probabilities on
+/// the whole test window and on up to 2,000 rows sitting on split edges.
+pub(super) fn check_parity(
+    bundle: &Bundle,
+    booster: &Booster,
+    test: &Window,
+    threads: usize,
+) -> Result<Parity> {
+    let started = Instant::now();
+    let tract = TractModel::from_bytes(&bundle.bytes)
+        .context("the exported bundle does not load in tract")?;
+    let mut rows = test.matrix.values.clone();
+    let edge = onnx::edge_rows(&bundle.trees, &test.matrix.values, 2_000);
+    rows.extend_from_slice(&edge);
+    let reference = lightgbm_predict(booster, &rows)?;
+    let tract_p = predict_parallel(&tract, &rows, threads)?;
+    let max_diff = reference
+        .iter()
+        .zip(&tract_p)
+        .map(|(&a, &b)| (a - f64::from(b)).abs())
+        .fold(0.0, f64::max);
+    ensure!(
+        max_diff <= cartscore_core::bundle::GOLDEN_TOLERANCE,
+        "tract disagrees with LightGBM by {max_diff:e} on the test window: the export is wrong"
+    );
+    Ok(Parity {
+        reader: "tract-onnx 0.23",
+        rows: reference.len(),
+        edge_rows: edge.len() / FEATURE_COUNT,
+        max_abs_diff: max_diff,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+pub(super) fn importance(booster: &Booster) -> BTreeMap<String, f64> {
+    booster
+        .feature_importance(lightgbm3::ImportanceType::Gain)
+        .map(|g| {
+            FEATURE_NAMES
+                .iter()
+                .zip(g)
+                .map(|(n, v)| (n.to_string(), v))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Scores rows with tract on `threads` threads (tract's tree walk is slow, and
+/// the parity check covers the whole test window).
+pub fn predict_parallel(model: &TractModel, rows: &[f32], threads: usize) -> Result<Vec<f32>> {
+    const CHUNK_ROWS: usize = 256;
+    let chunks: Vec<&[f32]> = rows.chunks(CHUNK_ROWS * FEATURE_COUNT).collect();
+    let mut out = Vec::with_capacity(rows.len() / FEATURE_COUNT);
+    for scored in crate::parallel::map(&chunks, threads, |_, chunk| model.predict(chunk)) {
+        out.extend(scored?);
+    }
+    Ok(out)
+}
