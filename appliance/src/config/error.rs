@@ -29,6 +29,30 @@ impl ConfigError {
         }
     }
 
+    /// Refuses `value` below `min`.
+    pub(crate) fn at_least<T: PartialOrd + std::fmt::Display>(
+        field: &str,
+        value: T,
+        min: T,
+    ) -> Result<(), Self> {
+        if value < min {
+            return Err(Self::invalid(
+                field,
+                value,
+                &format!("must be at least {min}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses an empty path.
+    pub(crate) fn non_empty(field: &str, path: &std::path::Path) -> Result<(), Self> {
+        if path.as_os_str().is_empty() {
+            return Err(Self::invalid(field, "\"\"", "must not be empty"));
+        }
+        Ok(())
+    }
+
     /// A value of the wrong type or outside its type (a 0 where a `NonZero`
     /// setting is), named by its dotted key like every other bad value.
     pub(super) fn from_figment(error: figment::Error) -> Self {

@@ -31,13 +31,6 @@ impl Default for ModelConfig {
 
 impl ModelConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid(
-                "model.dir",
-                "\"\"",
-                "must not be empty",
-            ));
-        }
-        Ok(())
+        ConfigError::non_empty("model.dir", &self.dir)
     }
 }

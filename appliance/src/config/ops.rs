@@ -93,13 +93,10 @@ impl TelemetryConfig {
                 "must be above 0 and at most 1",
             ));
         }
-        if self.metrics_interval_ms < 100 {
-            return Err(ConfigError::invalid(
-                "telemetry.metrics_interval_ms",
-                self.metrics_interval_ms,
-                "must be at least 100",
-            ));
-        }
-        Ok(())
+        ConfigError::at_least(
+            "telemetry.metrics_interval_ms",
+            self.metrics_interval_ms,
+            100,
+        )
     }
 }

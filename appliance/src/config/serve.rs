@@ -38,14 +38,7 @@ impl Default for HttpConfig {
 
 impl HttpConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_body_bytes < 1024 {
-            return Err(ConfigError::invalid(
-                "http.max_body_bytes",
-                self.max_body_bytes,
-                "must be at least 1024",
-            ));
-        }
-        Ok(())
+        ConfigError::at_least("http.max_body_bytes", self.max_body_bytes, 1024)
     }
 }
 

@@ -72,13 +72,6 @@ impl StoreConfig {
                 "must be at least the feature contract's user timeout (7776000 s)",
             ));
         }
-        if self.path.as_os_str().is_empty() {
-            return Err(ConfigError::invalid(
-                "store.path",
-                "\"\"",
-                "must not be empty",
-            ));
-        }
-        Ok(())
+        ConfigError::non_empty("store.path", &self.path)
     }
 }
