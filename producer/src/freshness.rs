@@ -1,12 +1,21 @@
-//! The freshness mode (alias `ingest`): produce the data set at a fixed rate through the replay
-//! producer with probe events mixed in, each under a new session id. Each
-//! probe is timed from its produce call to the first GET /v1/sessions/{id}
-//! that finds it (freshness), and the appliance's applied-event counter is
-//! read from /metrics before and after, for the applied events per second.
+//! The freshness mode (alias `ingest`): produce the data set at a fixed rate
+//! through the replay producer with probe events mixed in, each under a new
+//! session id, and time each probe from its produce call to:
+//!
+//! - the broker's acknowledgement (every event, not only probes);
+//! - its arrival at a plain librdkafka consumer reading the same topic in
+//!   the same run, with the appliance's fetch settings: what the broker
+//!   and the client library cost without the appliance;
+//! - the first `GET /v1/sessions/{id}` that finds it (freshness).
+//!
+//! The appliance's own share is read from its /metrics (batch durations and
+//! the applied-event counter, before and after), so the split shows which
+//! side limits.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -15,6 +24,10 @@ use cartscore_bench::render::{Format, Renderer, load_events, pace};
 use cartscore_bench::report::{self, Percentiles};
 use clap::Args;
 use hdrhistogram::Histogram;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::kafka::EventProducer;
@@ -42,12 +55,25 @@ pub struct FreshnessArgs {
     /// librdkafka linger.ms of the producer (part of what is measured).
     #[arg(long, default_value_t = 1)]
     pub linger_ms: u32,
+    /// A librdkafka producer setting, `key=value` (repeatable), e.g.
+    /// `-X max.in.flight.requests.per.connection=5`.
+    #[arg(short = 'X', value_parser = crate::kafka::property)]
+    pub producer_property: Vec<(String, String)>,
     /// A probe not visible after this long counts as lost.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// fetch.wait.max.ms of the plain consumer (the appliance's default).
+    #[arg(long, default_value_t = 50)]
+    pub plain_fetch_wait_ms: u32,
+    /// Leave out the plain consumer (it shares the machine with the appliance).
+    #[arg(long)]
+    pub no_plain_consumer: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
+
+/// When each outstanding probe was produced, by its session id.
+type SentAt = Arc<Mutex<HashMap<String, Instant>>>;
 
 struct Probe {
     session: String,
@@ -69,7 +95,28 @@ struct FreshnessSummary<'a> {
     all_applied_after_seconds: Option<f64>,
     probes: u64,
     lost_probes: u64,
+    /// Produce → visible in GET /v1/sessions/{id}, probes.
     freshness: Percentiles,
+    /// Produce → acknowledged by the broker, every event.
+    acknowledged_after: Percentiles,
+    /// Produce → received by a plain consumer beside the appliance, probes.
+    plain_consumer: Option<PlainConsumerSummary>,
+    /// The appliance's write batches during the run, from its /metrics.
+    appliance_batches: BatchSummary,
+}
+
+#[derive(Debug, Serialize)]
+struct PlainConsumerSummary {
+    received: Percentiles,
+    lost_probes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchSummary {
+    batches: u64,
+    mean_duration_ms: f64,
+    /// From a batch's oldest message timestamp to its state being readable.
+    mean_apply_delay_ms: f64,
 }
 
 pub fn run(args: &FreshnessArgs) -> Result<()> {
@@ -81,14 +128,33 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
     let events = load_events(&args.input)?;
     let base = args.http.trim_end_matches('/').to_owned();
     let agent = agent();
-    let applied_before = applied_total(&agent, &base)?;
-    let producer = EventProducer::connect(&args.brokers, &args.topic, args.linger_ms)?;
+    let before = ApplianceCounters::read(&agent, &base)?;
+    let producer = EventProducer::connect(
+        &args.brokers,
+        &args.topic,
+        args.linger_ms,
+        &args.producer_property,
+    )?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let sent_at: SentAt = Arc::default();
+    let producing = Arc::new(AtomicBool::new(true));
+    let plain = if args.no_plain_consumer {
+        None
+    } else {
+        let consumer = plain_consumer(args)?;
+        let (sent_at, producing) = (sent_at.clone(), producing.clone());
+        Some(
+            std::thread::Builder::new()
+                .name("plain-consumer".into())
+                .spawn(move || receive_probes(&consumer, &sent_at, &producing, timeout))
+                .context("failed to start the plain consumer")?,
+        )
+    };
     let mut renderer = Renderer::new(Format::Flat);
     let run_id = cartscore_bench::load::run_id();
     let (probes_tx, probes_rx) = mpsc::channel::<Probe>();
     let checker = {
         let base = base.clone();
-        let timeout = Duration::from_millis(args.timeout_ms);
         std::thread::Builder::new()
             .name("probe-checker".into())
             .spawn(move || check_probes(&base, &probes_rx, timeout))
@@ -107,25 +173,29 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
         };
         let payload = renderer.render(event, &session, None);
         pace(start, sent, args.rate);
+        let now = Instant::now();
+        if probe && let Ok(mut outstanding) = sent_at.lock() {
+            outstanding.insert(session.clone(), now);
+        }
         producer.send(session.as_bytes(), &payload)?;
         if probe {
             // The checker outlives the sends; a closed channel means it failed.
-            let _ = probes_tx.send(Probe {
-                session,
-                sent: Instant::now(),
-            });
+            let _ = probes_tx.send(Probe { session, sent: now });
         }
     }
     let produced_in = start.elapsed();
     drop(probes_tx);
+    producing.store(false, Ordering::Relaxed);
     let deliveries = producer.flush()?;
-    let acked = deliveries.acked.load(std::sync::atomic::Ordering::Relaxed);
-    let failed = deliveries.failed.load(std::sync::atomic::Ordering::Relaxed);
+    let acked = deliveries.acked.load(Ordering::Relaxed);
+    let failed = deliveries.failed.load(Ordering::Relaxed);
     // Every acknowledged event is either applied or counted invalid; the
     // data set is valid, so wait for the counter to cover them all.
-    let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
+    let deadline = Instant::now() + timeout;
     let applied_in = loop {
-        let applied = applied_total(&agent, &base)?.saturating_sub(applied_before);
+        let applied = ApplianceCounters::read(&agent, &base)?
+            .applied
+            .saturating_sub(before.applied);
         if applied >= acked {
             break Some(start.elapsed());
         }
@@ -137,6 +207,28 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
     let (histogram, lost) = checker
         .join()
         .map_err(|_| anyhow::anyhow!("the probe checker panicked"))??;
+    let plain = plain
+        .map(|thread| {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the plain consumer panicked"))
+        })
+        .transpose()?;
+    let after = ApplianceCounters::read(&agent, &base)?;
+    let ack_latency = deliveries.ack_latency();
+    let batches = after.batches.saturating_sub(before.batches);
+    let per_batch_ms = |sum_after: f64, sum_before: f64| {
+        if batches == 0 {
+            0.0
+        } else {
+            (sum_after - sum_before) * 1e3 / batches as f64
+        }
+    };
+    let appliance_batches = BatchSummary {
+        batches,
+        mean_duration_ms: per_batch_ms(after.batch_seconds, before.batch_seconds),
+        mean_apply_delay_ms: per_batch_ms(after.apply_delay_seconds, before.apply_delay_seconds),
+    };
     let freshness = Percentiles::of(&histogram);
     let summary = FreshnessSummary {
         mode: "ingest",
@@ -152,41 +244,75 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
         probes: histogram.len() + lost,
         lost_probes: lost,
         freshness,
+        acknowledged_after: Percentiles::of(&ack_latency),
+        plain_consumer: plain.as_ref().map(|(received, lost)| PlainConsumerSummary {
+            received: Percentiles::of(received),
+            lost_probes: *lost,
+        }),
+        appliance_batches,
     };
-    let table = format!(
+    let row = |label: &str, p: &Percentiles| {
+        format!(
+            "{label:<36} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9}\n",
+            p.p50_us / 1e3,
+            p.p90_us / 1e3,
+            p.p99_us / 1e3,
+            p.p999_us / 1e3,
+            p.max_us / 1e3,
+            p.count
+        )
+    };
+    let mut table = format!(
         "ingest → {} ({}) and {base}\n\
          rate: asked {}/s, produced {:.0}/s, applied {}   events {total}, acknowledged {acked}, failed {failed}\n\
-         {:<34} {:>10} {:>10} {:>10} {:>10} {:>10}\n\
-         {:<34} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}\n\
-         probes {}, lost {lost}\n",
+         {:<36} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
         args.brokers,
         args.topic,
         args.rate,
-        total as f64 / produced_in.as_secs_f64(),
+        summary.produced_rate,
         applied_in.map_or_else(
             || "NOT ALL within the timeout".to_owned(),
             |d| format!("{:.0}/s", acked as f64 / d.as_secs_f64())
         ),
-        "produce → visible (ms)",
+        "from produce (ms)",
         "p50",
         "p90",
         "p99",
         "p99.9",
         "max",
-        "",
-        freshness.p50_us / 1e3,
-        freshness.p90_us / 1e3,
-        freshness.p99_us / 1e3,
-        freshness.p999_us / 1e3,
-        freshness.max_us / 1e3,
-        histogram.len() + lost,
+        "count",
     );
-    report::emit(
-        &args.output,
-        &table,
-        &summary,
-        &[("produce → visible".into(), &histogram)],
-    )?;
+    table.push_str(&row(
+        "acknowledged by the broker",
+        &summary.acknowledged_after,
+    ));
+    if let Some(plain) = &summary.plain_consumer {
+        table.push_str(&row("received by a plain consumer", &plain.received));
+    }
+    table.push_str(&row("visible in the appliance", &freshness));
+    table.push_str(&format!(
+        "appliance: {} batches, {:.2} ms each on average, oldest message → readable {:.1} ms on average\n\
+         probes {}, lost {lost}{}\n",
+        summary.appliance_batches.batches,
+        summary.appliance_batches.mean_duration_ms,
+        summary.appliance_batches.mean_apply_delay_ms,
+        summary.probes,
+        summary
+            .plain_consumer
+            .as_ref()
+            .map_or_else(String::new, |p| format!(
+                " (never reached the plain consumer: {})",
+                p.lost_probes
+            )),
+    ));
+    let mut curves = vec![
+        ("produce → visible".to_owned(), &histogram),
+        ("produce → acknowledged".to_owned(), &ack_latency),
+    ];
+    if let Some((received, _)) = &plain {
+        curves.push(("produce → plain consumer".to_owned(), received));
+    }
+    report::emit(&args.output, &table, &summary, &curves)?;
     ensure!(lost == 0, "{lost} probes never became visible");
     ensure!(
         applied_in.is_some(),
@@ -204,35 +330,136 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-/// `cartscore_events_applied_total{source="kafka"}` from /metrics.
-fn applied_total(agent: &ureq::Agent, base: &str) -> Result<u64> {
-    let text = agent
-        .get(format!("{base}/metrics"))
-        .call()
-        .with_context(|| format!("GET {base}/metrics failed"))?
-        .body_mut()
-        .read_to_string()
-        .context("failed to read /metrics")?;
-    Ok(text
-        .lines()
-        .find(|l| l.starts_with("cartscore_events_applied_total{source=\"kafka\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64))
+/// What the appliance's /metrics says of its Kafka ingest.
+#[derive(Debug, Default)]
+struct ApplianceCounters {
+    /// `cartscore_events_applied_total{source="kafka"}`.
+    applied: u64,
+    batches: u64,
+    batch_seconds: f64,
+    apply_delay_seconds: f64,
+}
+
+impl ApplianceCounters {
+    fn read(agent: &ureq::Agent, base: &str) -> Result<Self> {
+        let text = agent
+            .get(format!("{base}/metrics"))
+            .call()
+            .with_context(|| format!("GET {base}/metrics failed"))?
+            .body_mut()
+            .read_to_string()
+            .context("failed to read /metrics")?;
+        Ok(Self::parse(&text))
+    }
+
+    fn parse(text: &str) -> Self {
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Self {
+            applied: value("cartscore_events_applied_total{source=\"kafka\"}") as u64,
+            batches: value("cartscore_stream_batch_duration_seconds_count") as u64,
+            batch_seconds: value("cartscore_stream_batch_duration_seconds_sum"),
+            apply_delay_seconds: value("cartscore_stream_apply_delay_seconds_sum"),
+        }
+    }
+}
+
+/// A consumer outside any group, on every partition of the topic from its
+/// current end, with the appliance's fetch settings.
+fn plain_consumer(args: &FreshnessArgs) -> Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("group.id", "cartscore-freshness-plain")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", args.plain_fetch_wait_ms.to_string())
+        .create()
+        .with_context(|| format!("failed to create a Kafka consumer for {}", args.brokers))?;
+    let metadata = consumer
+        .fetch_metadata(Some(&args.topic), Duration::from_secs(10))
+        .with_context(|| format!("failed to read the metadata of {}", args.topic))?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in metadata.topics() {
+        for partition in topic.partitions() {
+            // From the end as it is now, so no probe produced afterwards is
+            // missed while the fetcher starts.
+            let (_, high) = consumer
+                .fetch_watermarks(&args.topic, partition.id(), Duration::from_secs(10))
+                .with_context(|| {
+                    format!(
+                        "failed to read the end of {}/{}",
+                        args.topic,
+                        partition.id()
+                    )
+                })?;
+            assignment
+                .add_partition_offset(&args.topic, partition.id(), Offset::Offset(high))
+                .context("failed to list a partition")?;
+        }
+    }
+    ensure!(
+        assignment.count() > 0,
+        "topic {} has no partitions",
+        args.topic
+    );
+    consumer
+        .assign(&assignment)
+        .context("failed to assign the plain consumer")?;
+    Ok(consumer)
+}
+
+/// Times every probe the consumer receives; ends when production is over
+/// and every probe arrived or waited `timeout`. Nanoseconds; lost probes.
+fn receive_probes(
+    consumer: &BaseConsumer,
+    sent_at: &SentAt,
+    producing: &AtomicBool,
+    timeout: Duration,
+) -> (Histogram<u64>, u64) {
+    let mut histogram = nanos_histogram();
+    let mut last_arrival = Instant::now();
+    loop {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
+            let arrived = Instant::now();
+            last_arrival = arrived;
+            let sent = message
+                .key()
+                .and_then(|key| std::str::from_utf8(key).ok())
+                .filter(|key| key.starts_with("probe-"))
+                .and_then(|key| sent_at.lock().ok()?.remove(key));
+            if let Some(sent) = sent {
+                histogram.saturating_record(arrived.duration_since(sent).as_nanos() as u64);
+            }
+        }
+        let waiting = sent_at.lock().map_or(0, |outstanding| outstanding.len());
+        if !producing.load(Ordering::Relaxed) && (waiting == 0 || last_arrival.elapsed() > timeout)
+        {
+            return (histogram, waiting as u64);
+        }
+    }
 }
 
 /// Polls each outstanding probe's session until it is found; nanoseconds.
+/// A round of GETs every millisecond at most, so the checker does not take
+/// a core from the appliance it measures.
 fn check_probes(
     base: &str,
     probes: &mpsc::Receiver<Probe>,
     timeout: Duration,
 ) -> Result<(Histogram<u64>, u64)> {
+    const ROUND: Duration = Duration::from_millis(1);
     let agent = agent();
     let mut histogram = nanos_histogram();
     let mut outstanding: VecDeque<Probe> = VecDeque::new();
     let mut senders_done = false;
     let mut lost = 0;
     while !(senders_done && outstanding.is_empty()) {
+        let round = Instant::now();
         loop {
             match probes.try_recv() {
                 Ok(probe) => outstanding.push_back(probe),
@@ -242,10 +469,6 @@ fn check_probes(
                     break;
                 }
             }
-        }
-        if outstanding.is_empty() {
-            std::thread::sleep(Duration::from_micros(200));
-            continue;
         }
         let mut still = VecDeque::with_capacity(outstanding.len());
         for probe in outstanding.drain(..) {
@@ -263,6 +486,30 @@ fn check_probes(
             }
         }
         outstanding = still;
+        if let Some(rest) = ROUND.checked_sub(round.elapsed()) {
+            std::thread::sleep(rest);
+        }
     }
     Ok((histogram, lost))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ApplianceCounters;
+
+    #[test]
+    fn the_appliance_counters_are_read_from_its_metrics() {
+        let text = "# HELP x\n\
+            cartscore_events_applied_total{source=\"http\"} 5\n\
+            cartscore_events_applied_total{source=\"kafka\"} 1200\n\
+            cartscore_stream_batch_duration_seconds_sum 0.25\n\
+            cartscore_stream_batch_duration_seconds_count 50\n\
+            cartscore_stream_batch_duration_seconds_bucket{le=\"0.005\"} 40\n\
+            cartscore_stream_apply_delay_seconds_sum 1.5\n";
+        let counters = ApplianceCounters::parse(text);
+        assert_eq!(counters.applied, 1200);
+        assert_eq!(counters.batches, 50);
+        assert!((counters.batch_seconds - 0.25).abs() < 1e-12);
+        assert!((counters.apply_delay_seconds - 1.5).abs() < 1e-12);
+    }
 }

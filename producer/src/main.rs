@@ -1,8 +1,10 @@
 //! `cartscore-producer`: the event producer of the original stack, done
 //! properly. `replay` sends the data set's CSV rows to a Kafka topic;
 //! `freshness` produces at a fixed rate with probe events mixed in and
-//! measures how soon each is visible in an appliance's state.
+//! measures how soon each is visible in an appliance's state; `drain` reads
+//! a topic's backlog as fast as the broker serves it.
 
+mod drain;
 mod freshness;
 mod kafka;
 mod replay;
@@ -23,11 +25,14 @@ enum Command {
     /// Produce to Kafka at a fixed rate; measure applied events/s and produce-to-visible.
     #[command(visible_alias = "ingest")]
     Freshness(freshness::FreshnessArgs),
+    /// Read a topic from its start to its current end; report events/s.
+    Drain(drain::DrainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Replay(args) => replay::run(&args),
         Command::Freshness(args) => freshness::run(&args),
+        Command::Drain(args) => drain::run(&args),
     }
 }

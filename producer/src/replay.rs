@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail, ensure};
 use cartscore_bench::render::{Corruption, Format, Renderer, load_events, pace};
+use cartscore_bench::report::Percentiles;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -48,6 +49,10 @@ pub struct ReplayArgs {
     /// librdkafka linger.ms: batching delay of the producer.
     #[arg(long, default_value_t = 5)]
     pub linger_ms: u32,
+    /// A librdkafka producer setting, `key=value` (repeatable), e.g.
+    /// `-X max.in.flight.requests.per.connection=5`.
+    #[arg(short = 'X', value_parser = crate::kafka::property)]
+    pub producer_property: Vec<(String, String)>,
 }
 
 /// What a replay printed as JSON: sent, acknowledged, corrupted.
@@ -63,6 +68,8 @@ struct ReplaySummary<'a> {
     queue_seconds: f64,
     seconds: f64,
     events_per_second: f64,
+    /// Send call → broker acknowledgement, every acknowledged event.
+    acknowledged_after: Percentiles,
 }
 
 pub fn run(args: &ReplayArgs) -> Result<()> {
@@ -70,7 +77,12 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
         bail!("--corrupt must be between 0 and 1, not {}", args.corrupt);
     }
     let events = load_events(&args.input)?;
-    let producer = EventProducer::connect(&args.brokers, &args.topic, args.linger_ms)?;
+    let producer = EventProducer::connect(
+        &args.brokers,
+        &args.topic,
+        args.linger_ms,
+        &args.producer_property,
+    )?;
     let mut renderer = Renderer::new(args.format);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let limit = args.limit.unwrap_or(u64::MAX);
@@ -119,6 +131,7 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
         queue_seconds: queued_in.as_secs_f64(),
         seconds: elapsed.as_secs_f64(),
         events_per_second: sent as f64 / elapsed.as_secs_f64(),
+        acknowledged_after: Percentiles::of(&deliveries.ack_latency()),
     };
     println!("{}", serde_json::to_string(&summary)?);
     ensure!(

@@ -256,7 +256,13 @@ fn freshness_mode_measures_applied_rate_and_freshness_through_kafka() {
         ],
         &[],
     );
-    assert!(table.contains("produce → visible"), "{table}");
+    for row in [
+        "acknowledged by the broker",
+        "received by a plain consumer",
+        "visible in the appliance",
+    ] {
+        assert!(table.contains(row), "{row}: {table}");
+    }
     assert_eq!(summary["events"], 1000, "{summary}");
     assert_eq!(summary["acknowledged"], 1000, "{summary}");
     assert_eq!(summary["lost_probes"], 0, "{summary}");
@@ -267,6 +273,22 @@ fn freshness_mode_measures_applied_rate_and_freshness_through_kafka() {
     );
     assert!(
         summary["freshness"]["p50_us"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    // The split: every event's acknowledgement, every probe at the plain
+    // consumer, and the appliance's batches from its /metrics.
+    assert_eq!(summary["acknowledged_after"]["count"], 1000, "{summary}");
+    assert_eq!(
+        summary["plain_consumer"]["received"]["count"], 20,
+        "{summary}"
+    );
+    assert_eq!(summary["plain_consumer"]["lost_probes"], 0, "{summary}");
+    assert!(
+        summary["appliance_batches"]["batches"].as_u64().unwrap() > 0
+            && summary["appliance_batches"]["mean_duration_ms"]
+                .as_f64()
+                .unwrap()
+                > 0.0,
         "{summary}"
     );
     assert!(app.metric("cartscore_events_applied_total{source=\"kafka\"}") >= 1000.0);

@@ -1,7 +1,7 @@
-//! A real Kafka-compatible broker for the stream tests: tansu with SQLite
-//! storage (its memory engine loses and duplicates records when a consumer
-//! resumes mid-batch) on a free loopback port, plus small librdkafka
-//! producer and reader helpers.
+//! A real Kafka-compatible broker for the stream tests: nisshi (tansu's
+//! successor) storing in PostgreSQL, so a killed broker restarts with every
+//! record it acknowledged (its memory engine keeps nothing), on a free
+//! loopback port; plus small librdkafka producer and reader helpers.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,45 +16,76 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::common::free_port;
 
-/// The tansu binary: `CARTSCORE_TANSU`, else `tansu` on PATH, else cargo's bin folder.
-fn tansu() -> PathBuf {
-    if let Some(path) = std::env::var_os("CARTSCORE_TANSU") {
+/// The nisshi binary: `CARTSCORE_NISSHI`, else `nisshi` on PATH, else the
+/// cache scripts/stack.sh builds it into.
+fn nisshi() -> PathBuf {
+    if let Some(path) = std::env::var_os("CARTSCORE_NISSHI") {
         return path.into();
     }
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("tansu"))
+        .map(|dir| dir.join("nisshi"))
         .find(|p| p.is_file());
     on_path
         .or_else(|| {
             let home = std::env::var_os("HOME")?;
-            Some(Path::new(&home).join(".cargo/bin/tansu")).filter(|p| p.is_file())
+            Some(Path::new(&home).join(".cache/cartscore/bin/nisshi")).filter(|p| p.is_file())
         })
-        .expect("tansu is not installed: run scripts/test.sh (README command 2), or `cargo install tansu --version 0.6.0 --locked --features libsql`")
+        .expect("nisshi is not installed: run scripts/test.sh (README command 2) or scripts/stack.sh up")
+}
+
+/// The PostgreSQL server the brokers store in (from scripts/stack.sh), as
+/// a URL without the database.
+fn postgres_server() -> String {
+    let url = std::env::var("CARTSCORE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://cartscore:cartscore@127.0.0.1:5432/postgres".into());
+    match url.rsplit_once('/') {
+        Some((server, _database)) => server.to_owned(),
+        None => url,
+    }
 }
 
 pub struct Broker {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    server: String,
+    database: String,
 }
 
 impl Broker {
-    /// A private broker in `dir` (its SQLite file lives there, so a restart
-    /// keeps every record).
+    /// A private broker with its own new PostgreSQL database (so a restart
+    /// keeps every record) and its log in `dir`.
     pub fn start(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
+        let server = postgres_server();
+        let database = unique("broker").replace('-', "_");
+        let mut admin = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {server} (set CARTSCORE_TEST_POSTGRES; scripts/stack.sh starts one): {e}")
+            });
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .unwrap();
+        // As scripts/stack.sh sets the broker's own database.
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {database} SET synchronous_commit = off"
+            ))
+            .unwrap();
         let mut broker = Self {
             child: None,
             port: free_port(),
             dir: dir.into(),
+            server,
+            database,
         };
         broker.restart();
         broker
     }
 
-    /// The broker all stream tests share: the one scripts/test.sh started
+    /// The broker all stream tests share: the one scripts/stack.sh started
     /// (`CARTSCORE_TEST_KAFKA`), else one started for this test run.
     pub fn shared() -> &'static str {
         static SHARED: OnceLock<String> = OnceLock::new();
@@ -62,7 +93,7 @@ impl Broker {
             if let Ok(addr) = std::env::var("CARTSCORE_TEST_KAFKA") {
                 return addr;
             }
-            let dir = std::env::temp_dir().join(format!("cartscore-tansu-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("cartscore-broker-{}", std::process::id()));
             let broker = Box::leak(Box::new(Broker::start(&dir)));
             broker.addr()
         })
@@ -72,6 +103,11 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    fn storage(&self) -> String {
+        // Debian's server offers a snakeoil certificate nisshi rejects.
+        format!("{}/{}?sslmode=disable", self.server, self.database)
+    }
+
     /// Starts (again) on the same port and storage.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the broker is running");
@@ -79,30 +115,24 @@ impl Broker {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("tansu.log"))
+            .open(self.dir.join("nisshi.log"))
             .unwrap();
-        let child = Command::new(tansu())
+        let child = Command::new(nisshi())
             .current_dir(&self.dir)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(broker_args(&url, &self.storage()))
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("failed to start tansu");
+            .expect("failed to start nisshi");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(self.addr()).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "tansu did not listen on {}",
-                self.addr()
+                "nisshi did not listen on {} (see {})",
+                self.addr(),
+                self.dir.join("nisshi.log").display()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -117,9 +147,32 @@ impl Broker {
     }
 }
 
+/// `nisshi broker` listening on `url`, storing in the PostgreSQL database
+/// at `storage`.
+fn broker_args<'a>(url: &'a str, storage: &'a str) -> [&'a str; 7] {
+    [
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        storage,
+    ]
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        // Best effort: a database left behind only takes disk.
+        if let Ok(mut admin) =
+            postgres::Client::connect(&format!("{}/postgres", self.server), postgres::NoTls)
+        {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ));
+        }
     }
 }
 
@@ -127,7 +180,7 @@ impl Drop for Broker {
 pub fn create_topic(brokers: &str, name: &str, partitions: u32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let output = Command::new(tansu())
+        let output = Command::new(nisshi())
             .args([
                 "topic",
                 "create",
@@ -138,7 +191,7 @@ pub fn create_topic(brokers: &str, name: &str, partitions: u32) {
             .args(["--broker", &format!("tcp://{brokers}")])
             .env("RUST_BACKTRACE", "0")
             .output()
-            .expect("failed to run tansu topic create");
+            .expect("failed to run nisshi topic create");
         if output.status.success() {
             return;
         }

@@ -1,4 +1,4 @@
-//! The Kafka path against a real broker (tansu on SQLite): routing of valid
+//! The Kafka path against a real broker (nisshi on PostgreSQL): routing of valid
 //! and invalid messages, exactly-once state across SIGKILL, and a broker
 //! outage.
 
@@ -493,5 +493,50 @@ fn sigterm_with_the_broker_down_still_exits_within_the_grace_period() {
             .iter()
             .any(|o| o["next_offset"] == 500),
         "{offsets}"
+    );
+}
+
+/// A stream at a modest rate is written as one record per batch, which a
+/// consumer that fell behind must read back fast: the producer's drain mode
+/// and the appliance both catch up a backlog of them from the start.
+#[test]
+fn a_backlog_of_one_record_batches_is_drained_and_caught_up() {
+    let brokers = Broker::shared();
+    let topics = Topics::create(brokers, 2);
+    let sent = replay(
+        brokers,
+        &topics.raw,
+        &["--limit", "3000", "-X", "batch.num.messages=1"],
+    );
+    assert_eq!(sent["acknowledged"], 3000, "{sent}");
+    assert_eq!(sent["acknowledged_after"]["count"], 3000, "{sent}");
+
+    let output = Command::new(producer_binary())
+        .args(["drain", "--brokers", brokers, "--topic", &topics.raw])
+        .args(["--seconds", "60"])
+        .env("RUST_BACKTRACE", "0")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "drain failed: {output:?}");
+    let drained: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(drained["backlog"], 3000, "{drained}");
+    assert_eq!(drained["read"], 3000, "{drained}");
+    assert_eq!(drained["drained"], true, "{drained}");
+
+    let work = tempfile::tempdir().unwrap();
+    let models = model_dir_with_demo(work.path());
+    let app = Appliance::start(
+        work.path(),
+        &models,
+        &Options {
+            env: topics.env(brokers, &unique("backlog"), false),
+            ..Options::default()
+        },
+    );
+    wait_applied(&app, &topics.raw, 3000);
+    assert_eq!(
+        app.metric("cartscore_events_applied_total{source=\"kafka\"}"),
+        3000.0
     );
 }

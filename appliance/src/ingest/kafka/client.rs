@@ -41,10 +41,15 @@ pub(super) fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
         // The fetch long-poll bound. Kafka answers a fetch as soon as data
-        // arrives, but tansu re-reads its storage only after sleeping half
-        // the remaining wait, so a long wait there is latency; 10 ms costs
-        // ~100 idle fetches a second per broker. Overridable in properties.
-        .set("fetch.wait.max.ms", "10")
+        // arrives, whatever the bound; nisshi (the test broker) re-reads its
+        // storage after sleeping half the remaining wait, and gives the
+        // storage read only about half the wait as its budget: at 10 ms a
+        // consumer behind by many small batches got one batch per partition
+        // per round trip (52 events/s, so it never caught up; README, Kafka
+        // stream), while at 50 ms it drains over 100k events/s and a
+        // stream at production rates still has data in every round.
+        // Overridable in properties.
+        .set("fetch.wait.max.ms", "50")
         .set("statistics.interval.ms", "1000");
     for (key, value) in &config.properties {
         client.set(key, value);
@@ -59,6 +64,10 @@ pub(super) fn producer_config(config: &KafkaConfig) -> ClientConfig {
         .set("client.id", "cartscore-router")
         .set("acks", "all")
         .set("linger.ms", "1")
+        // As the Java client: a million requests in flight (librdkafka's
+        // default) queue behind each other on a broker that serves a
+        // connection's requests in turn; five let later records batch.
+        .set("max.in.flight.requests.per.connection", "5")
         .set("message.timeout.ms", "30000");
     for (key, value) in &config.properties {
         // Consumer-only settings would make the producer refuse to start.

@@ -68,11 +68,19 @@ impl Worker {
                         METADATA_RETRY
                     };
             }
-            let timeout = match batch.started {
-                None => IDLE_POLL,
-                Some(started) => max_wait.saturating_sub(started.elapsed()),
+            // An open batch only takes what librdkafka already holds: the
+            // first empty poll closes it (a group commit). Messages that
+            // arrive while it is written make the next batch, so batches
+            // grow with the rate and the write time instead of every
+            // message waiting out `batch_max_ms`.
+            let timeout = if batch.is_empty() {
+                IDLE_POLL
+            } else {
+                Duration::ZERO
             };
-            match self.consumer.poll(timeout) {
+            let polled = self.consumer.poll(timeout);
+            let drained = polled.is_none();
+            match polled {
                 Some(Ok(message)) => {
                     let replay = self.already_applied(&message);
                     if replay {
@@ -90,7 +98,7 @@ impl Worker {
             }
             self.outputs.settle();
             let full = batch.messages >= self.config.batch_max_events.get();
-            let due = batch.started.is_some_and(|s| s.elapsed() >= max_wait);
+            let due = drained || batch.started.is_some_and(|s| s.elapsed() >= max_wait);
             if !batch.is_empty() && (full || due) {
                 self.commit(std::mem::take(&mut batch));
                 group_behind = true;
