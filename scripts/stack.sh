@@ -9,18 +9,21 @@
 #       appliance's topics and prints the endpoints (as `env` does).
 #       --free-ports  any free loopback ports instead of 9092/8333/5000
 #       --fresh       the broker starts on an empty database
-#   scripts/stack.sh env      the endpoints as `export` lines:
-#                             eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh env [--tests]
+#       the endpoints as `export` lines: eval "$(scripts/stack.sh env)";
+#       --tests: the CARTSCORE_TEST_* settings of the end-to-end tests
 #   scripts/stack.sh status   which services run, and where
-#   scripts/stack.sh down     stops what `up` started (PostgreSQL only if
-#                             `up` started it)
+#   scripts/stack.sh down [--purge]
+#       stops what `up` started (PostgreSQL only if `up` started it);
+#       --purge also drops the broker's database (the state folder stays)
 #
 # State (pids, logs, data) lives in $CARTSCORE_STACK_DIR, by default
 # ~/.local/state/cartscore-stack; give each concurrent stack its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-state=${CARTSCORE_STACK_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/cartscore-stack}
+default_state=${XDG_STATE_HOME:-$HOME/.local/state}/cartscore-stack
+state=${CARTSCORE_STACK_DIR:-$default_state}
 cache=$HOME/.cache/cartscore
 NISSHI_VERSION=0.8.1
 nisshi_bin=$cache/bin/nisshi
@@ -127,6 +130,13 @@ psql_as_cartscore() { # database, sql
   PGPASSWORD=cartscore PGOPTIONS="-c client_min_messages=warning" psql -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U cartscore -d "$1" -c "$2" >/dev/null
 }
 
+ensure_database() {
+  if ! PGPASSWORD=cartscore psql -h 127.0.0.1 -p "$pg_port" -U cartscore -d postgres -tAc \
+      "SELECT 1 FROM pg_database WHERE datname = '$1'" | grep -q 1; then
+    psql_as_cartscore postgres "CREATE DATABASE $1"
+  fi
+}
+
 create_topics() {
   local broker=$1 topic
   for topic in "$RAW_TOPIC:$PARTITIONS" "$CDC_TOPIC:1" "$VALIDATED_TOPIC:1" "$INVALID_TOPIC:1"; do
@@ -141,20 +151,23 @@ create_topics() {
 
 write_env() {
   local kafka="127.0.0.1:$(setting kafka)" s3="http://127.0.0.1:$(setting s3)" mlflow="http://127.0.0.1:$(setting mlflow)"
-  local postgres="postgres://cartscore:cartscore@127.0.0.1:$(setting postgres)/postgres"
+  local server="postgres://cartscore:cartscore@127.0.0.1:$(setting postgres)"
   cat >"$state/env" <<EOF
 # The appliance (kafka.brokers) and the producer tools
 export CARTSCORE_KAFKA__BROKERS=$kafka
 # The trainer: warehouse, S3 (lake, registry) and MLflow
-export CARTSCORE_POSTGRES=$postgres
+export CARTSCORE_POSTGRES=$server/cartscore
 export AWS_ENDPOINT_URL=$s3
 export AWS_ACCESS_KEY_ID=cartscore
 export AWS_SECRET_ACCESS_KEY=cartscore
 export AWS_REGION=us-east-1
 export CARTSCORE_MLFLOW_URL=$mlflow
-# The end-to-end tests
+EOF
+  # The end-to-end tests take only these, so the settings above never leak
+  # into a test of the defaults.
+  cat >"$state/env.tests" <<EOF
 export CARTSCORE_TEST_KAFKA=$kafka
-export CARTSCORE_TEST_POSTGRES=$postgres
+export CARTSCORE_TEST_POSTGRES=$server/postgres
 export CARTSCORE_TEST_S3=$s3
 export CARTSCORE_TEST_MLFLOW=$mlflow
 export CARTSCORE_NISSHI=$nisshi_bin
@@ -183,24 +196,32 @@ up() {
     fi
   fi
   sed -i '/^postgres=/d' "$state/ports" && echo "postgres=$pg_port" >>"$state/ports"
+  # The broker's database: one per state folder, so two stacks on one
+  # PostgreSQL never share (or --fresh drop) each other's records.
+  if [ -z "$(setting database)" ]; then
+    if [ "$state" = "$default_state" ]; then
+      echo "database=cartscore_broker" >>"$state/ports"
+    else
+      echo "database=cartscore_broker_$(printf '%s' "$state" | md5sum | cut -c1-10)" >>"$state/ports"
+    fi
+  fi
   local kafka_port s3_port mlflow_port
   kafka_port=$(setting kafka) s3_port=$(setting s3) mlflow_port=$(setting mlflow)
 
-  local db=cartscore_broker
+  local db; db=$(setting database)
   if $fresh && running broker; then stop broker; fi
   if $fresh; then
     psql_as_cartscore postgres "DROP DATABASE IF EXISTS $db WITH (FORCE)"
   fi
-  if ! PGPASSWORD=cartscore psql -h 127.0.0.1 -p "$pg_port" -U cartscore -d postgres -tAc \
-      "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
-    psql_as_cartscore postgres "CREATE DATABASE $db"
-  fi
+  ensure_database "$db"
   # Each produce is a transaction; waiting for its WAL flush made the
   # acknowledgement p99 at 10k events/s 0.9-2 s instead of 0.2-0.4 s. Off,
   # an acknowledged record survives a broker crash (PostgreSQL holds it) and
   # may be lost with the machine, as on a single Kafka broker, which
   # acknowledges from the page cache.
   psql_as_cartscore postgres "ALTER DATABASE $db SET synchronous_commit = off"
+  # The warehouse the trainer loads into (CARTSCORE_POSTGRES).
+  ensure_database cartscore
   if ! running broker; then
     listening "$kafka_port" && die "127.0.0.1:$kafka_port is taken by another process (use --free-ports)"
     log "starting nisshi on 127.0.0.1:$kafka_port (storage: PostgreSQL database $db)"
@@ -236,11 +257,23 @@ up() {
 }
 
 down() {
+  local purge=false
+  for arg in "$@"; do
+    case $arg in
+      --purge) purge=true ;;
+      *) die "unknown option $arg (down takes --purge)" ;;
+    esac
+  done
   [ -d "$state" ] || return 0
   for name in mlflow s3 broker; do
     if running "$name"; then log "stopping $name"; fi
     stop "$name"
   done
+  if $purge && [ -n "$(setting database)" ]; then
+    log "dropping the broker's database $(setting database)"
+    pg_port=$(setting postgres)
+    psql_as_cartscore postgres "DROP DATABASE IF EXISTS $(setting database) WITH (FORCE)" || true
+  fi
   if [ -f "$state/postgres.started" ]; then
     log "stopping PostgreSQL $(cat "$state/postgres.started")"
     pg_ctlcluster $(cat "$state/postgres.started") stop || true
@@ -268,8 +301,14 @@ status() {
 
 case ${1:-} in
   up) shift; up "$@" ;;
-  down) down ;;
-  env) [ -f "$state/env" ] || die "no stack in $state: run scripts/stack.sh up"; cat "$state/env" ;;
+  down) shift; down "$@" ;;
+  env)
+    [ -f "$state/env" ] || die "no stack in $state: run scripts/stack.sh up"
+    case ${2:-} in
+      "") cat "$state/env" ;;
+      --tests) cat "$state/env.tests" ;;
+      *) die "unknown option $2 (env takes --tests)" ;;
+    esac ;;
   status) status ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

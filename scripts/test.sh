@@ -56,13 +56,13 @@ fi
 export CARTSCORE_STACK_DIR
 CARTSCORE_STACK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cartscore-stack.XXXXXX")
 cleanup() {
-  scripts/stack.sh down || true
+  scripts/stack.sh down --purge || true
   rm -rf "$CARTSCORE_STACK_DIR"
 }
 trap cleanup EXIT
 log "starting the stack (scripts/stack.sh up --free-ports --fresh)"
 scripts/stack.sh up --free-ports --fresh >/dev/null
-eval "$(scripts/stack.sh env)"
+eval "$(scripts/stack.sh env --tests)"
 
 # --- the real data slice -----------------------------------------------------
 export CARTSCORE_DATASET=${CARTSCORE_DATASET:-$(pwd)/../shared/data/2019-Oct-head.csv}
