@@ -103,6 +103,9 @@ struct FreshnessSummary<'a> {
     plain_consumer: Option<PlainConsumerSummary>,
     /// The appliance's write batches during the run, from its /metrics.
     appliance_batches: BatchSummary,
+    /// How long a round of GETs over the outstanding probes took: the
+    /// resolution of `freshness`.
+    check_rounds: Percentiles,
 }
 
 #[derive(Debug, Serialize)]
@@ -204,7 +207,11 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    let (histogram, lost) = checker
+    let Checked {
+        visible: histogram,
+        lost,
+        rounds,
+    } = checker
         .join()
         .map_err(|_| anyhow::anyhow!("the probe checker panicked"))??;
     let plain = plain
@@ -250,6 +257,7 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
             lost_probes: *lost,
         }),
         appliance_batches,
+        check_rounds: Percentiles::of(&rounds),
     };
     let row = |label: &str, p: &Percentiles| {
         format!(
@@ -292,7 +300,7 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
     table.push_str(&row("visible in the appliance", &freshness));
     table.push_str(&format!(
         "appliance: {} batches, {:.2} ms each on average, oldest message → readable {:.1} ms on average\n\
-         probes {}, lost {lost}{}\n",
+         probes {}, lost {lost}{}; a round of GETs took {:.2} ms at p50, {:.2} ms at p99\n",
         summary.appliance_batches.batches,
         summary.appliance_batches.mean_duration_ms,
         summary.appliance_batches.mean_apply_delay_ms,
@@ -304,6 +312,8 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
                 " (never reached the plain consumer: {})",
                 p.lost_probes
             )),
+        summary.check_rounds.p50_us / 1e3,
+        summary.check_rounds.p99_us / 1e3,
     ));
     let mut curves = vec![
         ("produce → visible".to_owned(), &histogram),
@@ -444,17 +454,26 @@ fn receive_probes(
     }
 }
 
-/// Polls each outstanding probe's session until it is found; nanoseconds.
-/// A round of GETs every millisecond at most, so the checker does not take
-/// a core from the appliance it measures.
+/// What the probe checker saw, in nanoseconds.
+struct Checked {
+    visible: Histogram<u64>,
+    lost: u64,
+    /// The duration of each round of GETs with probes outstanding.
+    rounds: Histogram<u64>,
+}
+
+/// Polls each outstanding probe's session until it is found. A round of
+/// GETs every millisecond at most, so the checker does not take a core from
+/// the appliance it measures.
 fn check_probes(
     base: &str,
     probes: &mpsc::Receiver<Probe>,
     timeout: Duration,
-) -> Result<(Histogram<u64>, u64)> {
+) -> Result<Checked> {
     const ROUND: Duration = Duration::from_millis(1);
     let agent = agent();
     let mut histogram = nanos_histogram();
+    let mut rounds = nanos_histogram();
     let mut outstanding: VecDeque<Probe> = VecDeque::new();
     let mut senders_done = false;
     let mut lost = 0;
@@ -486,11 +505,18 @@ fn check_probes(
             }
         }
         outstanding = still;
+        if !outstanding.is_empty() {
+            rounds.saturating_record(round.elapsed().as_nanos() as u64);
+        }
         if let Some(rest) = ROUND.checked_sub(round.elapsed()) {
             std::thread::sleep(rest);
         }
     }
-    Ok((histogram, lost))
+    Ok(Checked {
+        visible: histogram,
+        lost,
+        rounds,
+    })
 }
 
 #[cfg(test)]
