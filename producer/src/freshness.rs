@@ -465,11 +465,7 @@ struct Checked {
 /// Polls each outstanding probe's session until it is found. A round of
 /// GETs every millisecond at most, so the checker does not take a core from
 /// the appliance it measures.
-fn check_probes(
-    base: &str,
-    probes: &mpsc::Receiver<Probe>,
-    timeout: Duration,
-) -> Result<Checked> {
+fn check_probes(base: &str, probes: &mpsc::Receiver<Probe>, timeout: Duration) -> Result<Checked> {
     const ROUND: Duration = Duration::from_millis(1);
     let agent = agent();
     let mut histogram = nanos_histogram();
