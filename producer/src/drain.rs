@@ -5,13 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use clap::Args;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
+
+use crate::kafka;
 
 #[derive(Debug, Args)]
 pub struct DrainArgs {
@@ -44,43 +45,23 @@ struct DrainSummary<'a> {
 }
 
 pub fn run(args: &DrainArgs) -> Result<()> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &args.brokers)
-        .set("group.id", "cartscore-drain")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", args.fetch_wait_ms.to_string());
-    for (key, value) in &args.consumer_property {
-        config.set(key, value);
-    }
-    let consumer: BaseConsumer = config
-        .create()
-        .with_context(|| format!("failed to create a Kafka consumer for {}", args.brokers))?;
-    let metadata = consumer
-        .fetch_metadata(Some(&args.topic), Duration::from_secs(10))
-        .with_context(|| format!("failed to read the metadata of {}", args.topic))?;
+    let consumer = kafka::plain_consumer(
+        &args.brokers,
+        "cartscore-drain",
+        args.fetch_wait_ms,
+        &args.consumer_property,
+    )?;
     let mut assignment = TopicPartitionList::new();
     let mut ends = Vec::new();
     let mut backlog = 0;
-    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-        let (low, high) = consumer
-            .fetch_watermarks(&args.topic, partition.id(), Duration::from_secs(10))
-            .with_context(|| {
-                format!(
-                    "failed to read the ends of {}/{}",
-                    args.topic,
-                    partition.id()
-                )
-            })?;
+    for (partition, low, high) in kafka::partition_ends(&consumer, &args.topic)? {
         assignment
-            .add_partition_offset(&args.topic, partition.id(), Offset::Offset(low))
+            .add_partition_offset(&args.topic, partition, Offset::Offset(low))
             .context("failed to list a partition")?;
         backlog += (high - low).max(0) as u64;
         // 0: nothing (more) to read in this partition.
-        ends.push((partition.id(), if high > low { high } else { 0 }));
+        ends.push((partition, if high > low { high } else { 0 }));
     }
-    ensure!(!ends.is_empty(), "topic {} has no partitions", args.topic);
     consumer
         .assign(&assignment)
         .context("failed to assign the partitions")?;

@@ -24,13 +24,12 @@ use cartscore_bench::render::{Format, Renderer, load_events, pace};
 use cartscore_bench::report::{self, Percentiles};
 use clap::Args;
 use hdrhistogram::Histogram;
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::kafka::EventProducer;
+use crate::kafka::{self, EventProducer};
 
 #[derive(Debug, Args)]
 pub struct FreshnessArgs {
@@ -382,41 +381,20 @@ impl ApplianceCounters {
 /// A consumer outside any group, on every partition of the topic from its
 /// current end, with the appliance's fetch settings.
 fn plain_consumer(args: &FreshnessArgs) -> Result<BaseConsumer> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("group.id", "cartscore-freshness-plain")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", args.plain_fetch_wait_ms.to_string())
-        .create()
-        .with_context(|| format!("failed to create a Kafka consumer for {}", args.brokers))?;
-    let metadata = consumer
-        .fetch_metadata(Some(&args.topic), Duration::from_secs(10))
-        .with_context(|| format!("failed to read the metadata of {}", args.topic))?;
+    let consumer = kafka::plain_consumer(
+        &args.brokers,
+        "cartscore-freshness-plain",
+        args.plain_fetch_wait_ms,
+        &[],
+    )?;
     let mut assignment = TopicPartitionList::new();
-    for topic in metadata.topics() {
-        for partition in topic.partitions() {
-            // From the end as it is now, so no probe produced afterwards is
-            // missed while the fetcher starts.
-            let (_, high) = consumer
-                .fetch_watermarks(&args.topic, partition.id(), Duration::from_secs(10))
-                .with_context(|| {
-                    format!(
-                        "failed to read the end of {}/{}",
-                        args.topic,
-                        partition.id()
-                    )
-                })?;
-            assignment
-                .add_partition_offset(&args.topic, partition.id(), Offset::Offset(high))
-                .context("failed to list a partition")?;
-        }
+    for (partition, _, high) in kafka::partition_ends(&consumer, &args.topic)? {
+        // From the end as it is now, so no probe produced afterwards is
+        // missed while the fetcher starts.
+        assignment
+            .add_partition_offset(&args.topic, partition, Offset::Offset(high))
+            .context("failed to list a partition")?;
     }
-    ensure!(
-        assignment.count() > 0,
-        "topic {} has no partitions",
-        args.topic
-    );
     consumer
         .assign(&assignment)
         .context("failed to assign the plain consumer")?;

@@ -5,11 +5,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use cartscore_bench::load::nanos_histogram;
 use hdrhistogram::Histogram;
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
@@ -138,4 +139,43 @@ pub fn property(text: &str) -> Result<(String, String), String> {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!("expected key=value, got {text:?}")),
     }
+}
+
+/// A consumer outside any group (it is assigned partitions, never commits)
+/// with `fetch.wait.max.ms` of `fetch_wait_ms` and then `properties`.
+pub fn plain_consumer(
+    brokers: &str,
+    group: &str,
+    fetch_wait_ms: u32,
+    properties: &[(String, String)],
+) -> Result<BaseConsumer> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string());
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    config
+        .create()
+        .with_context(|| format!("failed to create a Kafka consumer for {brokers}"))
+}
+
+/// Every partition of `topic` with its first and next offsets as they are now.
+pub fn partition_ends(consumer: &BaseConsumer, topic: &str) -> Result<Vec<(i32, i64, i64)>> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("failed to read the metadata of {topic}"))?;
+    let mut ends = Vec::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+            .with_context(|| format!("failed to read the ends of {topic}/{}", partition.id()))?;
+        ends.push((partition.id(), low, high));
+    }
+    ensure!(!ends.is_empty(), "topic {topic} has no partitions");
+    Ok(ends)
 }

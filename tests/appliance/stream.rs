@@ -51,9 +51,23 @@ impl Topics {
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
     }
+
+    /// An appliance in `work` (the demo model, a store of its own) consuming
+    /// these topics as a new group named after `group`.
+    fn start_appliance(&self, work: &Path, brokers: &str, group: &str, forward: bool) -> Appliance {
+        let models = model_dir_with_demo(work);
+        Appliance::start(
+            work,
+            &models,
+            &Options {
+                env: self.env(brokers, &unique(group), forward),
+                ..Options::default()
+            },
+        )
+    }
 }
 
-/// Runs `cartscore-bench replay` with `args`; returns its summary.
+/// Runs `cartscore-producer replay` with `args`; returns its summary.
 fn replay(brokers: &str, topic: &str, args: &[&str]) -> Value {
     let output = Command::new(producer_binary())
         .args(["replay", "--brokers", brokers, "--topic", topic, "--input"])
@@ -122,15 +136,7 @@ fn stream_routes_valid_and_invalid_messages_and_keeps_arrival_order() {
     let brokers = Broker::shared();
     let topics = Topics::create(brokers, 2);
     let work = tempfile::tempdir().unwrap();
-    let models = model_dir_with_demo(work.path());
-    let app = Appliance::start(
-        work.path(),
-        &models,
-        &Options {
-            env: topics.env(brokers, &unique("route"), true),
-            ..Options::default()
-        },
-    );
+    let app = topics.start_appliance(work.path(), brokers, "route", true);
 
     let huge = format!(r#"{{"event_type":"view","pad":"{}"}}"#, "x".repeat(200_000));
     let binary: &[u8] = &[0xff, 0xfe, 0x00, 0x9c, b'{'];
@@ -525,15 +531,7 @@ fn a_backlog_of_one_record_batches_is_drained_and_caught_up() {
     assert_eq!(drained["drained"], true, "{drained}");
 
     let work = tempfile::tempdir().unwrap();
-    let models = model_dir_with_demo(work.path());
-    let app = Appliance::start(
-        work.path(),
-        &models,
-        &Options {
-            env: topics.env(brokers, &unique("backlog"), false),
-            ..Options::default()
-        },
-    );
+    let app = topics.start_appliance(work.path(), brokers, "backlog", false);
     wait_applied(&app, &topics.raw, 3000);
     assert_eq!(
         app.metric("cartscore_events_applied_total{source=\"kafka\"}"),
