@@ -153,13 +153,16 @@ fn latency_modes_measure_a_running_appliance() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("http_404"), "{text}");
 
+    // A bound no healthy run misses, even on a loaded 2-core machine (a
+    // concurrent build put p99 at 32 ms): this checks the sweep's stepping
+    // and report, not the machine's latency.
     let (table, summary) = bench(
         out,
         "sweep",
         &[
             "sweep",
             "--p99-us",
-            "20000",
+            "1000000",
             "--rate",
             "1000",
             "--max-rate",
