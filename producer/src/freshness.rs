@@ -424,10 +424,12 @@ fn receive_probes(
                 histogram.saturating_record(arrived.duration_since(sent).as_nanos() as u64);
             }
         }
-        let waiting = sent_at.lock().map_or(0, |outstanding| outstanding.len());
-        if !producing.load(Ordering::Relaxed) && (waiting == 0 || last_arrival.elapsed() > timeout)
-        {
-            return (histogram, waiting as u64);
+        // Only once production is over: every message takes the lock otherwise.
+        if !producing.load(Ordering::Relaxed) {
+            let waiting = sent_at.lock().map_or(0, |outstanding| outstanding.len());
+            if waiting == 0 || last_arrival.elapsed() > timeout {
+                return (histogram, waiting as u64);
+            }
         }
     }
 }

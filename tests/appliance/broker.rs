@@ -46,6 +46,12 @@ fn postgres_server() -> String {
     }
 }
 
+/// A connection to `server`'s maintenance database, to create and drop
+/// the brokers' databases.
+fn admin(server: &str) -> Result<postgres::Client, postgres::Error> {
+    postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
+}
+
 pub struct Broker {
     child: Option<Child>,
     pub port: u16,
@@ -61,10 +67,9 @@ impl Broker {
         std::fs::create_dir_all(dir).unwrap();
         let server = postgres_server();
         let database = unique("broker").replace('-', "_");
-        let mut admin = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
-            .unwrap_or_else(|e| {
-                panic!("PostgreSQL at {server} (set CARTSCORE_TEST_POSTGRES; scripts/stack.sh starts one): {e}")
-            });
+        let mut admin = admin(&server).unwrap_or_else(|e| {
+            panic!("PostgreSQL at {server} (set CARTSCORE_TEST_POSTGRES; scripts/stack.sh starts one): {e}")
+        });
         admin
             .batch_execute(&format!("CREATE DATABASE {database}"))
             .unwrap();
@@ -165,9 +170,7 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
         // Best effort: a database left behind only takes disk.
-        if let Ok(mut admin) =
-            postgres::Client::connect(&format!("{}/postgres", self.server), postgres::NoTls)
-        {
+        if let Ok(mut admin) = admin(&self.server) {
             let _ = admin.batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.database

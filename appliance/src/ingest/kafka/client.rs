@@ -45,7 +45,7 @@ pub(super) fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         // storage after sleeping half the remaining wait, and gives the
         // storage read only about half the wait as its budget: at 10 ms a
         // consumer behind by many small batches got one batch per partition
-        // per round trip (52 events/s, so it never caught up; README, Kafka
+        // per round trip (54 events/s, so it never caught up; README, Kafka
         // stream), while at 50 ms it drains over 100k events/s and a
         // stream at production rates still has data in every round.
         // Overridable in properties.
