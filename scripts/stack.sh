@@ -113,10 +113,12 @@ start_postgres() {
   [ -n "$cluster" ] || die "no PostgreSQL cluster (pg_lsclusters is empty)"
   if ! pg_ctlcluster $cluster status >/dev/null 2>&1; then
     log "starting PostgreSQL $cluster"
-    pg_ctlcluster $cluster start
+    # to stderr: this function's stdout is the port it returns, and
+    # pg_ctlcluster may say things like "Removed stale pid file."
+    pg_ctlcluster $cluster start >&2
     echo "$cluster" >"$state/postgres.started"
   fi
-  su postgres -c "psql -q -v ON_ERROR_STOP=1" <<'SQL'
+  su postgres -c "psql -q -v ON_ERROR_STOP=1" >&2 <<'SQL'
 DO $$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'cartscore') THEN
     CREATE ROLE cartscore LOGIN PASSWORD 'cartscore' CREATEDB;
@@ -186,6 +188,7 @@ up() {
   mkdir -p "$state"
   install_missing
   pg_port=$(start_postgres)
+  [[ "$pg_port" =~ ^[0-9]+$ ]] || die "could not read the PostgreSQL port (got: $pg_port)"
 
   # Ports are chosen once per state folder and kept across restarts.
   if [ ! -f "$state/ports" ]; then
