@@ -60,9 +60,61 @@ pub struct Event {
     pub user_session: String,
 }
 
+/// Where a change-data-capture row came from in its source database's log:
+/// Debezium's `source.sequence` for PostgreSQL, `[last committed LSN,
+/// this change's LSN]`, which grows strictly in the order Debezium streams
+/// changes (a transaction's changes come out together, after the commit
+/// before them). ExtractNewRecordState copies it into the row as
+/// `__source_sequence` (`add.fields=source.sequence`), and `__source_lsn`
+/// alone when that is all there is. Debezium delivers at least once: a
+/// restarted engine re-sends changes its offset store had not recorded, and
+/// their position is what tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourcePosition {
+    pub commit_lsn: u64,
+    pub lsn: u64,
+}
+
+impl SourcePosition {
+    /// Reads `["123","456"]` (either may be null) or a bare LSN.
+    fn parse(sequence: &RawValue<'_>, lsn: &RawValue<'_>) -> Option<Self> {
+        let number = |value: &RawValue<'_>| -> Option<u64> {
+            match value {
+                RawValue::Unsigned(n) => Some(*n),
+                RawValue::Str(text) => text.parse().ok(),
+                _ => None,
+            }
+        };
+        if let RawValue::Str(text) = sequence
+            && let Ok(pair) = serde_json::from_str::<[Option<String>; 2]>(text)
+        {
+            let at = |i: usize| pair[i].as_deref().and_then(|t| t.parse().ok());
+            if let Some(lsn) = at(1) {
+                return Some(Self {
+                    commit_lsn: at(0).unwrap_or(0),
+                    lsn,
+                });
+            }
+        }
+        let lsn = number(lsn)?;
+        Some(Self {
+            commit_lsn: lsn,
+            lsn,
+        })
+    }
+}
+
 impl Event {
     /// Parses a JSON message: a flat object or a JsonConverter envelope.
     pub fn from_json(bytes: &[u8]) -> Result<Self, EventError> {
+        Self::from_json_with_source(bytes).map(|(event, _)| event)
+    }
+
+    /// [`Event::from_json`], with the row's position in its source database
+    /// when it is a change-data-capture row that carries one.
+    pub fn from_json_with_source(
+        bytes: &[u8],
+    ) -> Result<(Self, Option<SourcePosition>), EventError> {
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(EventError::Oversize {
                 len: bytes.len(),
@@ -89,7 +141,8 @@ impl Event {
                 }
             }
         })?;
-        message.into_raw().validate()
+        let (raw, position) = message.into_raw();
+        Ok((raw.validate()?, position))
     }
 
     /// Parses one CSV record whose columns are described by `layout`. A short row
@@ -121,6 +174,7 @@ impl Event {
             user_id: get(Field::UserId)?,
             user_session: get(Field::UserSession)?,
             deleted: false,
+            updated: false,
         }
         .validate()
     }
@@ -318,6 +372,12 @@ struct RawJson<'a> {
     user_session: RawValue<'a>,
     #[serde(borrow, rename = "__deleted")]
     deleted: RawValue<'a>,
+    #[serde(borrow, rename = "__op")]
+    op: RawValue<'a>,
+    #[serde(borrow, rename = "__source_sequence")]
+    source_sequence: RawValue<'a>,
+    #[serde(borrow, rename = "__source_lsn")]
+    source_lsn: RawValue<'a>,
     #[serde(borrow)]
     payload: Option<Box<RawJson<'a>>>,
     #[allow(dead_code)]
@@ -325,13 +385,15 @@ struct RawJson<'a> {
 }
 
 impl<'a> RawJson<'a> {
-    fn into_raw(self) -> RawEvent<'a> {
+    fn into_raw(self) -> (RawEvent<'a>, Option<SourcePosition>) {
         if let Some(payload) = self.payload {
             return payload.into_raw();
         }
         let deleted = matches!(&self.deleted, RawValue::Bool(true))
             || matches!(&self.deleted, RawValue::Str(s) if s == "true");
-        RawEvent {
+        let updated = matches!(&self.op, RawValue::Str(s) if s == "u");
+        let position = SourcePosition::parse(&self.source_sequence, &self.source_lsn);
+        let raw = RawEvent {
             event_time: self.event_time,
             event_type: self.event_type,
             product_id: self.product_id,
@@ -342,7 +404,9 @@ impl<'a> RawJson<'a> {
             user_id: self.user_id,
             user_session: self.user_session,
             deleted,
-        }
+            updated,
+        };
+        (raw, position)
     }
 }
 
@@ -358,7 +422,10 @@ pub struct RawEvent<'a> {
     pub price: RawValue<'a>,
     pub user_id: RawValue<'a>,
     pub user_session: RawValue<'a>,
+    /// A Debezium delete marker (`__deleted: "true"`).
     pub deleted: bool,
+    /// A Debezium update (`__op: "u"`).
+    pub updated: bool,
 }
 
 impl RawEvent<'_> {
@@ -366,6 +433,9 @@ impl RawEvent<'_> {
     pub fn validate(self) -> Result<Event, EventError> {
         if self.deleted {
             return Err(EventError::DeletedRow);
+        }
+        if self.updated {
+            return Err(EventError::UpdatedRow);
         }
         let event_time = match self.event_time {
             RawValue::Str(s) => Timestamp::parse(&s)?,
@@ -541,6 +611,47 @@ mod tests {
     }
 
     #[test]
+    fn a_debezium_row_carries_its_source_position() {
+        let row = |extra: &str| FLAT.replacen('{', &format!("{{\"id\":3,{extra}"), 1);
+        let read = |text: String| Event::from_json_with_source(text.as_bytes()).unwrap().1;
+        assert_eq!(read(row("")), None);
+        assert_eq!(
+            read(row(
+                r#""__source_sequence":"[\"24023120\",\"24023928\"]","__source_lsn":24023928,"#
+            )),
+            Some(SourcePosition {
+                commit_lsn: 24_023_120,
+                lsn: 24_023_928
+            })
+        );
+        assert_eq!(
+            read(row(r#""__source_sequence":"[null,\"90\"]","#)),
+            Some(SourcePosition {
+                commit_lsn: 0,
+                lsn: 90
+            })
+        );
+        assert_eq!(
+            read(row(r#""__source_lsn":77,"#)),
+            Some(SourcePosition {
+                commit_lsn: 77,
+                lsn: 77
+            })
+        );
+        // A later transaction's change sorts after every change of an earlier
+        // one, whatever the LSNs of the changes themselves.
+        let earlier = SourcePosition {
+            commit_lsn: 100,
+            lsn: 180,
+        };
+        let later = SourcePosition {
+            commit_lsn: 200,
+            lsn: 150,
+        };
+        assert!(earlier < later);
+    }
+
+    #[test]
     fn envelope_and_debezium_forms_match_flat() {
         let envelope = format!(r#"{{"schema":{{"type":"struct","fields":[]}},"payload":{FLAT}}}"#);
         assert_eq!(Event::from_json(envelope.as_bytes()).unwrap(), flat());
@@ -555,6 +666,11 @@ mod tests {
 
     #[test]
     fn delete_markers_are_rejected() {
+        let updated = FLAT.replace("\"price\"", "\"__op\":\"u\",\"price\"");
+        assert_eq!(
+            Event::from_json(updated.as_bytes()),
+            Err(EventError::UpdatedRow)
+        );
         let deleted = FLAT.replace("\"price\"", "\"__deleted\":\"true\",\"price\"");
         assert_eq!(
             Event::from_json(deleted.as_bytes()),

@@ -8,7 +8,8 @@
 //!   [`time`] is the event clock and its text forms; [`dataset`] reads CSV
 //!   files of the data set;
 //! - [`state`] folds valid events into per-session and per-user state (the
-//!   labels and expiry rules included);
+//!   labels and expiry rules included); [`shard`] is the stream's key policy
+//!   and partitioner, which keep a user's state on one partition;
 //! - [`features`] turns state plus a cart event into a
 //!   [`features::FeatureRow`], with the learned string tables of [`encoding`];
 //! - [`bundle`] is the deployable model's metadata contract, [`onnx`] the
@@ -25,6 +26,7 @@ pub mod features;
 #[cfg(feature = "tract")]
 pub mod model;
 pub mod onnx;
+pub mod shard;
 pub mod state;
 pub mod time;
 pub mod validate;
@@ -32,10 +34,10 @@ pub mod validate;
 pub use bundle::{BundleError, BundleMetadata, GoldenVector};
 pub use dataset::{CsvEvents, CsvRow, DatasetError};
 pub use encoding::{CategoryTable, EncodingTables};
-pub use event::{CsvLayout, Event, EventType, HeaderError};
+pub use event::{CsvLayout, Event, EventType, HeaderError, SourcePosition};
 pub use features::{CONTRACT_VERSION, FEATURE_COUNT, FEATURE_NAMES, FeatureRow};
 #[cfg(feature = "tract")]
 pub use model::{ModelError, TractModel};
-pub use state::{SessionState, UserState};
+pub use state::{SessionKey, SessionState, UserState};
 pub use time::Timestamp;
 pub use validate::EventError;

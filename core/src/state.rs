@@ -16,6 +16,25 @@ pub const USER_IDLE_TIMEOUT_SECS: i64 = 90 * 86_400;
 /// Per-session product activity kept; beyond it the least recently seen is evicted.
 pub const MAX_TRACKED_PRODUCTS: usize = 64;
 
+/// Which session an event belongs to: its user's `user_session`. The same
+/// session id under another `user_id` is another session, so that all of a
+/// session's state sits with its user's (on the user's partition, see
+/// [`crate::shard`]) and never depends on how two users' events interleave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey<'a> {
+    pub user_id: u64,
+    pub user_session: &'a str,
+}
+
+impl<'a> SessionKey<'a> {
+    pub fn of(event: &'a Event) -> Self {
+        Self {
+            user_id: event.user_id,
+            user_session: &event.user_session,
+        }
+    }
+}
+
 /// Activity on one product within one session.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,

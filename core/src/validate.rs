@@ -104,6 +104,8 @@ pub enum EventError {
     TimestampOutOfRange { micros: i64 },
     #[error("the row is a CDC delete marker, not an event")]
     DeletedRow,
+    #[error("the row is a CDC update of a stored event: events are facts and are not changed")]
+    UpdatedRow,
 }
 
 impl EventError {
@@ -127,6 +129,7 @@ impl EventError {
             EventError::BadTimestamp { .. } => "bad_timestamp",
             EventError::TimestampOutOfRange { .. } => "timestamp_out_of_range",
             EventError::DeletedRow => "deleted_row",
+            EventError::UpdatedRow => "updated_row",
         }
     }
 
@@ -151,12 +154,13 @@ impl EventError {
             EventError::Oversize { .. }
             | EventError::NotUtf8
             | EventError::Malformed { .. }
-            | EventError::DeletedRow => None,
+            | EventError::DeletedRow
+            | EventError::UpdatedRow => None,
         }
     }
 
     /// Every code, for pre-registering metric series.
-    pub const CODES: [&'static str; 17] = [
+    pub const CODES: [&'static str; 18] = [
         "oversize",
         "not_utf8",
         "malformed",
@@ -174,5 +178,6 @@ impl EventError {
         "bad_timestamp",
         "timestamp_out_of_range",
         "deleted_row",
+        "updated_row",
     ];
 }

@@ -333,6 +333,7 @@ pub(crate) fn parquet_row(batch: &RecordBatch, row: usize) -> Result<Event, Even
         user_id: value("user_id"),
         user_session: value("user_session"),
         deleted: false,
+        updated: false,
     }
     .validate()
 }

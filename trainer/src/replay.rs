@@ -82,7 +82,8 @@ impl Interner {
 /// The replay's state: live sessions and users, and the examples so far.
 #[derive(Default)]
 pub struct Replay {
-    sessions: HashMap<String, SessionTrack>,
+    /// By `core::SessionKey`: a session is its user's.
+    sessions: HashMap<(u64, String), SessionTrack>,
     users: HashMap<u64, UserState>,
     pub examples: Vec<Example>,
     pub interner: Interner,
@@ -102,7 +103,10 @@ impl Replay {
         self.hash(event);
         self.events += 1;
         self.clock = self.clock.max(event.event_time);
-        let track = self.sessions.entry(event.user_session.clone()).or_default();
+        let track = self
+            .sessions
+            .entry((event.user_id, event.user_session.clone()))
+            .or_default();
         if !track.state.is_live_at(event.event_time) {
             track.awaiting.clear();
         }

@@ -148,6 +148,7 @@ fn parse_row(line: &[u8]) -> Result<Event, EventError> {
         user_id: next(),
         user_session: next(),
         deleted: false,
+        updated: false,
     }
     .validate()
 }
