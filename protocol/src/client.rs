@@ -3,15 +3,17 @@
 //! (responses come back in request order). `into_split` gives a writer and a
 //! reader half for two threads, which is how an open-loop load generator
 //! keeps sending on schedule while responses are still in flight.
+//! [`ShardedClient`] sends each cart to the shard that owns its user.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use cartscore_core::Event;
+use cartscore_core::shard::partition_of_user;
 use thiserror::Error;
 
-use crate::{ResponseError, ScoreResponse, encode_request, parse_response};
+use crate::{Redirect, ResponseError, ScoreResponse, Status, encode_request, parse_response};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -21,6 +23,8 @@ pub enum ClientError {
     Closed,
     #[error(transparent)]
     Response(#[from] ResponseError),
+    #[error("no shard address to ask")]
+    NoShards,
 }
 
 /// The sending half: encodes requests and writes them.
@@ -145,5 +149,140 @@ impl TcpClient {
     /// The two halves, for a writer thread and a reader thread.
     pub fn into_split(self) -> (RequestWriter, ResponseReader) {
         (self.writer, self.reader)
+    }
+}
+
+/// How many `NotOwner` answers one score follows before giving up.
+const MAX_REDIRECTS: usize = 3;
+/// How often one score asks again while its owner is unknown (a group
+/// rebalancing), and how long it waits between.
+const OWNER_UNKNOWN_RETRIES: usize = 50;
+const OWNER_UNKNOWN_PAUSE: Duration = Duration::from_millis(100);
+
+/// Scores against a group of shards (`kafka.mode = shard`), sending each
+/// cart to the shard that owns its user. It learns the group from the
+/// shards themselves: a `NotOwner` answer names the owner and the partition
+/// count, after which carts of users on known partitions go straight to
+/// their owner (placed with the producers' partitioner,
+/// `cartscore_core::shard::partition_of_user`). A shard that cannot be
+/// reached is forgotten and the next seed is asked.
+#[derive(Debug)]
+pub struct ShardedClient {
+    seeds: Vec<String>,
+    next_seed: usize,
+    connections: std::collections::HashMap<String, TcpClient>,
+    partitions: u32,
+    /// The owner's binary-protocol address, by partition.
+    owners: Vec<Option<String>>,
+    timeout: Option<Duration>,
+    /// `NotOwner` answers followed so far.
+    pub redirects: u64,
+}
+
+impl ShardedClient {
+    /// `seeds`: binary-protocol addresses of any shards of the group.
+    pub fn new(seeds: &[String], timeout: Option<Duration>) -> Self {
+        Self {
+            seeds: seeds.to_vec(),
+            next_seed: 0,
+            connections: std::collections::HashMap::new(),
+            partitions: 0,
+            owners: Vec::new(),
+            timeout,
+            redirects: 0,
+        }
+    }
+
+    /// The owner this client would send `user_id`'s carts to, if known.
+    pub fn owner_of(&self, user_id: u64) -> Option<&str> {
+        if self.partitions == 0 {
+            return None;
+        }
+        let partition = partition_of_user(user_id, self.partitions) as usize;
+        self.owners.get(partition)?.as_deref()
+    }
+
+    fn learn(&mut self, redirect: &Redirect) {
+        if redirect.partitions != self.partitions {
+            self.partitions = redirect.partitions;
+            self.owners = vec![None; redirect.partitions as usize];
+        }
+        self.owners[redirect.partition as usize] = redirect.tcp.clone();
+    }
+
+    fn forget(&mut self, addr: &str) {
+        self.connections.remove(addr);
+        for owner in &mut self.owners {
+            if owner.as_deref() == Some(addr) {
+                *owner = None;
+            }
+        }
+    }
+
+    fn seed(&mut self) -> Option<String> {
+        if self.seeds.is_empty() {
+            return None;
+        }
+        let seed = self.seeds[self.next_seed % self.seeds.len()].clone();
+        self.next_seed += 1;
+        Some(seed)
+    }
+
+    fn send_to(&mut self, addr: &str, cart: &Event) -> Result<ScoreResponse, ClientError> {
+        if !self.connections.contains_key(addr) {
+            let client = TcpClient::connect(addr)?;
+            client.set_timeout(self.timeout)?;
+            self.connections.insert(addr.to_owned(), client);
+        }
+        let Some(client) = self.connections.get_mut(addr) else {
+            return Err(ClientError::Closed);
+        };
+        client.score(cart)
+    }
+
+    /// One cart, answered by its owner (or the last answer when redirects
+    /// run out, or the owner stays unknown).
+    pub fn score(&mut self, cart: &Event) -> Result<ScoreResponse, ClientError> {
+        let mut redirects = 0;
+        let mut unknown = 0;
+        let mut failures = 0;
+        let mut addr = match self.owner_of(cart.user_id) {
+            Some(owner) => owner.to_owned(),
+            None => self.seed().ok_or(ClientError::NoShards)?,
+        };
+        loop {
+            let response = match self.send_to(&addr, cart) {
+                Ok(response) => response,
+                Err(error @ (ClientError::Io(_) | ClientError::Closed)) => {
+                    self.forget(&addr);
+                    failures += 1;
+                    if failures > self.seeds.len() {
+                        return Err(error);
+                    }
+                    addr = self.seed().ok_or(ClientError::NoShards)?;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            match response.status {
+                Status::NotOwner if redirects < MAX_REDIRECTS => {
+                    let Some(redirect) = Redirect::parse(&response.message) else {
+                        return Ok(response);
+                    };
+                    self.learn(&redirect);
+                    let Some(owner) = redirect.tcp else {
+                        return Ok(response);
+                    };
+                    redirects += 1;
+                    self.redirects += 1;
+                    addr = owner;
+                }
+                Status::OwnerUnknown if unknown < OWNER_UNKNOWN_RETRIES => {
+                    unknown += 1;
+                    std::thread::sleep(OWNER_UNKNOWN_PAUSE);
+                }
+                _ => return Ok(response),
+            }
+        }
     }
 }

@@ -38,16 +38,24 @@ pub enum Status {
     UnsupportedVersion = 4,
     /// The store or the model failed; the connection stays open.
     InternalError = 5,
+    /// Another shard owns the cart's user; the message is a [`Redirect`]
+    /// naming it. The connection stays open.
+    NotOwner = 6,
+    /// No shard has claimed the user's partition yet (the group is
+    /// rebalancing); retry shortly. The connection stays open.
+    OwnerUnknown = 7,
 }
 
 impl Status {
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 8] = [
         Self::Ok,
         Self::InvalidEvent,
         Self::ModelUnavailable,
         Self::MalformedFrame,
         Self::UnsupportedVersion,
         Self::InternalError,
+        Self::NotOwner,
+        Self::OwnerUnknown,
     ];
 
     pub fn from_byte(byte: u8) -> Option<Self> {
@@ -58,6 +66,8 @@ impl Status {
             3 => Self::MalformedFrame,
             4 => Self::UnsupportedVersion,
             5 => Self::InternalError,
+            6 => Self::NotOwner,
+            7 => Self::OwnerUnknown,
             _ => return None,
         })
     }
@@ -70,7 +80,59 @@ impl Status {
             Self::MalformedFrame => "malformed_frame",
             Self::UnsupportedVersion => "unsupported_version",
             Self::InternalError => "internal_error",
+            Self::NotOwner => "not_owner",
+            Self::OwnerUnknown => "owner_unknown",
         }
+    }
+}
+
+/// Where a `NotOwner` answer sends the caller: the owning shard, and the
+/// partition the user is on among how many, so a client can place other
+/// users itself (`cartscore_core::shard::partition_of_user`). On the wire,
+/// the answer's message: `member=… http=… tcp=… partition=… partitions=…`
+/// (`tcp=-` when the owner serves no binary protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    pub member: String,
+    pub http: String,
+    pub tcp: Option<String>,
+    pub partition: u32,
+    pub partitions: u32,
+}
+
+impl Redirect {
+    pub fn to_message(&self) -> String {
+        format!(
+            "member={} http={} tcp={} partition={} partitions={}",
+            self.member,
+            self.http,
+            self.tcp.as_deref().unwrap_or("-"),
+            self.partition,
+            self.partitions
+        )
+    }
+
+    pub fn parse(message: &str) -> Option<Self> {
+        let mut fields = std::collections::HashMap::new();
+        for part in message.split_ascii_whitespace() {
+            let (key, value) = part.split_once('=')?;
+            fields.insert(key, value);
+        }
+        let partitions: u32 = fields.get("partitions")?.parse().ok()?;
+        let partition: u32 = fields.get("partition")?.parse().ok()?;
+        if partition >= partitions {
+            return None;
+        }
+        Some(Self {
+            member: (*fields.get("member")?).to_owned(),
+            http: (*fields.get("http")?).to_owned(),
+            tcp: fields
+                .get("tcp")
+                .filter(|t| **t != "-")
+                .map(|t| (*t).to_owned()),
+            partition,
+            partitions,
+        })
     }
 }
 
@@ -162,6 +224,7 @@ impl ScoreFrame<'_> {
             user_id: RawValue::Unsigned(self.user_id),
             user_session: text(self.user_session),
             deleted: false,
+            updated: false,
         }
         .validate()
     }
@@ -334,6 +397,32 @@ mod tests {
             user_id: 543_272_936,
             user_session: "8187d148-3c41-46d4-b0c0-9c08cd9dc564".into(),
         }
+    }
+
+    #[test]
+    fn a_redirect_survives_its_message() {
+        let redirect = Redirect {
+            member: "b".into(),
+            http: "10.0.0.2:8080".into(),
+            tcp: Some("10.0.0.2:7070".into()),
+            partition: 3,
+            partitions: 6,
+        };
+        assert_eq!(
+            Redirect::parse(&redirect.to_message()),
+            Some(redirect.clone())
+        );
+        let http_only = Redirect {
+            tcp: None,
+            ..redirect
+        };
+        assert_eq!(Redirect::parse(&http_only.to_message()), Some(http_only));
+        assert_eq!(
+            Redirect::parse("member=b http=x tcp=- partition=6 partitions=6"),
+            None
+        );
+        assert_eq!(Redirect::parse("no model"), None);
+        assert_eq!(Status::from_byte(6), Some(Status::NotOwner));
     }
 
     #[test]
