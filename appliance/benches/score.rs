@@ -69,7 +69,7 @@ fn percentiles(s: &Setup) {
         let cart = &s.carts[i % s.carts.len()];
         let started = Instant::now();
         let reader = s.store.reader().unwrap();
-        let scored = score::score(&s.model, &reader, cart).unwrap();
+        let scored = score::score(&s.model, &reader, None, cart).unwrap();
         drop(reader);
         let nanos = started.elapsed().as_nanos() as u64;
         black_box(scored);
@@ -95,7 +95,7 @@ fn benches(c: &mut Criterion, s: &Setup) {
         b.iter(|| {
             i = (i + 1) % s.carts.len();
             let reader = s.store.reader().unwrap();
-            black_box(score::score(&s.model, &reader, &s.carts[i]).unwrap())
+            black_box(score::score(&s.model, &reader, None, &s.carts[i]).unwrap())
         })
     });
     let reader = s.store.reader().unwrap();

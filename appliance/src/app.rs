@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::ApplianceConfig;
+use crate::config::{ApplianceConfig, INSTANCE_ID, KafkaMode};
 use crate::ingest::kafka::{StreamConsumer, StreamHealth};
 use crate::ingest::{EventSource, Ingestor};
 use crate::model::ServingModel;
@@ -24,6 +24,7 @@ use crate::ops::systemd::ServiceManager;
 use crate::ops::telemetry::{Mirrors, Telemetry};
 use crate::serve::http::{AppState, router};
 use crate::serve::tcp::{Shared, TcpServer};
+use crate::shard::{Member, Ownership};
 use crate::store::Store;
 
 /// The bundle a start-up would serve: the newest one that verifies.
@@ -140,6 +141,26 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
             config.kafka.stale_after_ms,
         )))
     });
+    let ownership = (config.kafka.enabled() && config.kafka.mode == KafkaMode::Shard).then(|| {
+        Arc::new(Ownership::new(Member {
+            member: config
+                .kafka
+                .properties
+                .get(INSTANCE_ID)
+                .cloned()
+                .unwrap_or_default(),
+            http: config
+                .kafka
+                .advertise_http
+                .clone()
+                .unwrap_or_else(|| config.http.listen.to_string()),
+            tcp: config
+                .kafka
+                .advertise_tcp
+                .clone()
+                .or_else(|| config.tcp.enabled.then(|| config.tcp.listen.to_string())),
+        }))
+    });
     let consumer = match &stream_health {
         Some(health) => Some(
             StreamConsumer::start(
@@ -148,6 +169,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
                 ingestor.clone(),
                 Arc::clone(&metrics),
                 Arc::clone(health),
+                ownership.clone(),
             )
             .context("failed to start the Kafka consumer")?,
         ),
@@ -165,6 +187,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         tcp_ready: AtomicBool::new(!config.tcp.enabled),
         stream: stream_health,
         unready_when_stale: config.kafka.unready_when_stale,
+        ownership: ownership.clone(),
     });
     let heartbeats = Arc::new(Heartbeats::new(if config.tcp.enabled {
         config.tcp.cores
@@ -180,6 +203,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
             max_frame: config.tcp.max_frame_bytes as usize,
             grace: Duration::from_millis(config.shutdown_grace_ms),
             heartbeats: Arc::clone(&heartbeats),
+            ownership,
         });
         let server = TcpServer::start(&config.tcp, shared)
             .context("failed to start the binary-protocol server")?;

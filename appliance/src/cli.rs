@@ -33,7 +33,13 @@ enum Command {
     /// Print the store's counts, stream offsets and a digest of all live
     /// state as JSON (two stores with the same digest hold the same state).
     /// Safe while the appliance runs: it reads a snapshot.
-    Inspect,
+    Inspect {
+        /// Digest what is live at this event time (µs since the epoch)
+        /// instead of at the store's watermark: shards each have their own
+        /// watermark, and their digests add up only at a common one.
+        #[arg(long)]
+        as_of_micros: Option<i64>,
+    },
 }
 
 /// Global: accepted before or after the subcommand.
@@ -80,7 +86,7 @@ impl Cli {
         match self.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(config),
             Command::Validate => validate(&config),
-            Command::Inspect => inspect(&config),
+            Command::Inspect { as_of_micros } => inspect(&config, as_of_micros),
         }
     }
 }
@@ -126,12 +132,14 @@ struct Inspection<'a> {
     offsets: Vec<StreamOffset>,
 }
 
-fn inspect(config: &ApplianceConfig) -> Result<()> {
+fn inspect(config: &ApplianceConfig, as_of_micros: Option<i64>) -> Result<()> {
     let store = Store::open(&config.store).context("failed to open the store")?;
     let inspection = Inspection {
         path: &config.store.path,
         stats: store.stats().context("failed to read store statistics")?,
-        digest: store.digest().context("failed to digest the store")?,
+        digest: store
+            .digest_at(as_of_micros)
+            .context("failed to digest the store")?,
         offsets: store.offsets().context("failed to read stream offsets")?,
     };
     println!("{}", serde_json::to_string(&inspection)?);

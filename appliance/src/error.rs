@@ -38,8 +38,12 @@ pub enum Code {
     /// `negative_price`) is both the answer's code and the metric label.
     InvalidEvent(&'static str),
     NotACart,
+    // Shards.
+    NotOwner,
+    OwnerUnknown,
     // State.
     SessionNotFound,
+    SessionAmbiguous,
     MapFull,
     StoreOpen,
     StoreLmdb,
@@ -59,7 +63,7 @@ impl Code {
     #[rustfmt::skip]
     pub const fn row(self) -> Row {
         use StatusCode as H;
-        use Status::{InternalError, InvalidEvent, MalformedFrame, ModelUnavailable};
+        use Status::{InternalError, InvalidEvent, MalformedFrame, ModelUnavailable, NotOwner, OwnerUnknown};
         const fn row(code: &'static str, status: H, label: &'static str, tcp: Status) -> Row {
             Row {
                 code,
@@ -81,7 +85,10 @@ impl Code {
             Code::UnknownModel => row("unknown_model", H::NOT_FOUND, "unknown_model", MalformedFrame),
             Code::InvalidEvent(rule) => row(rule, H::UNPROCESSABLE_ENTITY, rule, InvalidEvent),
             Code::NotACart => row("not_a_cart_event", H::UNPROCESSABLE_ENTITY, "not_a_cart_event", InvalidEvent),
+            Code::NotOwner => row("not_owner", H::MISDIRECTED_REQUEST, "not_owner", NotOwner),
+            Code::OwnerUnknown => row("owner_unknown", H::SERVICE_UNAVAILABLE, "owner_unknown", OwnerUnknown),
             Code::SessionNotFound => row("session_not_found", H::NOT_FOUND, "session_not_found", InvalidEvent),
+            Code::SessionAmbiguous => row("session_ambiguous", H::CONFLICT, "session_ambiguous", InvalidEvent),
             Code::MapFull => row("map_full", H::INSUFFICIENT_STORAGE, "map_full", InternalError),
             Code::StoreOpen => row("store_error", H::INTERNAL_SERVER_ERROR, "open", InternalError),
             Code::StoreLmdb => row("store_error", H::INTERNAL_SERVER_ERROR, "lmdb", InternalError),
@@ -124,6 +131,11 @@ impl Code {
 /// An error that knows its row of the table.
 pub trait ErrorCode: std::error::Error {
     fn error_code(&self) -> Code;
+
+    /// The shard that should answer instead (a `not_owner` error).
+    fn redirect(&self) -> Option<&cartscore_protocol::Redirect> {
+        None
+    }
 }
 
 /// Validation is `core`'s: its code names the rule that failed.

@@ -35,6 +35,10 @@ pub enum KafkaMode {
     Shard,
 }
 
+/// The property that names a shard: its member id in the group and in
+/// `kafka.members_topic`.
+pub const INSTANCE_ID: &str = "group.instance.id";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
@@ -61,6 +65,14 @@ pub struct KafkaConfig {
     pub stale_after_ms: u64,
     /// A stale stream makes /readyz answer 503 (otherwise it only says so).
     pub unready_when_stale: bool,
+    /// Shards publish their address and partitions here (compacted, keyed
+    /// by member) and read the others'.
+    pub members_topic: String,
+    /// The JSON API address other shards and callers are sent to (default:
+    /// `http.listen`).
+    pub advertise_http: Option<String>,
+    /// The binary-protocol address they are sent to (default: `tcp.listen`).
+    pub advertise_tcp: Option<String>,
     /// Extra librdkafka settings for both clients (security, timeouts…).
     pub properties: BTreeMap<String, String>,
 }
@@ -82,6 +94,9 @@ impl Default for KafkaConfig {
             batch_max_ms: nonzero!(5),
             stale_after_ms: 10_000,
             unready_when_stale: false,
+            members_topic: "cartscore.members".into(),
+            advertise_http: None,
+            advertise_tcp: None,
             properties: BTreeMap::new(),
         }
     }
@@ -149,6 +164,9 @@ impl KafkaConfig {
                 "must be at most 1048576",
             ));
         }
+        if self.mode == KafkaMode::Shard {
+            self.validate_shard()?;
+        }
         if let Some(key) = self
             .properties
             .keys()
@@ -158,6 +176,46 @@ impl KafkaConfig {
                 "kafka.properties",
                 key,
                 "is set by the appliance itself (offsets live in the store)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl KafkaConfig {
+    /// What a shard needs: a stable name, a membership topic apart from the
+    /// consumed ones, and the eager `range` assignor, which gives a member
+    /// the same partition numbers of every co-partitioned topic.
+    fn validate_shard(&self) -> Result<(), ConfigError> {
+        match self.properties.get(INSTANCE_ID) {
+            Some(id) if !id.is_empty() => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    "kafka.properties",
+                    INSTANCE_ID,
+                    "must be set in shard mode: it names the shard in the group and in kafka.members_topic, and keeps its partitions across a restart",
+                ));
+            }
+        }
+        if !valid_topic(&self.members_topic) {
+            return Err(ConfigError::invalid(
+                "kafka.members_topic",
+                &self.members_topic,
+                TOPIC_RULE,
+            ));
+        }
+        if self.topics.contains(&self.members_topic) {
+            return Err(ConfigError::invalid(
+                "kafka.members_topic",
+                &self.members_topic,
+                "is also consumed (kafka.topics)",
+            ));
+        }
+        if let Some(strategy) = self.properties.get("partition.assignment.strategy") {
+            return Err(ConfigError::invalid(
+                "kafka.properties",
+                format!("partition.assignment.strategy={strategy}"),
+                "shards use range, which keeps a user's partition of every topic on one shard",
             ));
         }
         Ok(())
@@ -196,6 +254,16 @@ mod tests {
         );
         let err = load(&format!("{on}mode = \"sideways\"\n")).unwrap_err();
         assert!(err.contains("sideways"), "{err}");
+        let shard = format!("{on}mode = \"shard\"\n");
+        let err = load(&shard).unwrap_err();
+        assert!(err.contains("group.instance.id"), "{err}");
+        let named = format!("{shard}[kafka.properties]\n\"group.instance.id\" = \"a\"\n");
+        assert!(load(&named).is_ok());
+        let err = load(&format!(
+            "{named}\"partition.assignment.strategy\" = \"roundrobin\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("range"), "{err}");
         let err = load(&format!("{on}batch_max_events = 2000000\n")).unwrap_err();
         assert!(err.contains("kafka.batch_max_events (2000000)"), "{err}");
     }

@@ -26,7 +26,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
-pub use kafka::{KafkaConfig, KafkaMode, MANAGED_PROPERTIES, MAX_BATCH_EVENTS};
+pub use kafka::{INSTANCE_ID, KafkaConfig, KafkaMode, MANAGED_PROPERTIES, MAX_BATCH_EVENTS};
 pub use model::ModelConfig;
 pub use ops::{LogConfig, LogFormat, TelemetryConfig};
 pub use serve::{HttpConfig, IoDriver, TcpConfig};

@@ -69,6 +69,12 @@ pub struct TopicLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicReasonLabels {
+    pub topic: String,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
     pub topic: String,
     pub partition: i32,
@@ -108,12 +114,15 @@ pub struct Metrics {
     pub model_reloads: Family<OutcomeLabels, Counter>,
     pub model_loaded_timestamp: Gauge<f64, AtomicU64>,
     pub stream: StreamMetrics,
+    pub shard: ShardMetrics,
 }
 
 /// The Kafka consumer's view: consumed, routed, lag and health.
 #[derive(Debug)]
 pub struct StreamMetrics {
     pub messages: Family<TopicLabels, Counter>,
+    pub key_mismatches: Family<TopicReasonLabels, Counter>,
+    pub cdc_duplicates: Family<TopicLabels, Counter>,
     pub skipped: Counter,
     pub produced: Family<TopicLabels, Counter>,
     pub produce_errors: Counter,
@@ -131,6 +140,8 @@ impl StreamMetrics {
     fn register(registry: &mut Registry) -> Self {
         let this = Self {
             messages: Family::default(),
+            key_mismatches: Family::default(),
+            cdc_duplicates: Family::default(),
             skipped: Counter::default(),
             produced: Family::default(),
             produce_errors: Counter::default(),
@@ -148,6 +159,16 @@ impl StreamMetrics {
             "messages",
             "Kafka messages consumed, valid or not, by topic",
             this.messages.clone(),
+        );
+        r.register(
+            "key_mismatches",
+            "Valid events whose record key is not their user_id (the key policy shards rely on), by topic and reason",
+            this.key_mismatches.clone(),
+        );
+        r.register(
+            "cdc_duplicates",
+            "Change-data-capture rows at or below their partition's last applied source position (re-sent by Debezium), not applied",
+            this.cdc_duplicates.clone(),
         );
         r.register(
             "skipped",
@@ -203,6 +224,63 @@ impl StreamMetrics {
             "batch_duration_seconds",
             "From a batch's first message polled to its commit",
             this.batch_duration.clone(),
+        );
+        this
+    }
+}
+
+/// A shard's view of its group (`kafka.mode = shard`).
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    pub members: Gauge,
+    pub owned_partitions: Gauge,
+    pub purged_sessions: Counter,
+    pub purged_users: Counter,
+    pub redirects: Family<ApiLabels, Counter>,
+    pub membership_errors: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub api: &'static str,
+}
+
+impl ShardMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let this = Self::default();
+        for api in ["http", "tcp"] {
+            let _ = this.redirects.get_or_create(&ApiLabels { api });
+        }
+        let r = registry.sub_registry_with_prefix("cartscore_shard");
+        r.register(
+            "members",
+            "Shards known in the group, this one included",
+            this.members.clone(),
+        );
+        r.register(
+            "owned_partitions",
+            "Partition numbers this shard is assigned",
+            this.owned_partitions.clone(),
+        );
+        r.register(
+            "purged_sessions",
+            "Sessions dropped because their partition moved to another shard",
+            this.purged_sessions.clone(),
+        );
+        r.register(
+            "purged_users",
+            "Users dropped because their partition moved to another shard",
+            this.purged_users.clone(),
+        );
+        r.register(
+            "redirects",
+            "Scores answered with the owning shard instead (HTTP 421, TCP not_owner), by API",
+            this.redirects.clone(),
+        );
+        r.register(
+            "membership_errors",
+            "Membership records that could not be published or read, by reason",
+            this.membership_errors.clone(),
         );
         this
     }
@@ -341,6 +419,7 @@ impl Metrics {
             model_loaded_timestamp.clone(),
         );
         let stream = StreamMetrics::register(&mut registry);
+        let shard = ShardMetrics::register(&mut registry);
         // Known label sets start at 0, so dashboards and `increase()`
         // alerts have a series from the first scrape, not the first event.
         for outcome in Status::ALL.map(Status::label) {
@@ -373,6 +452,7 @@ impl Metrics {
             model_reloads,
             model_loaded_timestamp,
             stream,
+            shard,
         }
     }
 

@@ -3,11 +3,14 @@
 //! writer, so scoring a cart never changes what the next score sees.
 
 use cartscore_core::features::CategoricalKeys;
-use cartscore_core::{Event, EventType, FeatureRow, ModelError};
+use cartscore_core::{Event, EventType, FeatureRow, ModelError, SessionKey};
 use thiserror::Error;
 
 use crate::error::{Code, ErrorCode};
+use cartscore_protocol::Redirect;
+
 use crate::model::ServingModel;
+use crate::shard::{Owner, Ownership};
 use crate::store::{StoreError, StoreReader};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -22,6 +25,15 @@ pub struct Scored {
 pub enum ScoreError {
     #[error("only add-to-cart events are scored; got event_type {0}")]
     NotACart(&'static str),
+    #[error(
+        "user {user_id} is held by shard {} (http {}, partition {} of {}); ask it",
+        .owner.member, .owner.http, .owner.partition, .owner.partitions
+    )]
+    NotOwner { user_id: u64, owner: Redirect },
+    #[error(
+        "no shard has claimed the partition of user {user_id} yet (the group is rebalancing); retry shortly"
+    )]
+    OwnerUnknown { user_id: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the model failed: {0}")]
@@ -32,9 +44,44 @@ impl ErrorCode for ScoreError {
     fn error_code(&self) -> Code {
         match self {
             Self::NotACart(_) => Code::NotACart,
+            Self::NotOwner { .. } => Code::NotOwner,
+            Self::OwnerUnknown { .. } => Code::OwnerUnknown,
             Self::Store(error) => error.error_code(),
             Self::Model(error) => error.error_code(),
         }
+    }
+
+    fn redirect(&self) -> Option<&Redirect> {
+        match self {
+            Self::NotOwner { owner, .. } => Some(owner),
+            _ => None,
+        }
+    }
+}
+
+/// In shard mode, refuses a cart whose user another shard holds: this
+/// store lacks that user's state, so a score from it would be wrong.
+pub fn check_owner(ownership: Option<&Ownership>, user_id: u64) -> Result<(), ScoreError> {
+    let Some(ownership) = ownership else {
+        return Ok(());
+    };
+    match ownership.owner_of(user_id) {
+        Owner::Me => Ok(()),
+        Owner::Other {
+            member,
+            partition,
+            partitions,
+        } => Err(ScoreError::NotOwner {
+            user_id,
+            owner: Redirect {
+                member: member.member,
+                http: member.http,
+                tcp: member.tcp,
+                partition,
+                partitions,
+            },
+        }),
+        Owner::Unknown { .. } => Err(ScoreError::OwnerUnknown { user_id }),
     }
 }
 
@@ -45,7 +92,7 @@ pub fn features(
     cart: &Event,
 ) -> Result<(FeatureRow, bool), StoreError> {
     let session = reader
-        .session(&cart.user_session)?
+        .session(SessionKey::of(cart))?
         .map(|s| s.facts(cart.product_id));
     let user = reader.user(cart.user_id)?.map(|u| u.facts());
     let session_known = session.is_some_and(|s| s.is_live_at(cart.event_time));
@@ -57,11 +104,13 @@ pub fn features(
 pub fn score(
     model: &ServingModel,
     reader: &StoreReader<'_>,
+    ownership: Option<&Ownership>,
     cart: &Event,
 ) -> Result<Scored, ScoreError> {
     if cart.event_type != EventType::Cart {
         return Err(ScoreError::NotACart(cart.event_type.as_str()));
     }
+    check_owner(ownership, cart.user_id)?;
     let (row, session_known) = features(model, reader, cart)?;
     let probability = model.predict(&row)?;
     Ok(Scored {

@@ -18,15 +18,16 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-use cartscore_protocol::{self as protocol, ScoreFrame, Status};
+use cartscore_protocol::{self as protocol, Redirect, ScoreFrame, Status};
 
 use crate::config::{IoDriver, TcpConfig};
 use crate::error::{Code, ErrorCode};
 use crate::model::ServingModel;
 use crate::model::reload::{ModelCache, ModelRegistry};
 use crate::ops::heartbeat::{HEARTBEAT_EVERY, Heartbeats};
-use crate::ops::metrics::{Metrics, OutcomeLabels, ReasonLabels};
+use crate::ops::metrics::{ApiLabels, Metrics, OutcomeLabels, ReasonLabels};
 use crate::serve::score;
+use crate::shard::Ownership;
 use crate::store::{Store, StoreReader};
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub grace: Duration,
     /// Each core stamps its slot from its own runtime (the watchdog reads them).
     pub heartbeats: Arc<Heartbeats>,
+    /// Shard mode: who owns which user.
+    pub ownership: Option<Arc<Ownership>>,
 }
 
 /// Per-core state: this core's model handle (it follows a swap at the next
@@ -53,6 +56,7 @@ struct Core {
     model: RefCell<ModelCache>,
     open_connections: Cell<usize>,
     outcomes: [Counter; Status::ALL.len()],
+    redirects: Counter,
     duration: Histogram,
 }
 
@@ -69,11 +73,18 @@ impl Core {
         };
         let outcomes = Status::ALL.map(outcome);
         let duration = shared.metrics.tcp_duration.clone();
+        let redirects = shared
+            .metrics
+            .shard
+            .redirects
+            .get_or_create(&ApiLabels { api: "tcp" })
+            .clone();
         Self {
             model: RefCell::new(shared.models.cache()),
             shared,
             open_connections: Cell::new(0),
             outcomes,
+            redirects,
             duration,
         }
     }
@@ -294,6 +305,9 @@ fn answer_frames(core: &Core, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool
             Ok(Some((frame, used))) => {
                 let status = answer(core, model.as_deref(), &mut reader, &frame, output);
                 core.outcomes[status as usize].inc();
+                if status == Status::NotOwner {
+                    core.redirects.inc();
+                }
                 core.duration.observe(started.elapsed().as_secs_f64());
                 consumed += used;
             }
@@ -335,7 +349,10 @@ struct Refusal {
 fn refuse(error: &dyn ErrorCode) -> Refusal {
     Refusal {
         status: error.error_code().tcp(),
-        message: error.to_string(),
+        // A redirect's message is machine-read by clients (`Redirect::parse`).
+        message: error
+            .redirect()
+            .map_or_else(|| error.to_string(), Redirect::to_message),
     }
 }
 
@@ -389,5 +406,5 @@ fn score_frame<'s>(
             message: "no store snapshot".into(),
         });
     };
-    score::score(model, snapshot, &event).map_err(|e| refuse(&e))
+    score::score(model, snapshot, core.shared.ownership.as_deref(), &event).map_err(|e| refuse(&e))
 }

@@ -7,6 +7,7 @@ use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
 use super::error::StoreError;
+use super::keys::describe_session_key;
 
 /// Serialises into reused buffers: the writer archives every touched state
 /// of every batch, and fresh allocations per value showed in the profile.
@@ -37,12 +38,12 @@ impl Archiver {
 
 pub(super) fn read_session<'a>(
     bytes: &'a [u8],
-    key: &str,
+    key: &[u8],
 ) -> Result<&'a ArchivedSessionState, StoreError> {
     rkyv::access::<ArchivedSessionState, rancor::Error>(bytes).map_err(|source| {
         StoreError::Corrupt {
             database: "sessions",
-            key: key.into(),
+            key: describe_session_key(key),
             source,
         }
     })
@@ -61,8 +62,7 @@ pub(super) type LastEvent = fn(&[u8], &[u8]) -> Result<i64, StoreError>;
 
 /// Last event time (µs) of a raw `sessions` entry.
 pub(super) fn session_last_event(key: &[u8], bytes: &[u8]) -> Result<i64, StoreError> {
-    let id = String::from_utf8_lossy(key);
-    Ok(read_session(bytes, &id)?.last_event_at.get().micros())
+    Ok(read_session(bytes, key)?.last_event_at.get().micros())
 }
 
 /// Last event time (µs) of a raw `users` entry.

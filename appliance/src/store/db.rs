@@ -6,9 +6,10 @@ use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use cartscore_core::Event;
 use cartscore_core::state::{ArchivedSessionState, ArchivedUserState, apply};
+use cartscore_core::{Event, SessionKey};
 use cartscore_core::{SessionState, Timestamp, UserState};
+use heed::RwTxn;
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, I64, Str, U64};
 use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
@@ -16,11 +17,17 @@ use rkyv::rancor;
 
 use super::codec::{Archiver, read_session, read_user};
 use super::error::{StoreError, lmdb};
+use super::keys::{SessionKeyBytes, describe_session_key, session_prefix};
 use super::offsets::StreamOffset;
 use crate::config::StoreConfig;
 
 const MIB: u64 = 1024 * 1024;
 const WATERMARK: &str = "watermark";
+const LAYOUT: &str = "layout";
+/// The keys' layout: 2 since sessions are keyed by session id and user.
+/// A store of another layout is refused at open (its stream offsets would
+/// resume past events whose state it cannot read).
+pub const LAYOUT_VERSION: i64 = 2;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AppliedBatch {
@@ -41,11 +48,11 @@ pub struct Store {
     path: PathBuf,
     map_size_mib: u64,
     pub(super) expiry: Expiry,
-    pub(super) sessions: Database<'static, Str, Bytes>,
+    pub(super) sessions: Database<'static, Bytes, Bytes>,
     pub(super) users: Database<'static, U64<BigEndian>, Bytes>,
     /// Where the sweep pass stands in each database (last key examined).
     pub(super) sweep_cursor: Mutex<SweepCursor>,
-    offsets: Database<'static, Str, I64<BigEndian>>,
+    pub(super) offsets: Database<'static, Str, I64<BigEndian>>,
     meta: Database<'static, Str, I64<BigEndian>>,
 }
 
@@ -97,7 +104,7 @@ impl Store {
         let (sessions, users, offsets, meta) = env
             .create_databases_and_commit(wtxn, |opener, wtxn| -> heed::Result<_> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
-                    opener.create_database::<Str, Bytes>(wtxn, Some("sessions"))?,
+                    opener.create_database::<Bytes, Bytes>(wtxn, Some("sessions"))?,
                     opener.create_database::<U64<BigEndian>, Bytes>(wtxn, Some("users"))?,
                     opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("offsets"))?,
                     opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("meta"))?,
@@ -105,6 +112,7 @@ impl Store {
             })
             .map_err(open_error)?
             .unwrap_commit();
+        check_layout(&env, sessions, meta, &path)?;
         Ok(Self {
             env,
             path,
@@ -163,15 +171,15 @@ impl Store {
         let mut watermark = self.watermark(&wtxn)?;
         // Each touched state is decoded once, updated in memory for the whole
         // batch and written back once.
-        let mut sessions: HashMap<&str, SessionState> = HashMap::new();
+        let mut sessions: HashMap<SessionKey<'a>, SessionState> = HashMap::new();
         let mut users: HashMap<u64, UserState> = HashMap::new();
         let mut applied_events = 0;
         for event in events {
             applied_events += 1;
-            let session = match sessions.entry(event.user_session.as_str()) {
+            let session = match sessions.entry(SessionKey::of(event)) {
                 Entry::Occupied(slot) => slot.into_mut(),
                 Entry::Vacant(slot) => {
-                    let loaded = self.load_session(&wtxn, slot.key())?;
+                    let loaded = self.load_session(&wtxn, *slot.key())?;
                     slot.insert(loaded.unwrap_or_default())
                 }
             };
@@ -192,14 +200,17 @@ impl Store {
         let mut archiver = Archiver::default();
         // In key order: consecutive puts then walk mostly the same B-tree
         // pages, which measured ~15% faster than hash order.
-        let mut sessions: Vec<_> = sessions.into_iter().collect();
-        sessions.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut sessions: Vec<_> = sessions
+            .into_iter()
+            .filter_map(|(key, state)| Some((SessionKeyBytes::new(key)?, state)))
+            .collect();
+        sessions.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         let mut users: Vec<_> = users.into_iter().collect();
         users.sort_unstable_by_key(|u| u.0);
         for (key, state) in &sessions {
             let bytes = archiver.archive(state, "session state")?;
             self.sessions
-                .put(&mut wtxn, key, bytes)
+                .put(&mut wtxn, key.as_bytes(), bytes)
                 .map_err(self.err("put session"))?;
         }
         for (key, state) in &users {
@@ -237,20 +248,28 @@ impl Store {
         Ok(out)
     }
 
-    fn load_session(&self, txn: &RoTxn, key: &str) -> Result<Option<SessionState>, StoreError> {
+    fn load_session(
+        &self,
+        txn: &RoTxn,
+        key: SessionKey<'_>,
+    ) -> Result<Option<SessionState>, StoreError> {
+        // Validation bounds session ids; an over-long one cannot be stored.
+        let Some(key) = SessionKeyBytes::new(key) else {
+            return Ok(None);
+        };
         let Some(bytes) = self
             .sessions
-            .get(txn, key)
+            .get(txn, key.as_bytes())
             .map_err(self.err("get session"))?
         else {
             return Ok(None);
         };
-        let archived = read_session(bytes, key)?;
+        let archived = read_session(bytes, key.as_bytes())?;
         rkyv::deserialize::<SessionState, rancor::Error>(archived)
             .map(Some)
             .map_err(|source| StoreError::Corrupt {
                 database: "sessions",
-                key: key.into(),
+                key: describe_session_key(key.as_bytes()),
                 source,
             })
     }
@@ -287,13 +306,42 @@ impl std::fmt::Debug for StoreReader<'_> {
 // slower in the in-process bench.
 impl StoreReader<'_> {
     #[inline]
-    pub fn session(&self, id: &str) -> Result<Option<&ArchivedSessionState>, StoreError> {
+    pub fn session(
+        &self,
+        key: SessionKey<'_>,
+    ) -> Result<Option<&ArchivedSessionState>, StoreError> {
+        let Some(key) = SessionKeyBytes::new(key) else {
+            return Ok(None);
+        };
         self.store
             .sessions
-            .get(&self.txn, id)
+            .get(&self.txn, key.as_bytes())
             .map_err(self.store.err("get session"))?
-            .map(|bytes| read_session(bytes, id))
+            .map(|bytes| read_session(bytes, key.as_bytes()))
             .transpose()
+    }
+
+    /// Every stored session with id `id`, whatever its user (the same id
+    /// under two users is two sessions), in user order.
+    pub fn sessions_with_id(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(u64, &ArchivedSessionState)>, StoreError> {
+        let prefix = session_prefix(id);
+        let mut found = Vec::new();
+        for entry in self
+            .store
+            .sessions
+            .prefix_iter(&self.txn, &prefix)
+            .map_err(self.store.err("find session"))?
+        {
+            let (key, bytes) = entry.map_err(self.store.err("find session"))?;
+            let Some(user) = super::keys::session_user(key) else {
+                continue;
+            };
+            found.push((user, read_session(bytes, key)?));
+        }
+        Ok(found)
     }
 
     #[inline]
@@ -310,5 +358,47 @@ impl StoreReader<'_> {
     pub fn watermark(&self) -> Result<Option<Timestamp>, StoreError> {
         let w = self.store.watermark(&self.txn)?;
         Ok((w != i64::MIN).then_some(Timestamp(w)))
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    pub(super) fn set_layout(&self, version: i64) -> Result<(), StoreError> {
+        let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
+        self.meta
+            .put(&mut wtxn, LAYOUT, &version)
+            .map_err(self.err("put layout"))?;
+        wtxn.commit().map_err(self.err("commit"))
+    }
+}
+
+/// Refuses a store written with another key layout; stamps a new one.
+fn check_layout(
+    env: &Env<WithoutTls>,
+    sessions: Database<'static, Bytes, Bytes>,
+    meta: Database<'static, Str, I64<BigEndian>>,
+    path: &Path,
+) -> Result<(), StoreError> {
+    let open_error = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let mut wtxn: RwTxn = env.write_txn().map_err(open_error)?;
+    let found = meta.get(&wtxn, LAYOUT).map_err(open_error)?;
+    match found {
+        Some(LAYOUT_VERSION) => Ok(()),
+        Some(other) => Err(StoreError::Layout {
+            path: path.to_owned(),
+            found: other,
+        }),
+        None if !sessions.is_empty(&wtxn).map_err(open_error)? => Err(StoreError::Layout {
+            path: path.to_owned(),
+            found: 1,
+        }),
+        None => {
+            meta.put(&mut wtxn, LAYOUT, &LAYOUT_VERSION)
+                .map_err(open_error)?;
+            wtxn.commit().map_err(open_error)
+        }
     }
 }

@@ -34,6 +34,10 @@ pub enum StoreError {
         #[source]
         source: rancor::Error,
     },
+    #[error(
+        "the store at {path} has key layout {found}, this build reads layout 2: move it aside and let the stream rebuild it (the offsets go with it)"
+    )]
+    Layout { path: PathBuf, found: i64 },
     #[error("failed to encode {what}: {source}")]
     Encode {
         what: &'static str,
@@ -45,7 +49,7 @@ pub enum StoreError {
 impl ErrorCode for StoreError {
     fn error_code(&self) -> Code {
         match self {
-            Self::Open { .. } => Code::StoreOpen,
+            Self::Open { .. } | Self::Layout { .. } => Code::StoreOpen,
             Self::MapFull { .. } => Code::MapFull,
             Self::Lmdb { .. } => Code::StoreLmdb,
             Self::Corrupt { .. } => Code::StoreCorrupt,

@@ -4,11 +4,13 @@
 //! also record the stream offsets they consumed.
 //!
 //! Databases:
-//! - `sessions`: session id -> archived `SessionState`
+//! - `sessions`: session id, 0xFF, user id (u64 BE) -> archived
+//!   `SessionState` (a session is its user's; see [`keys`])
 //! - `users`: user id (u64 BE) -> archived `UserState`
 //! - `offsets`: `topic/partition` -> next offset to consume (i64 BE); see
 //!   [`offsets`]
-//! - `meta`: `watermark` -> latest event time applied (µs, i64 BE)
+//! - `meta`: `watermark` -> latest event time applied (µs, i64 BE);
+//!   `layout` -> the key layout version
 //!
 //! This file opens the store, applies batches and reads snapshots;
 //! [`offsets`] holds the stream positions and [`sweep`] the expiry sweep,
@@ -24,13 +26,14 @@
 mod codec;
 mod db;
 mod error;
+mod keys;
 mod offsets;
 mod sweep;
 
 pub use db::{AppliedBatch, Store, StoreReader};
 pub use error::StoreError;
 pub use offsets::{OffsetKind, StreamOffset};
-pub use sweep::{StoreDigest, StoreStats, SweepOutcome};
+pub use sweep::{PurgeOutcome, StoreDigest, StoreStats, SweepOutcome};
 
 #[cfg(test)]
 mod tests {
@@ -38,7 +41,7 @@ mod tests {
     use std::path::Path;
 
     use cartscore_core::state::apply;
-    use cartscore_core::{Event, SessionState, Timestamp, UserState};
+    use cartscore_core::{Event, SessionKey, SessionState, Timestamp, UserState};
 
     use super::*;
     use crate::config::StoreConfig;
@@ -50,6 +53,13 @@ mod tests {
             map_size_mib: NonZeroU64::new(16).unwrap(),
             sweep_batch: NonZeroUsize::new(2).unwrap(),
             ..StoreConfig::default()
+        }
+    }
+
+    fn key(user_session: &str, user_id: u64) -> SessionKey<'_> {
+        SessionKey {
+            user_id,
+            user_session,
         }
     }
 
@@ -96,10 +106,10 @@ mod tests {
         }
         let store = Store::open(&config(dir.path())).unwrap();
         let reader = store.reader().unwrap();
-        let archived = reader.session("a").unwrap().unwrap();
+        let archived = reader.session(key("a", 1)).unwrap().unwrap();
         assert_eq!(archived.facts(5), s.facts(5));
         assert_eq!(reader.user(1).unwrap().unwrap().facts(), u.facts());
-        assert!(reader.session("zzz").unwrap().is_none());
+        assert!(reader.session(key("zzz", 1)).unwrap().is_none());
         assert_eq!(
             reader.watermark().unwrap(),
             Some(Timestamp::from_secs(1_569_888_007))
@@ -141,9 +151,9 @@ mod tests {
         assert_eq!(steps, vec![0, 2, 2, 0]);
         assert_eq!(store.sweep().unwrap().sessions, 0);
         let reader = store.reader().unwrap();
-        assert!(reader.session("old0").unwrap().is_some());
-        assert!(reader.session("new").unwrap().is_some());
-        assert!(reader.session("old3").unwrap().is_none());
+        assert!(reader.session(key("old0", 100)).unwrap().is_some());
+        assert!(reader.session(key("new", 100)).unwrap().is_some());
+        assert!(reader.session(key("old3", 100)).unwrap().is_none());
         assert_eq!(store.stats().unwrap().sessions, 2);
     }
 
@@ -168,9 +178,131 @@ mod tests {
             many.apply(chunk, &[]).unwrap();
         }
         assert_eq!(one.digest().unwrap(), many.digest().unwrap());
-        assert_eq!(one.digest().unwrap().live_sessions, 7);
+        // 7 session ids under 3 users: 21 sessions (a session is its user's).
+        assert_eq!(one.digest().unwrap().live_sessions, 21);
         many.apply(&events[..1], &[]).unwrap();
         assert_ne!(one.digest().unwrap(), many.digest().unwrap());
+    }
+
+    #[test]
+    fn one_session_id_under_two_users_is_two_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        store
+            .apply(
+                &[
+                    event(0, "shared", 7, EventType::View),
+                    event(1, "shared", 3, EventType::View),
+                    event(2, "shared", 7, EventType::Cart),
+                ],
+                &[],
+            )
+            .unwrap();
+        let reader = store.reader().unwrap();
+        let found = reader.sessions_with_id("shared").unwrap();
+        let users: Vec<(u64, u32)> = found
+            .iter()
+            .map(|(user, s)| (*user, s.events.to_native()))
+            .collect();
+        assert_eq!(users, [(3, 1), (7, 2)]);
+        assert!(reader.sessions_with_id("share").unwrap().is_empty());
+        // Each user started a session of their own.
+        for user in [3, 7] {
+            assert_eq!(reader.user(user).unwrap().unwrap().sessions, 1);
+        }
+    }
+
+    #[test]
+    fn digests_of_disjoint_stores_add_up_to_the_whole() {
+        let events: Vec<Event> = (0..60)
+            .map(|i| {
+                event(
+                    i,
+                    &format!("s{}", i % 9),
+                    1 + (i % 4) as u64,
+                    EventType::View,
+                )
+            })
+            .collect();
+        let open = || {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&config(dir.path())).unwrap();
+            (dir, store)
+        };
+        let (_a, whole) = open();
+        whole.apply(&events, &[]).unwrap();
+        // Split by user, as shards split the stream.
+        let (_b, odd) = open();
+        let (_c, even) = open();
+        let (odd_events, even_events): (Vec<Event>, Vec<Event>) =
+            events.iter().cloned().partition(|e| e.user_id % 2 == 1);
+        odd.apply(&odd_events, &[]).unwrap();
+        even.apply(&even_events, &[]).unwrap();
+        let merged = odd
+            .digest()
+            .unwrap()
+            .merge(&even.digest().unwrap())
+            .unwrap();
+        assert_eq!(merged, whole.digest().unwrap());
+        // The same part twice is not the whole.
+        let doubled = odd.digest().unwrap().merge(&odd.digest().unwrap()).unwrap();
+        assert_ne!(doubled, whole.digest().unwrap());
+    }
+
+    #[test]
+    fn a_purge_keeps_exactly_the_owned_partitions() {
+        use cartscore_core::shard::partition_of_user;
+        use std::collections::BTreeSet;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        let events: Vec<Event> = (0..40)
+            .map(|i| event(i, &format!("s{i}"), 1000 + i as u64, EventType::View))
+            .collect();
+        let offsets: Vec<StreamOffset> = (0..6)
+            .map(|partition| StreamOffset {
+                topic: "t".into(),
+                partition,
+                next_offset: 10,
+                kind: OffsetKind::Applied,
+            })
+            .collect();
+        store.apply(&events, &offsets).unwrap();
+        let owned = BTreeSet::from([1, 4]);
+        let kept = |user: u64| owned.contains(&partition_of_user(user, 6));
+        let keep = events.iter().filter(|e| kept(e.user_id)).count();
+        assert!(keep > 0 && keep < events.len());
+        let outcome = store.purge_unowned(6, &owned).unwrap();
+        assert_eq!(
+            (outcome.sessions, outcome.users, outcome.offsets),
+            (events.len() - keep, events.len() - keep, 4)
+        );
+        let reader = store.reader().unwrap();
+        for e in &events {
+            let held = reader.session(SessionKey::of(e)).unwrap().is_some();
+            assert_eq!(held, kept(e.user_id), "{}", e.user_id);
+            assert_eq!(reader.user(e.user_id).unwrap().is_some(), kept(e.user_id));
+        }
+        let partitions: Vec<i32> = store
+            .offsets()
+            .unwrap()
+            .iter()
+            .map(|o| o.partition)
+            .collect();
+        assert_eq!(partitions, [1, 4]);
+    }
+
+    #[test]
+    fn a_store_of_another_key_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        // Pretend an older build wrote it: sessions keyed by id alone.
+        Store::open(&config).unwrap().set_layout(1).unwrap();
+        let error = Store::open(&config).unwrap_err();
+        assert!(
+            matches!(error, StoreError::Layout { found: 1, .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("move it aside"), "{error}");
     }
 
     #[test]
@@ -205,6 +337,13 @@ mod tests {
             matches!(full, Some(StoreError::MapFull { map_size_mib: 1 })),
             "{full:?}"
         );
-        assert!(store.reader().unwrap().session("kept").unwrap().is_some());
+        assert!(
+            store
+                .reader()
+                .unwrap()
+                .session(key("kept", 1))
+                .unwrap()
+                .is_some()
+        );
     }
 }

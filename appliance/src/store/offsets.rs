@@ -13,6 +13,11 @@ pub enum OffsetKind {
     /// Every message below it had its output records (validated and invalid
     /// topics) acknowledged by the broker.
     Delivered,
+    /// The last change-data-capture row applied from this partition: its
+    /// source's commit LSN and its own LSN (`core::SourcePosition`). A row at
+    /// or below it is a re-sent duplicate.
+    SourceCommitLsn,
+    SourceLsn,
 }
 
 /// A consumed position in the event stream; stored with the state it produced.
@@ -25,26 +30,30 @@ pub struct StreamOffset {
     pub kind: OffsetKind,
 }
 
-const DELIVERED_SUFFIX: &str = "/delivered";
+/// The key suffix of each kind but `Applied` (which has none).
+const SUFFIXES: [(OffsetKind, &str); 3] = [
+    (OffsetKind::Delivered, "/delivered"),
+    (OffsetKind::SourceCommitLsn, "/source_commit_lsn"),
+    (OffsetKind::SourceLsn, "/source_lsn"),
+];
 
 impl StreamOffset {
     /// Its key in the `offsets` database.
     pub(super) fn key(&self) -> String {
-        match self.kind {
-            OffsetKind::Applied => format!("{}/{}", self.topic, self.partition),
-            OffsetKind::Delivered => {
-                format!("{}/{}{DELIVERED_SUFFIX}", self.topic, self.partition)
-            }
-        }
+        let suffix = SUFFIXES
+            .iter()
+            .find(|(kind, _)| *kind == self.kind)
+            .map_or("", |(_, suffix)| suffix);
+        format!("{}/{}{suffix}", self.topic, self.partition)
     }
 
     /// The position an `offsets` entry stands for; `None` for a key that is
     /// not one.
     pub(super) fn from_entry(key: &str, next_offset: i64) -> Option<Self> {
-        let (key, kind) = match key.strip_suffix(DELIVERED_SUFFIX) {
-            Some(key) => (key, OffsetKind::Delivered),
-            None => (key, OffsetKind::Applied),
-        };
+        let (key, kind) = SUFFIXES
+            .iter()
+            .find_map(|(kind, suffix)| Some((key.strip_suffix(suffix)?, *kind)))
+            .unwrap_or((key, OffsetKind::Applied));
         let (topic, partition) = key.rsplit_once('/')?;
         Some(Self {
             topic: topic.into(),
@@ -52,5 +61,32 @@ impl StreamOffset {
             next_offset,
             kind,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_survives_its_key() {
+        for kind in [
+            OffsetKind::Applied,
+            OffsetKind::Delivered,
+            OffsetKind::SourceCommitLsn,
+            OffsetKind::SourceLsn,
+        ] {
+            let offset = StreamOffset {
+                topic: "tracking_postgres_cdc.public.events".into(),
+                partition: 4,
+                next_offset: 24_023_928,
+                kind,
+            };
+            assert_eq!(
+                StreamOffset::from_entry(&offset.key(), 24_023_928),
+                Some(offset)
+            );
+        }
+        assert_eq!(StreamOffset::from_entry("no-partition", 1), None);
     }
 }

@@ -2,7 +2,10 @@
 //! past its expiry at the event-time watermark, a slice per transaction, the
 //! store's statistics, and a digest of its live state.
 
+use std::collections::BTreeSet;
 use std::ops::Bound;
+
+use cartscore_core::shard::partition_of_user;
 
 use heed::RoTxn;
 use heed::types::Bytes;
@@ -12,6 +15,8 @@ use heed::Database;
 use super::codec::{LastEvent, session_last_event, user_last_event};
 use super::db::{Store, SweepCursor};
 use super::error::StoreError;
+use super::keys::session_user;
+use super::offsets::StreamOffset;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepOutcome {
@@ -30,12 +35,46 @@ pub struct StoreStats {
     pub watermark_micros: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// What a store holds, as numbers two stores can be compared by: the live
+/// entries of each database and, for each, the sum (mod 2^128) of one
+/// BLAKE3 hash per entry over its key and value. A sum does not depend on
+/// order, and the digests of shards that hold disjoint parts of the state
+/// add up to the digest of one store holding all of it ([`Self::merge`]);
+/// an entry held twice shows in the counts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreDigest {
     pub live_sessions: u64,
     pub live_users: u64,
     pub watermark_micros: i64,
-    pub blake3: String,
+    /// 32 hex digits each.
+    pub sessions_sum: String,
+    pub users_sum: String,
+}
+
+impl StoreDigest {
+    /// The digest of the union of two stores with disjoint contents.
+    pub fn merge(&self, other: &Self) -> Option<Self> {
+        let add = |a: &str, b: &str| -> Option<String> {
+            let a = u128::from_str_radix(a, 16).ok()?;
+            let b = u128::from_str_radix(b, 16).ok()?;
+            Some(format!("{:032x}", a.wrapping_add(b)))
+        };
+        Some(Self {
+            live_sessions: self.live_sessions + other.live_sessions,
+            live_users: self.live_users + other.live_users,
+            watermark_micros: self.watermark_micros.max(other.watermark_micros),
+            sessions_sum: add(&self.sessions_sum, &other.sessions_sum)?,
+            users_sum: add(&self.users_sum, &other.users_sum)?,
+        })
+    }
+}
+
+/// What a shard dropped when partitions moved away from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeOutcome {
+    pub sessions: usize,
+    pub users: usize,
+    pub offsets: usize,
 }
 
 /// Keys found stale in one sweep slice, and the last key examined when the
@@ -58,7 +97,7 @@ impl Store {
             return Ok(SweepOutcome::default());
         }
         let limit = self.expiry.sweep_batch;
-        let sessions = self.sessions.remap_key_type::<Bytes>();
+        let sessions = self.sessions;
         let (stale_sessions, session_next) = self.scan_stale(
             &wtxn,
             sessions,
@@ -134,6 +173,72 @@ impl Store {
         Ok((stale, None))
     }
 
+    /// Deletes, in one transaction, every session, user and stream offset
+    /// of a partition number not in `owned` (users are placed by
+    /// `cartscore_core::shard::partition_of_user` among `partitions`): a
+    /// shard keeps only what it is assigned, so every user is held by
+    /// exactly one shard, and a partition that comes back is replayed from
+    /// its start instead of resuming over a gap.
+    pub fn purge_unowned(
+        &self,
+        partitions: u32,
+        owned: &BTreeSet<u32>,
+    ) -> Result<PurgeOutcome, StoreError> {
+        let moved = |user: Option<u64>| {
+            user.is_some_and(|user| !owned.contains(&partition_of_user(user, partitions)))
+        };
+        let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
+        let mut outcome = PurgeOutcome {
+            sessions: self
+                .delete_where(&mut wtxn, self.sessions, |key| moved(session_user(key)))?,
+            users: self.delete_where(&mut wtxn, self.users.remap_key_type::<Bytes>(), |key| {
+                moved(key.try_into().ok().map(u64::from_be_bytes))
+            })?,
+            offsets: 0,
+        };
+        let mut offsets = Vec::new();
+        for entry in self
+            .offsets
+            .iter(&wtxn)
+            .map_err(self.err("iterate for purge"))?
+        {
+            let (key, next) = entry.map_err(self.err("iterate for purge"))?;
+            if let Some(offset) = StreamOffset::from_entry(key, next)
+                && !u32::try_from(offset.partition).is_ok_and(|p| owned.contains(&p))
+            {
+                offsets.push(key.to_owned());
+            }
+        }
+        outcome.offsets = offsets.len();
+        for key in offsets {
+            self.offsets
+                .delete(&mut wtxn, &key)
+                .map_err(self.err("delete offset"))?;
+        }
+        wtxn.commit().map_err(self.err("commit"))?;
+        Ok(outcome)
+    }
+
+    /// Deletes the entries of `db` whose key `doomed` picks; how many.
+    fn delete_where(
+        &self,
+        wtxn: &mut heed::RwTxn,
+        db: Database<'static, Bytes, Bytes>,
+        doomed: impl Fn(&[u8]) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut keys = Vec::new();
+        for entry in db.iter(wtxn).map_err(self.err("iterate for purge"))? {
+            let (key, _) = entry.map_err(self.err("iterate for purge"))?;
+            if doomed(key) {
+                keys.push(key.to_vec());
+            }
+        }
+        for key in &keys {
+            db.delete(wtxn, key).map_err(self.err("delete for purge"))?;
+        }
+        Ok(keys.len())
+    }
+
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
         let info = self.env.info();
@@ -150,38 +255,50 @@ impl Store {
         })
     }
 
-    /// A BLAKE3 digest of every live session and user (key and archived
-    /// value, in key order), with their counts. Entries idle past expiry at
-    /// the watermark are left out: whether the sweeper has removed them yet
-    /// depends on timing, and no read sees them.
+    /// The digest of every live session and user (see [`StoreDigest`]).
+    /// Entries idle past expiry at the watermark are left out: whether the
+    /// sweeper has removed them yet depends on timing, and no read sees them.
     pub fn digest(&self) -> Result<StoreDigest, StoreError> {
+        self.digest_at(None)
+    }
+
+    /// [`Self::digest`] as of event time `as_of` (µs) instead of the
+    /// store's own watermark.
+    pub fn digest_at(&self, as_of: Option<i64>) -> Result<StoreDigest, StoreError> {
         let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
-        let watermark = self.watermark(&txn)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut hash_live = |db: Database<'static, Bytes, Bytes>,
-                             horizon: i64,
-                             last_event: LastEvent|
-         -> Result<u64, StoreError> {
-            let mut live = 0;
+        let watermark = match as_of {
+            Some(at) => at,
+            None => self.watermark(&txn)?,
+        };
+        let hash_live = |db: Database<'static, Bytes, Bytes>,
+                         horizon: i64,
+                         last_event: LastEvent|
+         -> Result<(u64, u128), StoreError> {
+            let (mut live, mut sum) = (0, 0u128);
             for entry in db.iter(&txn).map_err(self.err("iterate for digest"))? {
                 let (key, bytes) = entry.map_err(self.err("iterate for digest"))?;
                 if last_event(key, bytes)? < horizon {
                     continue;
                 }
+                let mut hasher = blake3::Hasher::new();
                 for part in [key, bytes] {
                     hasher.update(&(part.len() as u64).to_le_bytes());
                     hasher.update(part);
                 }
+                let hash = hasher.finalize();
+                let mut low = [0u8; 16];
+                low.copy_from_slice(&hash.as_bytes()[..16]);
+                sum = sum.wrapping_add(u128::from_le_bytes(low));
                 live += 1;
             }
-            Ok(live)
+            Ok((live, sum))
         };
-        let sessions = hash_live(
-            self.sessions.remap_key_type::<Bytes>(),
+        let (sessions, sessions_sum) = hash_live(
+            self.sessions,
             watermark.saturating_sub(self.expiry.session_micros),
             session_last_event,
         )?;
-        let users = hash_live(
+        let (users, users_sum) = hash_live(
             self.users.remap_key_type::<Bytes>(),
             watermark.saturating_sub(self.expiry.user_micros),
             user_last_event,
@@ -190,7 +307,8 @@ impl Store {
             live_sessions: sessions,
             live_users: users,
             watermark_micros: watermark,
-            blake3: hasher.finalize().to_hex().to_string(),
+            sessions_sum: format!("{sessions_sum:032x}"),
+            users_sum: format!("{users_sum:032x}"),
         })
     }
 }

@@ -5,7 +5,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use thiserror::Error;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, KafkaMode};
 use crate::ops::metrics::ReasonLabels;
 
 #[derive(Debug, Error)]
@@ -51,6 +51,11 @@ pub(super) fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         // Overridable in properties.
         .set("fetch.wait.max.ms", "50")
         .set("statistics.interval.ms", "1000");
+    if config.mode == KafkaMode::Shard {
+        // Eager and positional: a member gets the same partition numbers of
+        // every co-partitioned topic (config validation keeps it so).
+        client.set("partition.assignment.strategy", "range");
+    }
     for (key, value) in &config.properties {
         client.set(key, value);
     }
@@ -68,6 +73,9 @@ pub(super) fn producer_config(config: &KafkaConfig) -> ClientConfig {
         // default) queue behind each other on a broker that serves a
         // connection's requests in turn; five let later records batch.
         .set("max.in.flight.requests.per.connection", "5")
+        // Records are keyed by user; the Java client's partitioner puts
+        // them where every other client and the shards expect them.
+        .set("partitioner", "murmur2_random")
         .set("message.timeout.ms", "30000");
     for (key, value) in &config.properties {
         // Consumer-only settings would make the producer refuse to start.

@@ -19,7 +19,7 @@ use super::route::Batch;
 use crate::config::{KafkaConfig, KafkaMode};
 use crate::error::ErrorCode;
 use crate::ingest::writer::{EventSource, Ingestor};
-use crate::ops::metrics::{Metrics, ReasonLabels, TopicLabels};
+use crate::ops::metrics::{Metrics, ReasonLabels, TopicLabels, TopicReasonLabels};
 use crate::store::{OffsetKind, StreamOffset};
 
 /// How often a replica looks for partitions added to its topics.
@@ -86,9 +86,16 @@ impl Worker {
                     if replay {
                         self.metrics.stream.skipped.inc();
                     }
+                    let applied_source = self
+                        .consumer
+                        .context()
+                        .sources()
+                        .get(&(message.topic().to_owned(), message.partition()))
+                        .copied();
                     batch.route(
                         &message,
                         replay,
+                        applied_source,
                         self.config.forward_validated,
                         &self.metrics,
                     );
@@ -97,6 +104,14 @@ impl Worker {
                 None => {}
             }
             self.outputs.settle();
+            if let Some((partitions, owned)) = self.consumer.context().take_purge() {
+                // What was polled before the rebalance goes in first, so
+                // that the purge also removes what it added.
+                if !batch.is_empty() {
+                    self.commit(std::mem::take(&mut batch));
+                }
+                self.purge(partitions, &owned);
+            }
             let full = batch.messages >= self.config.batch_max_events.get();
             let due = drained || batch.started.is_some_and(|s| s.elapsed() >= max_wait);
             if !batch.is_empty() && (full || due) {
@@ -249,6 +264,23 @@ impl Worker {
                 .get_or_create(&TopicLabels { topic })
                 .inc_by(count);
         }
+        for (topic, count) in batch.duplicates {
+            self.metrics
+                .stream
+                .cdc_duplicates
+                .get_or_create(&TopicLabels { topic })
+                .inc_by(count);
+        }
+        for ((topic, mismatch), count) in batch.key_mismatches {
+            self.metrics
+                .stream
+                .key_mismatches
+                .get_or_create(&TopicReasonLabels {
+                    topic,
+                    reason: mismatch.label(),
+                })
+                .inc_by(count);
+        }
         self.outputs.send(batch.outputs, batch.ends);
         let mut offsets: Vec<StreamOffset> = batch
             .applied_ends
@@ -260,6 +292,21 @@ impl Worker {
                 kind: OffsetKind::Applied,
             })
             .collect();
+        // The last change-data-capture row of each partition, with the state
+        // it produced: a re-sent copy is recognised after any restart.
+        for ((topic, partition), position) in &batch.sources {
+            for (kind, value) in [
+                (OffsetKind::SourceCommitLsn, position.commit_lsn),
+                (OffsetKind::SourceLsn, position.lsn),
+            ] {
+                offsets.push(StreamOffset {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    next_offset: value as i64,
+                    kind,
+                });
+            }
+        }
         let delivered = self.outputs.take_delivered();
         offsets.extend(
             delivered
@@ -305,10 +352,35 @@ impl Worker {
                 .batch_duration
                 .observe(started.elapsed().as_secs_f64());
         }
+        self.consumer.context().sources().extend(batch.sources);
         let mut positions = self.consumer.context().positions();
         for offset in offsets {
             if offset.kind == OffsetKind::Applied {
                 positions.insert((offset.topic, offset.partition), offset.next_offset);
+            }
+        }
+    }
+
+    /// Shard mode: drops what this shard no longer owns (see
+    /// [`crate::store::Store::purge_unowned`]).
+    fn purge(&self, partitions: u32, owned: &std::collections::BTreeSet<u32>) {
+        let store = &self.consumer.context().store;
+        match store.purge_unowned(partitions, owned) {
+            Ok(outcome) => {
+                let shard = &self.metrics.shard;
+                shard.purged_sessions.inc_by(outcome.sessions as u64);
+                shard.purged_users.inc_by(outcome.users as u64);
+                tracing::info!(
+                    owned = ?owned,
+                    sessions = outcome.sessions,
+                    users = outcome.users,
+                    offsets = outcome.offsets,
+                    "dropped the state of partitions now owned by other shards"
+                );
+            }
+            Err(error) => {
+                self.metrics.store_write_failed(error.error_code());
+                tracing::error!(%error, "failed to drop the state of partitions owned by other shards");
             }
         }
     }

@@ -22,6 +22,7 @@
 mod client;
 mod consumer;
 pub mod health;
+mod members;
 mod outputs;
 mod rebalance;
 mod route;
@@ -35,12 +36,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::{KafkaConfig, KafkaMode};
 use crate::ingest::writer::Ingestor;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{Metrics, TopicReasonLabels};
+use crate::shard::Ownership;
 use crate::store::Store;
+use cartscore_core::shard::KeyMismatch;
 use client::consumer_config;
 use consumer::Worker;
 use outputs::Outputs;
-use rebalance::ConsumerCallbacks;
+use rebalance::{ConsumerCallbacks, ShardHooks};
 
 pub use client::StreamError;
 pub use health::{StreamHealth, StreamStatus};
@@ -51,6 +54,7 @@ pub use health::{StreamHealth, StreamStatus};
 pub struct StreamConsumer {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
+    members: Option<members::Follower>,
 }
 
 impl StreamConsumer {
@@ -60,12 +64,41 @@ impl StreamConsumer {
         ingestor: Ingestor,
         metrics: Arc<Metrics>,
         health: Arc<StreamHealth>,
+        ownership: Option<Arc<Ownership>>,
     ) -> Result<Self, StreamError> {
+        // Known before the first mismatch, so alerts can use `rate()`.
+        for topic in &config.topics {
+            for mismatch in KeyMismatch::ALL {
+                let _ = metrics
+                    .stream
+                    .key_mismatches
+                    .get_or_create(&TopicReasonLabels {
+                        topic: topic.clone(),
+                        reason: mismatch.label(),
+                    });
+            }
+        }
+        let (shard, members) = match ownership {
+            Some(ownership) if config.mode == KafkaMode::Shard => {
+                let follower =
+                    members::Follower::start(config, Arc::clone(&ownership), Arc::clone(&metrics))?;
+                let hooks = ShardHooks {
+                    ownership,
+                    publisher: members::Publisher::new(config, Arc::clone(&metrics))?,
+                    topics: config.topics.clone(),
+                    purge: Mutex::default(),
+                };
+                (Some(hooks), Some(follower))
+            }
+            _ => (None, None),
+        };
         let callbacks = ConsumerCallbacks {
             store,
             health,
             metrics: Arc::clone(&metrics),
             positions: Mutex::default(),
+            sources: Mutex::default(),
+            shard,
         };
         let consumer: BaseConsumer<ConsumerCallbacks> = consumer_config(config)
             .create_with_context(callbacks)
@@ -98,7 +131,11 @@ impl StreamConsumer {
         let thread = std::thread::Builder::new()
             .name("kafka-consumer".into())
             .spawn(move || worker.run())?;
-        Ok(Self { stop, thread })
+        Ok(Self {
+            stop,
+            thread,
+            members,
+        })
     }
 
     /// Stops polling, applies the batch in hand, and leaves the group.
@@ -106,6 +143,9 @@ impl StreamConsumer {
         self.stop.store(true, Ordering::Relaxed);
         if self.thread.join().is_err() {
             tracing::error!("the Kafka consumer thread panicked");
+        }
+        if let Some(members) = self.members {
+            members.stop();
         }
     }
 }

@@ -3,10 +3,11 @@
 //! feed the lag and the stream's health, and librdkafka's log goes to
 //! tracing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use cartscore_core::SourcePosition;
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
@@ -17,7 +18,9 @@ use rdkafka::types::RDKafkaRespErr;
 
 use super::client::{PartitionKey, forward_log, kind};
 use super::health::StreamHealth;
+use super::members::{Publisher, partitions_of};
 use crate::ops::metrics::{Metrics, PartitionLabels, StreamMetrics};
+use crate::shard::Ownership;
 use crate::store::{OffsetKind, Store};
 
 /// Callbacks of the consumer: rebalances seek to the store's offsets,
@@ -28,6 +31,52 @@ pub(super) struct ConsumerCallbacks {
     pub(super) metrics: Arc<Metrics>,
     /// Next offset to apply per assigned partition: what the store holds.
     pub(super) positions: Mutex<HashMap<PartitionKey, i64>>,
+    /// The last change-data-capture row applied per partition, as stored.
+    pub(super) sources: Mutex<HashMap<PartitionKey, SourcePosition>>,
+    /// In shard mode: the group's ownership and this shard's publisher.
+    pub(super) shard: Option<ShardHooks>,
+}
+
+pub(super) struct ShardHooks {
+    pub(super) ownership: Arc<Ownership>,
+    pub(super) publisher: Publisher,
+    pub(super) topics: Vec<String>,
+    /// The assignment whose lost partitions the consumer thread must purge
+    /// (after committing the batch in hand): partition count and owned set.
+    pub(super) purge: Mutex<Option<(u32, BTreeSet<u32>)>>,
+}
+
+impl ShardHooks {
+    /// Claims the partition numbers of a new (eager, complete) assignment.
+    fn assigned(
+        &self,
+        consumer: &BaseConsumer<ConsumerCallbacks>,
+        tpl: &TopicPartitionList,
+        metrics: &Metrics,
+    ) {
+        let mine: BTreeSet<u32> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| u32::try_from(e.partition()).ok())
+            .collect();
+        let Some(partitions) = self
+            .topics
+            .iter()
+            .find_map(|topic| partitions_of(consumer, topic))
+        else {
+            tracing::error!(topics = ?self.topics, "no partition count for the consumed topics; ownership stays unknown");
+            return;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let record = self
+            .ownership
+            .claim(partitions as u32, mine.clone(), now_ms, metrics);
+        self.publisher.publish(&record);
+        *self.purge.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((partitions as u32, mine));
+    }
 }
 
 impl ConsumerCallbacks {
@@ -35,6 +84,22 @@ impl ConsumerCallbacks {
         self.positions
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn sources(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, SourcePosition>> {
+        self.sources.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The assignment to purge for, once (shard mode).
+    pub(super) fn take_purge(&self) -> Option<(u32, BTreeSet<u32>)> {
+        self.shard
+            .as_ref()?
+            .purge
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     pub(super) fn stream(&self) -> &StreamMetrics {
@@ -48,12 +113,16 @@ impl ConsumerCallbacks {
     pub(super) fn seek_to_store(&self, tpl: &mut TopicPartitionList) {
         let mut applied: HashMap<PartitionKey, i64> = HashMap::new();
         let mut delivered: HashMap<PartitionKey, i64> = HashMap::new();
+        let mut commit_lsns: HashMap<PartitionKey, i64> = HashMap::new();
+        let mut lsns: HashMap<PartitionKey, i64> = HashMap::new();
         match self.store.offsets() {
             Ok(offsets) => {
                 for o in offsets {
                     let map = match o.kind {
                         OffsetKind::Applied => &mut applied,
                         OffsetKind::Delivered => &mut delivered,
+                        OffsetKind::SourceCommitLsn => &mut commit_lsns,
+                        OffsetKind::SourceLsn => &mut lsns,
                     };
                     map.insert((o.topic, o.partition), o.next_offset);
                 }
@@ -64,6 +133,25 @@ impl ConsumerCallbacks {
                 tracing::error!(%error, "failed to read stored stream offsets at assignment");
             }
         }
+        let mut sources = self.sources();
+        for elem in tpl.elements() {
+            let key = (elem.topic().to_owned(), elem.partition());
+            match (commit_lsns.get(&key), lsns.get(&key)) {
+                (Some(&commit_lsn), Some(&lsn)) => {
+                    sources.insert(
+                        key,
+                        SourcePosition {
+                            commit_lsn: commit_lsn as u64,
+                            lsn: lsn as u64,
+                        },
+                    );
+                }
+                _ => {
+                    sources.remove(&key);
+                }
+            }
+        }
+        drop(sources);
         let mut positions = self.positions();
         for mut elem in tpl.elements() {
             let key = (elem.topic().to_owned(), elem.partition());
@@ -152,11 +240,17 @@ impl ConsumerContext for ConsumerCallbacks {
                     .get_or_create(&kind("assign"))
                     .inc();
                 self.seek_to_store(tpl);
-                if cooperative {
+                let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
+                };
+                if let Some(shard) = &self.shard
+                    && assigned.is_ok()
+                {
+                    shard.assigned(consumer, tpl, &self.metrics);
                 }
+                assigned
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.stream()

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use base64::Engine;
-use cartscore_core::{Event, EventError};
+use cartscore_core::shard::{KeyMismatch, check_key, stream_key};
+use cartscore_core::{Event, EventError, SourcePosition};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use serde::Serialize;
 
@@ -82,6 +83,13 @@ pub(super) struct Batch {
     /// Messages per topic, added to the metric once per batch rather than
     /// with a labelled lookup per message.
     pub(super) messages_by_topic: HashMap<String, u64>,
+    /// Valid events whose key breaks the key policy, by topic and reason.
+    pub(super) key_mismatches: HashMap<(String, KeyMismatch), u64>,
+    /// The last change-data-capture row applied per partition in this batch.
+    pub(super) sources: HashMap<PartitionKey, SourcePosition>,
+    /// Change-data-capture rows at or below their partition's last applied
+    /// position (re-sent by a restarted Debezium), by topic: not applied.
+    pub(super) duplicates: HashMap<String, u64>,
     pub(super) started: Option<Instant>,
     /// Broker timestamps (ms) of the batch's messages, for the apply delay.
     pub(super) oldest_timestamp_ms: Option<i64>,
@@ -93,11 +101,13 @@ impl Batch {
     }
 
     /// Routes one message. `replay` marks a message whose state is already
-    /// stored: only its outputs are sent again.
+    /// stored: only its outputs are sent again. `applied_source` is the last
+    /// change-data-capture row the store applied from its partition.
     pub(super) fn route(
         &mut self,
         message: &BorrowedMessage<'_>,
         replay: bool,
+        applied_source: Option<SourcePosition>,
         forward_validated: bool,
         metrics: &Metrics,
     ) {
@@ -126,14 +136,36 @@ impl Batch {
             None => Err(EventError::Malformed {
                 reason: "empty message (a tombstone or a null value)".into(),
             }),
-            Some(bytes) => Event::from_json(bytes),
+            Some(bytes) => Event::from_json_with_source(bytes),
         };
         match parsed {
-            Ok(event) => {
+            Ok((_, Some(position)))
+                if !replay
+                    && self
+                        .sources
+                        .get(&(source.topic.clone(), source.partition))
+                        .copied()
+                        .or(applied_source)
+                        .is_some_and(|last| position <= last) =>
+            {
+                // The same change again: its state is already applied.
+                *self.duplicates.entry(source.topic).or_default() += 1;
+            }
+            Ok((event, position)) => {
+                if !replay && let Some(position) = position {
+                    self.sources
+                        .insert((source.topic.clone(), source.partition), position);
+                }
+                if !replay && let Err(mismatch) = check_key(message.key(), event.user_id) {
+                    *self
+                        .key_mismatches
+                        .entry((source.topic.clone(), mismatch))
+                        .or_default() += 1;
+                }
                 if forward_validated {
                     self.outputs.push(OutputRecord {
                         topic: OutputTopic::Validated,
-                        key: Some(event.user_session.clone().into_bytes()),
+                        key: Some(stream_key(event.user_id).as_bytes().to_vec()),
                         payload: event.to_json().to_string().into_bytes(),
                         source,
                     });

@@ -15,6 +15,9 @@ use crate::error::{Code, ErrorCode};
 pub struct ApiError {
     pub code: Code,
     pub message: String,
+    /// A `not_owner` answer names the shard to ask (boxed: every handler
+    /// returns this type, and an inline owner would double its size).
+    pub owner: Option<Box<OwnerBody>>,
 }
 
 impl ApiError {
@@ -22,6 +25,7 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            owner: None,
         }
     }
 
@@ -66,6 +70,7 @@ impl ApiError {
         ErrorBody {
             code: self.code.name(),
             message: self.message.clone(),
+            owner: self.owner.as_deref().cloned(),
         }
     }
 }
@@ -73,7 +78,11 @@ impl ApiError {
 /// Every domain error answers with its own row and its message.
 impl<E: ErrorCode> From<E> for ApiError {
     fn from(error: E) -> Self {
-        Self::new(error.error_code(), error.to_string())
+        Self {
+            code: error.error_code(),
+            message: error.to_string(),
+            owner: error.redirect().map(|r| Box::new(OwnerBody::of(r))),
+        }
     }
 }
 
@@ -81,6 +90,30 @@ impl<E: ErrorCode> From<E> for ApiError {
 pub struct ErrorBody {
     pub code: &'static str,
     pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<OwnerBody>,
+}
+
+/// The shard that holds a user, in a `not_owner` answer (HTTP 421).
+#[derive(Debug, Clone, Serialize)]
+pub struct OwnerBody {
+    pub member: String,
+    pub http: String,
+    pub tcp: Option<String>,
+    pub partition: u32,
+    pub partitions: u32,
+}
+
+impl OwnerBody {
+    fn of(redirect: &cartscore_protocol::Redirect) -> Self {
+        Self {
+            member: redirect.member.clone(),
+            http: redirect.http.clone(),
+            tcp: redirect.tcp.clone(),
+            partition: redirect.partition,
+            partitions: redirect.partitions,
+        }
+    }
 }
 
 impl ErrorBody {
@@ -88,6 +121,7 @@ impl ErrorBody {
         Self {
             code: error.error_code().name(),
             message: error.to_string(),
+            owner: error.redirect().map(OwnerBody::of),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The JSON API (axum), one file per API: [`v1`] (scoring, ingest, the
-//! feature service, model status), [`kserve`] (the Open Inference Protocol,
+//! feature service, model status, the shard map), [`kserve`] (the Open Inference Protocol,
 //! V2), [`ops`] (health, readiness, metrics, admin) and [`error`] (the error
 //! answers of both APIs, from the code table). This file builds the router
 //! and times every request once, for Prometheus and, when export is on,
@@ -28,11 +28,12 @@ use state::App;
 pub use state::AppState;
 
 /// Every route, as its pattern: the bounded label set of the request metrics.
-const ROUTES: [&str; 14] = [
+const ROUTES: [&str; 15] = [
     "/v1/score",
     "/v1/events",
     "/v1/sessions/{id}",
     "/v1/model",
+    "/v1/shards",
     "/v2",
     "/v2/health/live",
     "/v2/health/ready",
@@ -52,16 +53,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(ROUTES[1], post(v1::events))
         .route(ROUTES[2], get(v1::session))
         .route(ROUTES[3], get(v1::model))
-        .route(ROUTES[4], get(kserve::server))
-        .route(ROUTES[5], get(kserve::live))
-        .route(ROUTES[6], get(kserve::ready))
-        .route(ROUTES[7], get(kserve::model))
-        .route(ROUTES[8], get(kserve::model_ready))
-        .route(ROUTES[9], post(kserve::infer))
-        .route(ROUTES[10], get(ops::healthz))
-        .route(ROUTES[11], get(ops::readyz))
-        .route(ROUTES[12], get(ops::metrics))
-        .route(ROUTES[13], post(ops::admin_reload))
+        .route(ROUTES[4], get(v1::shards))
+        .route(ROUTES[5], get(kserve::server))
+        .route(ROUTES[6], get(kserve::live))
+        .route(ROUTES[7], get(kserve::ready))
+        .route(ROUTES[8], get(kserve::model))
+        .route(ROUTES[9], get(kserve::model_ready))
+        .route(ROUTES[10], post(kserve::infer))
+        .route(ROUTES[11], get(ops::healthz))
+        .route(ROUTES[12], get(ops::readyz))
+        .route(ROUTES[13], get(ops::metrics))
+        .route(ROUTES[14], post(ops::admin_reload))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -11,6 +11,7 @@ use crate::ingest::Ingestor;
 use crate::ingest::kafka::StreamHealth;
 use crate::model::{ModelRegistry, ReloadRequest};
 use crate::ops::metrics::Metrics;
+use crate::shard::Ownership;
 use crate::store::Store;
 
 #[derive(Debug)]
@@ -27,6 +28,8 @@ pub struct AppState {
     pub stream: Option<Arc<StreamHealth>>,
     /// A stale stream makes /readyz fail (`kafka.unready_when_stale`).
     pub unready_when_stale: bool,
+    /// Shard mode: who owns which user.
+    pub ownership: Option<Arc<Ownership>>,
 }
 
 /// What every handler extracts.

@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use cartscore_core::features::col;
 use cartscore_core::state::{ArchivedSessionState, ArchivedUserState};
 use cartscore_core::validate::MAX_SESSION_BYTES;
-use cartscore_core::{Event, EventType, FEATURE_COUNT, FEATURE_NAMES, FeatureRow, Timestamp};
+use cartscore_core::{
+    Event, EventType, FEATURE_COUNT, FEATURE_NAMES, FeatureRow, SessionKey, Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -22,7 +24,9 @@ use crate::error::{Code, ErrorCode};
 use crate::ingest::EventSource;
 use crate::model::reload::Rejection;
 use crate::model::{ReloadReport, ServingModel};
+use crate::ops::metrics::ApiLabels;
 use crate::serve::score::{self, Scored};
+use crate::shard::ShardMap;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,10 +113,20 @@ pub async fn score(
     let reader = app.store.reader()?;
     // The answer is encoded while this handler holds the model that scored it.
     let model_version = model.version();
+    let redirected = |error: &score::ScoreError| {
+        if error.error_code() == Code::NotOwner {
+            app.metrics
+                .shard
+                .redirects
+                .get_or_create(&ApiLabels { api: "http" })
+                .inc();
+        }
+    };
     let answer = match probe.events {
         None => {
             let event = Event::from_json(&body)?;
-            let scored = score::score(&model, &reader, &event)?;
+            let scored = score::score(&model, &reader, app.ownership.as_deref(), &event)
+                .inspect_err(redirected)?;
             ScoreAnswer::Single {
                 result: score_result(&scored, query.explain),
                 model_version,
@@ -124,10 +138,15 @@ pub async fn score(
                 .iter()
                 .map(|raw| match Event::from_json(raw.get().as_bytes()) {
                     Err(e) => failed(&e),
-                    Ok(event) => match score::score(&model, &reader, &event) {
-                        Ok(scored) => BatchItem::Scored(score_result(&scored, query.explain)),
-                        Err(e) => failed(&e),
-                    },
+                    Ok(event) => {
+                        match score::score(&model, &reader, app.ownership.as_deref(), &event) {
+                            Ok(scored) => BatchItem::Scored(score_result(&scored, query.explain)),
+                            Err(e) => {
+                                redirected(&e);
+                                failed(&e)
+                            }
+                        }
+                    }
                 })
                 .collect();
             ScoreAnswer::Batch {
@@ -215,6 +234,9 @@ pub struct SessionQuery {
     price: Option<f64>,
     /// Time of the hypothetical cart (default: the store's watermark).
     at: Option<String>,
+    /// The session's user: needed only when the same session id is held
+    /// for several users (each is a session of its own).
+    user_id: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -328,18 +350,34 @@ pub async fn session(
     let Query(query) = query.map_err(|e| ApiError::query(&e))?;
     let reader = app.store.reader()?;
     // No valid event carries a longer id, and LMDB refuses over-long keys.
-    let stored = if id.len() <= MAX_SESSION_BYTES {
-        reader.session(&id)?
-    } else {
-        None
+    let mut stored = match query.user_id {
+        _ if id.len() > MAX_SESSION_BYTES => Vec::new(),
+        Some(user_id) => reader
+            .session(SessionKey {
+                user_id,
+                user_session: &id,
+            })?
+            .map(|s| (user_id, s))
+            .into_iter()
+            .collect(),
+        None => reader.sessions_with_id(&id)?,
     };
-    let Some(session) = stored else {
+    if stored.len() > 1 {
+        let users: Vec<String> = stored.iter().map(|(user, _)| user.to_string()).collect();
+        return Err(ApiError::new(
+            Code::SessionAmbiguous,
+            format!(
+                "session {id:?} is held for users {}: each is a session of its own; pass ?user_id=",
+                users.join(", ")
+            ),
+        ));
+    }
+    let Some((user_id, session)) = stored.pop() else {
         return Err(ApiError::new(
             Code::SessionNotFound,
             format!("no state for session {id:?} (never seen, or expired and swept)"),
         ));
     };
-    let user_id = session.user_id.to_native();
     let user = reader.user(user_id)?;
     let at = match &query.at {
         Some(text) => {
@@ -441,4 +479,16 @@ pub async fn model(State(app): App) -> Response {
         recent_rejections: app.models.recent_rejections(),
     })
     .into_response()
+}
+
+/// `GET /v1/shards`: the group's members and their partitions, as this
+/// shard knows them (404 outside `kafka.mode = shard`).
+pub async fn shards(State(app): App) -> Result<Json<ShardMap>, ApiError> {
+    let ownership = app.ownership.as_ref().ok_or_else(|| {
+        ApiError::new(
+            Code::NotFound,
+            "this appliance is not a shard (kafka.mode = replica, or no Kafka)",
+        )
+    })?;
+    Ok(Json(ownership.snapshot()))
 }
