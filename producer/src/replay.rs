@@ -1,5 +1,6 @@
 //! The event producer of the original stack, done properly: the data set's
-//! CSV rows as Kafka messages keyed by session, at a fixed rate or as fast as
+//! CSV rows as Kafka messages keyed by user (the key policy shards rely on,
+//! `cartscore_core::shard`), at a fixed rate or as fast as
 //! the broker takes them, optionally with a share of corrupted events.
 
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use std::time::Instant;
 use anyhow::{Result, bail, ensure};
 use cartscore_bench::render::{Corruption, Format, Renderer, load_events, pace};
 use cartscore_bench::report::Percentiles;
+use cartscore_core::shard::stream_key;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,6 +48,11 @@ pub struct ReplayArgs {
     /// Prepended to every session id (a fresh namespace per run).
     #[arg(long, default_value = "")]
     pub session_prefix: String,
+    /// The record key: `user` (the user id, the policy) or `session` (the
+    /// session id, which splits a user over partitions: for comparison and
+    /// for testing the appliance's key check).
+    #[arg(long, value_enum, default_value = "user")]
+    pub key: KeyBy,
     /// librdkafka linger.ms: batching delay of the producer.
     #[arg(long, default_value_t = 5)]
     pub linger_ms: u32,
@@ -53,6 +60,12 @@ pub struct ReplayArgs {
     /// `-X max.in.flight.requests.per.connection=5`.
     #[arg(short = 'X', value_parser = crate::kafka::property)]
     pub producer_property: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyBy {
+    User,
+    Session,
 }
 
 /// What a replay printed as JSON: sent, acknowledged, corrupted.
@@ -107,7 +120,12 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
             });
             let payload = renderer.render(event, &session, corruption);
             pace(start, sent, args.rate);
-            producer.send(session.as_bytes(), &payload)?;
+            match args.key {
+                KeyBy::User => {
+                    producer.send(stream_key(event.user_id).as_bytes(), &payload, None)?;
+                }
+                KeyBy::Session => producer.send(session.as_bytes(), &payload, None)?,
+            }
             sent += 1;
         }
     }
