@@ -114,6 +114,21 @@ pub struct Appliance {
 impl Appliance {
     /// Starts `cartscore` with the model folder `model_dir` and the store under `work`.
     pub fn start(work: &Path, model_dir: &Path, options: &Options) -> Self {
+        // A free port can be taken before the appliance binds it (by any
+        // outgoing connection of a test running beside this one): try others.
+        for _ in 0..3 {
+            match Self::try_start(work, model_dir, options) {
+                Ok(appliance) => return appliance,
+                Err(log) if log.contains("Address already in use") => {
+                    eprintln!("a port was taken during start-up; trying others");
+                }
+                Err(log) => panic!("cartscore exited during start-up:\n{log}"),
+            }
+        }
+        panic!("cartscore could not bind free ports three times")
+    }
+
+    fn try_start(work: &Path, model_dir: &Path, options: &Options) -> Result<Self, String> {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let store_dir = work.join("store");
@@ -149,23 +164,22 @@ impl Appliance {
         } else {
             "/readyz"
         };
-        appliance.wait_for(probe);
-        appliance
+        appliance.wait_for(probe)?;
+        Ok(appliance)
     }
 
-    fn wait_for(&mut self, path: &str) {
+    /// Waits for `path` to answer 200; the log when the process exits first.
+    fn wait_for(&mut self, path: &str) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
-                panic!(
-                    "cartscore exited with {status} during start-up:\n{}",
-                    self.log()
-                );
+                self.child = None;
+                return Err(format!("exit {status}:\n{}", self.log()));
             }
             if let Ok(response) = self.agent.get(format!("{}{path}", self.http)).call()
                 && response.status() == 200
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

@@ -9,9 +9,11 @@ mod common;
 
 mod api;
 mod bench;
+mod cdc;
 mod lifecycle;
 mod observability;
 mod reload;
+mod shard;
 mod skew;
 mod stream;
 mod systemd;

@@ -68,7 +68,7 @@ impl Topics {
 }
 
 /// Runs `cartscore-producer replay` with `args`; returns its summary.
-fn replay(brokers: &str, topic: &str, args: &[&str]) -> Value {
+pub(crate) fn replay(brokers: &str, topic: &str, args: &[&str]) -> Value {
     let output = Command::new(producer_binary())
         .args(["replay", "--brokers", brokers, "--topic", topic, "--input"])
         .arg(dataset())
@@ -82,7 +82,7 @@ fn replay(brokers: &str, topic: &str, args: &[&str]) -> Value {
 }
 
 /// `cartscore inspect` on a store folder.
-fn inspect(store: &Path) -> Value {
+pub(crate) fn inspect(store: &Path) -> Value {
     let output = Command::new(crate::common::appliance_binary())
         .arg("inspect")
         .arg("--store-path")
@@ -94,7 +94,7 @@ fn inspect(store: &Path) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-fn stored_offsets(store: &Path, topic: &str, kind: &str) -> i64 {
+pub(crate) fn stored_offsets(store: &Path, topic: &str, kind: &str) -> i64 {
     inspect(store)["offsets"]
         .as_array()
         .unwrap()
@@ -108,7 +108,29 @@ fn applied_offsets(store: &Path, topic: &str) -> i64 {
     stored_offsets(store, topic, "applied")
 }
 
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+/// Random points to kill at, reproducible from the seed it prints.
+pub(crate) struct KillSchedule(u64);
+
+impl KillSchedule {
+    pub(crate) fn from_clock() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        eprintln!("kill schedule seed {seed}");
+        Self(u64::from(seed) | 1)
+    }
+
+    /// The next draw (xorshift).
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+pub(crate) fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
         assert!(started.elapsed() < timeout, "timed out waiting for {what}");
@@ -184,6 +206,13 @@ fn stream_routes_valid_and_invalid_messages_and_keeps_arrival_order() {
     producer.flush();
     wait_applied(&app, &topics.raw, 8);
     wait_applied(&app, &topics.cdc, 2);
+    // Keyed by session, not by user: the key policy shards rely on is
+    // broken by each of the three valid raw events, and counted.
+    let mismatches = format!(
+        "cartscore_stream_key_mismatches_total{{topic=\"{}\",reason=\"not_user_id\"}}",
+        topics.raw
+    );
+    assert_eq!(app.metric(&mismatches), 3.0);
 
     // Arrival order decides; the late view counts but does not move the clock back.
     let (status, session) = app.get("/v1/sessions/route-a");
@@ -257,13 +286,13 @@ fn stream_routes_valid_and_invalid_messages_and_keeps_arrival_order() {
         );
     }
 
-    // Validated: the four valid events, normalised, keyed by session, with
-    // their source in headers.
+    // Validated: the four valid events, normalised, keyed by user (the key
+    // policy), with their source in headers.
     let validated = read_topic(brokers, &topics.validated, 1, 4);
     assert_eq!(validated.len(), 4);
     for message in &validated {
         let event = cartscore_core::Event::from_json(message.payload().unwrap()).unwrap();
-        assert_eq!(message.key().unwrap(), event.user_session.as_bytes());
+        assert_eq!(message.key().unwrap(), event.user_id.to_string().as_bytes());
         let headers = message.headers().unwrap();
         let names: Vec<&str> = headers.iter().map(|h| h.key).collect();
         assert!(names.contains(&"cartscore-source-offset"), "{names:?}");
@@ -329,19 +358,10 @@ fn stream_applies_each_event_exactly_once_across_sigkill() {
         let (brokers, topic) = (brokers.to_owned(), topics.raw.clone());
         std::thread::spawn(move || replay(&brokers, &topic, &["--repeat", "3", "--rate", "15000"]))
     };
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    eprintln!("kill schedule seed {seed}");
-    let mut state = u64::from(seed) | 1;
+    let mut schedule = KillSchedule::from_clock();
     let mut kills = 0;
     while !producer.is_finished() && kills < 5 {
-        // xorshift: a reproducible schedule from the printed seed.
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        std::thread::sleep(Duration::from_millis(150 + state % 600));
+        std::thread::sleep(Duration::from_millis(150 + schedule.next() % 600));
         app.kill();
         kills += 1;
         app = Appliance::start(&killed_dir, &models, &options);
@@ -537,4 +557,63 @@ fn a_backlog_of_one_record_batches_is_drained_and_caught_up() {
         app.metric("cartscore_events_applied_total{source=\"kafka\"}"),
         3000.0
     );
+}
+
+/// A Debezium ExtractNewRecordState row of `public.events` at source
+/// position (`commit`, `lsn`), keyed by user.
+fn cdc_row(id: u64, secs: i64, commit: u64, lsn: u64) -> String {
+    json!({
+        "id": id, "event_time": format!("2019-10-01T09:00:{secs:02}Z"), "event_type": "view",
+        "product_id": 5, "category_id": 2053013555631882655_u64, "category_code": "",
+        "brand": "apple", "price": 10.5, "user_id": 42, "user_session": "cdc-resent",
+        "__op": "c", "__table": "events", "__deleted": "false",
+        "__source_sequence": format!("[\"{commit}\",\"{lsn}\"]"), "__source_lsn": lsn
+    })
+    .to_string()
+}
+
+#[test]
+fn cdc_rows_resent_by_debezium_are_applied_once_across_a_restart() {
+    let brokers = Broker::shared();
+    let topics = Topics::create(brokers, 1);
+    let work = tempfile::tempdir().unwrap();
+    let models = model_dir_with_demo(work.path());
+    let options = Options {
+        env: topics.env(brokers, &unique("cdc-dedupe"), false),
+        ..Options::default()
+    };
+    let mut app = Appliance::start(work.path(), &models, &options);
+    let producer = TestProducer::new(brokers);
+    let send = |row: &str| producer.send(&topics.cdc, 0, Some("42"), Some(row.as_bytes()));
+    // Two transactions; the second's change has a lower LSN than the
+    // first's (it began earlier, committed later): both are new.
+    send(&cdc_row(1, 0, 100, 180));
+    send(&cdc_row(2, 1, 200, 150));
+    // A restarted Debezium sends the second again.
+    send(&cdc_row(2, 1, 200, 150));
+    producer.flush();
+    wait_applied(&app, &topics.cdc, 3);
+    let events = |app: &Appliance| {
+        let (status, session) = app.get("/v1/sessions/cdc-resent");
+        assert_eq!(status, 200, "{session}");
+        session["session"]["events"].as_u64().unwrap()
+    };
+    assert_eq!(events(&app), 2);
+    let duplicates = format!(
+        "cartscore_stream_cdc_duplicates_total{{topic=\"{}\"}}",
+        topics.cdc
+    );
+    assert_eq!(app.metric(&duplicates), 1.0);
+
+    // The position is stored with the state: after kill -9 a re-sent row is
+    // still known, a new one is applied.
+    app.kill();
+    let app = Appliance::start(work.path(), &models, &options);
+    send(&cdc_row(1, 0, 100, 180));
+    send(&cdc_row(2, 1, 200, 150));
+    send(&cdc_row(3, 2, 300, 310));
+    producer.flush();
+    wait_applied(&app, &topics.cdc, 6);
+    assert_eq!(events(&app), 3);
+    assert_eq!(app.metric(&duplicates), 2.0);
 }
