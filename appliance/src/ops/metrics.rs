@@ -251,6 +251,11 @@ impl ShardMetrics {
         for api in ["http", "tcp"] {
             let _ = this.redirects.get_or_create(&ApiLabels { api });
         }
+        for reason in ["publish", "malformed"] {
+            let _ = this
+                .membership_errors
+                .get_or_create(&ReasonLabels { reason });
+        }
         let r = registry.sub_registry_with_prefix("cartscore_shard");
         r.register(
             "members",

@@ -36,7 +36,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::{KafkaConfig, KafkaMode};
 use crate::ingest::writer::Ingestor;
-use crate::ops::metrics::{Metrics, TopicReasonLabels};
+use crate::ops::metrics::{Metrics, TopicLabels, TopicReasonLabels};
 use crate::shard::Ownership;
 use crate::store::Store;
 use cartscore_core::shard::KeyMismatch;
@@ -66,8 +66,11 @@ impl StreamConsumer {
         health: Arc<StreamHealth>,
         ownership: Option<Arc<Ownership>>,
     ) -> Result<Self, StreamError> {
-        // Known before the first mismatch, so alerts can use `rate()`.
+        // Known before the first mismatch or copy, so alerts can use `rate()`.
         for topic in &config.topics {
+            let _ = metrics.stream.cdc_duplicates.get_or_create(&TopicLabels {
+                topic: topic.clone(),
+            });
             for mismatch in KeyMismatch::ALL {
                 let _ = metrics
                     .stream
