@@ -32,6 +32,18 @@ pub struct StoreConfig {
     /// fsync every commit. Off trades the last transactions on power loss
     /// (never on a process crash) for write throughput.
     pub sync: bool,
+    /// Most scored-cart records held (pending or resolved); beyond it new
+    /// ones are dropped and counted.
+    pub max_scored_records: NonZeroUsize,
+    /// A resolved record older than this in event time is deleted (until
+    /// then the same cart scored again keeps its first record).
+    pub scored_record_max_age_secs: u64,
+    /// Scored-cart records waiting for the writer; when full, a record is
+    /// dropped (counted), never the score delayed.
+    pub record_queue: NonZeroUsize,
+    /// Most resolved outcomes kept (`GET /v1/outcomes`, the live window at
+    /// start-up); the oldest go first.
+    pub max_outcomes: NonZeroUsize,
 }
 
 impl Default for StoreConfig {
@@ -45,6 +57,10 @@ impl Default for StoreConfig {
             sweep_batch: nonzero!(1_000),
             max_batch_events: nonzero!(10_000),
             sync: true,
+            max_scored_records: nonzero!(1_000_000),
+            scored_record_max_age_secs: 2 * 86_400,
+            record_queue: nonzero!(65_536),
+            max_outcomes: nonzero!(1_000_000),
         }
     }
 }

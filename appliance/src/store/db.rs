@@ -19,6 +19,7 @@ use super::codec::{Archiver, read_session, read_user};
 use super::error::{StoreError, lmdb};
 use super::keys::{SessionKeyBytes, describe_session_key, session_prefix};
 use super::offsets::StreamOffset;
+use super::outcomes::{CartRecord, Outcome, OutcomesDb, ScoredDb};
 use crate::config::StoreConfig;
 
 const MIB: u64 = 1024 * 1024;
@@ -34,6 +35,9 @@ pub struct AppliedBatch {
     pub events: usize,
     pub sessions_written: usize,
     pub users_written: usize,
+    /// Scored-cart records stored, and refused (the store holds its most).
+    pub records_stored: usize,
+    pub records_refused: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -53,13 +57,29 @@ pub struct Store {
     /// Where the sweep pass stands in each database (last key examined).
     pub(super) sweep_cursor: Mutex<SweepCursor>,
     pub(super) offsets: Database<'static, Str, I64<BigEndian>>,
-    meta: Database<'static, Str, I64<BigEndian>>,
+    pub(super) meta: Database<'static, Str, I64<BigEndian>>,
+    /// Scored carts and their resolved outcomes (see [`super::outcomes`]).
+    pub(super) scored: ScoredDb,
+    pub(super) outcomes: OutcomesDb,
+    pub(super) outcome_limits: OutcomeLimits,
+}
+
+/// How much of the closed loop the store keeps.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OutcomeLimits {
+    /// Most scored-cart records held (resolved or not); more are refused.
+    pub(super) max_records: u64,
+    /// Most resolved outcomes kept; the oldest go first.
+    pub(super) max_outcomes: usize,
+    /// Resolved records older than this (event time, µs) are deleted.
+    pub(super) record_max_age_micros: i64,
 }
 
 #[derive(Debug, Default)]
 pub(super) struct SweepCursor {
     pub(super) session: Option<Vec<u8>>,
     pub(super) user: Option<Vec<u8>>,
+    pub(super) record: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -101,13 +121,15 @@ impl Store {
         #[allow(unsafe_code)]
         let env = unsafe { options.open(&path) }.map_err(open_error)?;
         let wtxn = env.write_txn().map_err(open_error)?;
-        let (sessions, users, offsets, meta) = env
+        let (sessions, users, offsets, meta, scored, outcomes) = env
             .create_databases_and_commit(wtxn, |opener, wtxn| -> heed::Result<_> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     opener.create_database::<Bytes, Bytes>(wtxn, Some("sessions"))?,
                     opener.create_database::<U64<BigEndian>, Bytes>(wtxn, Some("users"))?,
                     opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("offsets"))?,
                     opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("meta"))?,
+                    opener.create_database::<Bytes, Bytes>(wtxn, Some("scored"))?,
+                    opener.create_database::<U64<BigEndian>, Bytes>(wtxn, Some("outcomes"))?,
                 )))
             })
             .map_err(open_error)?
@@ -130,6 +152,14 @@ impl Store {
             sweep_cursor: Mutex::default(),
             offsets,
             meta,
+            scored,
+            outcomes,
+            outcome_limits: OutcomeLimits {
+                max_records: config.max_scored_records.get() as u64,
+                max_outcomes: config.max_outcomes.get(),
+                record_max_age_micros: (config.scored_record_max_age_secs as i64)
+                    .saturating_mul(1_000_000),
+            },
         })
     }
 
@@ -167,8 +197,27 @@ impl Store {
         events: impl IntoIterator<Item = &'a Event>,
         offsets: impl IntoIterator<Item = &'a StreamOffset>,
     ) -> Result<AppliedBatch, StoreError> {
+        self.apply_with(events, offsets, &[])
+            .map(|(applied, _)| applied)
+    }
+
+    /// [`Store::apply`], storing `records` (scored carts) first and
+    /// resolving the records the events decide, in the same transaction;
+    /// returns the outcomes it resolved.
+    pub fn apply_with<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a Event>,
+        offsets: impl IntoIterator<Item = &'a StreamOffset>,
+        records: &[CartRecord],
+    ) -> Result<(AppliedBatch, Vec<Outcome>), StoreError> {
         let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
         let mut watermark = self.watermark(&wtxn)?;
+        let mut archiver = Archiver::default();
+        let (records_stored, records_refused) =
+            self.put_records(&mut wtxn, records, &mut archiver)?;
+        // No record, nothing to resolve: ingest pays one stat read.
+        let resolving = self.scored.len(&wtxn).map_err(self.err("count scored"))? > 0;
+        let mut resolver = self.resolver(&wtxn)?;
         // Each touched state is decoded once, updated in memory for the whole
         // batch and written back once.
         let mut sessions: HashMap<SessionKey<'a>, SessionState> = HashMap::new();
@@ -189,15 +238,20 @@ impl Store {
                     slot.insert(self.load_user(&wtxn, event.user_id)?.unwrap_or_default())
                 }
             };
+            if resolving && session.events > 0 {
+                self.decide(&mut wtxn, &mut resolver, session, event)?;
+            }
             apply(session, user, event);
             watermark = watermark.max(event.event_time.micros());
         }
+        self.finish_resolver(&mut wtxn, &resolver)?;
         let applied = AppliedBatch {
             events: applied_events,
             sessions_written: sessions.len(),
             users_written: users.len(),
+            records_stored,
+            records_refused,
         };
-        let mut archiver = Archiver::default();
         // In key order: consecutive puts then walk mostly the same B-tree
         // pages, which measured ~15% faster than hash order.
         let mut sessions: Vec<_> = sessions
@@ -230,7 +284,36 @@ impl Store {
                 .map_err(self.err("put watermark"))?;
         }
         wtxn.commit().map_err(self.err("commit"))?;
-        Ok(applied)
+        Ok((applied, resolver.resolved))
+    }
+
+    /// The trainer's label, decided by `event` for the records of its
+    /// session (before `event` is applied): a purchase in the live session
+    /// makes its product's carts positive; an event that finds the session
+    /// expired makes every earlier cart of it negative.
+    fn decide(
+        &self,
+        txn: &mut heed::RwTxn,
+        resolver: &mut super::outcomes::Resolver,
+        session: &SessionState,
+        event: &Event,
+    ) -> Result<(), StoreError> {
+        let at = event.event_time.micros();
+        let live = session.is_live_at(event.event_time);
+        if live && event.event_type != cartscore_core::EventType::Purchase {
+            return Ok(());
+        }
+        let Some(key) = SessionKeyBytes::new(SessionKey::of(event)) else {
+            return Ok(());
+        };
+        if live {
+            let mut prefix = key.as_bytes().to_vec();
+            prefix.extend_from_slice(&event.product_id.to_be_bytes());
+            let from = session.started_at.micros();
+            self.resolve_prefix(txn, resolver, &prefix, (from, at), true, at)
+        } else {
+            self.resolve_prefix(txn, resolver, key.as_bytes(), (i64::MIN, at - 1), false, at)
+        }
     }
 
     /// Every recorded stream position.

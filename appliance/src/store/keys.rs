@@ -58,6 +58,13 @@ pub(crate) fn session_user(key: &[u8]) -> Option<u64> {
     })
 }
 
+/// The session id and user of a `sessions` key.
+pub(crate) fn split_session_key(key: &[u8]) -> Option<(&str, u64)> {
+    let user = session_user(key)?;
+    let id = std::str::from_utf8(&key[..key.len() - 9]).ok()?;
+    Some((id, user))
+}
+
 /// A `sessions` key as text, for errors and logs: `session@user`.
 pub(crate) fn describe_session_key(key: &[u8]) -> String {
     match session_user(key) {

@@ -10,7 +10,9 @@
 //! - `offsets`: `topic/partition` -> next offset to consume (i64 BE); see
 //!   [`offsets`]
 //! - `meta`: `watermark` -> latest event time applied (µs, i64 BE);
-//!   `layout` -> the key layout version
+//!   `layout` -> the key layout version; `outcome_seq` -> the next outcome's
+//! - `scored`: session key, product, cart time -> a scored cart's record;
+//!   `outcomes`: sequence (u64 BE) -> a resolved outcome; see [`outcomes`]
 //!
 //! This file opens the store, applies batches and reads snapshots;
 //! [`offsets`] holds the stream positions and [`sweep`] the expiry sweep,
@@ -28,11 +30,13 @@ mod db;
 mod error;
 mod keys;
 mod offsets;
+mod outcomes;
 mod sweep;
 
 pub use db::{AppliedBatch, Store, StoreReader};
 pub use error::StoreError;
 pub use offsets::{OffsetKind, StreamOffset};
+pub use outcomes::{CartRecord, Outcome};
 pub use sweep::{PurgeOutcome, StoreDigest, StoreStats, SweepOutcome};
 
 #[cfg(test)]
@@ -289,6 +293,123 @@ mod tests {
             .map(|o| o.partition)
             .collect();
         assert_eq!(partitions, [1, 4]);
+    }
+
+    fn record(session: &str, user: u64, secs: i64, probability: f32) -> CartRecord {
+        CartRecord {
+            user_id: user,
+            user_session: session.into(),
+            product_id: 5,
+            cart_time: Timestamp::from_secs(1_569_888_000 + secs),
+            model_version: "v1".into(),
+            probability,
+            features: [0.0; 25],
+            scored_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_purchase_resolves_its_carts_positive_once_and_a_return_after_expiry_negative() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        // Two carts of product 5 scored, then ingested; the first twice.
+        let records = [
+            record("a", 1, 10, 0.9),
+            record("a", 1, 10, 0.1),
+            record("b", 2, 10, 0.2),
+        ];
+        let (applied, resolved) = store
+            .apply_with(
+                &[
+                    event(0, "a", 1, EventType::View),
+                    event(10, "a", 1, EventType::Cart),
+                    event(10, "b", 2, EventType::Cart),
+                ],
+                &[],
+                &records,
+            )
+            .unwrap();
+        assert_eq!((applied.records_stored, resolved.len()), (2, 0));
+        assert_eq!(store.pending_records().unwrap(), 2);
+        // a buys product 5: its cart is positive, with the first record's score.
+        let (_, resolved) = store
+            .apply_with(&[event(60, "a", 1, EventType::Purchase)], &[], &[])
+            .unwrap();
+        assert_eq!(resolved.len(), 1);
+        assert!(resolved[0].label && resolved[0].probability == 0.9);
+        // A second purchase and the same cart scored again change nothing.
+        let (applied, resolved) = store
+            .apply_with(
+                &[event(70, "a", 1, EventType::Purchase)],
+                &[],
+                &[record("a", 1, 10, 0.5)],
+            )
+            .unwrap();
+        assert_eq!((applied.records_stored, resolved.len()), (0, 0));
+        // b comes back after its session expired: its cart is negative.
+        let (_, resolved) = store
+            .apply_with(&[event(10 + 3 * 3600, "b", 2, EventType::View)], &[], &[])
+            .unwrap();
+        assert_eq!(resolved.len(), 1);
+        assert!(!resolved[0].label && resolved[0].user_session == "b");
+        assert_eq!(store.pending_records().unwrap(), 0);
+        // All of it survives a reopen.
+        drop(store);
+        let store = Store::open(&config(dir.path())).unwrap();
+        let outcomes: Vec<bool> = store
+            .recent_outcomes(10)
+            .unwrap()
+            .iter()
+            .map(|(_, o)| o.label)
+            .collect();
+        assert_eq!(outcomes, [true, false]);
+    }
+
+    #[test]
+    fn the_sweep_resolves_a_cart_negative_once_its_session_is_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        // Scored, never ingested, and a cart whose session just goes quiet.
+        store
+            .apply_with(
+                &[event(0, "c", 3, EventType::Cart)],
+                &[],
+                &[record("c", 3, 0, 0.3), record("ghost", 4, 0, 0.4)],
+            )
+            .unwrap();
+        // Within expiry plus lateness nothing is decided.
+        store
+            .apply_with(&[event(3 * 3600, "other", 9, EventType::View)], &[], &[])
+            .unwrap();
+        let mut resolved = Vec::new();
+        loop {
+            let step = store.sweep().unwrap();
+            resolved.extend(step.outcomes);
+            if !step.more {
+                break;
+            }
+        }
+        assert!(resolved.is_empty(), "{resolved:?}");
+        store
+            .apply_with(&[event(7 * 3600, "other", 9, EventType::View)], &[], &[])
+            .unwrap();
+        loop {
+            let step = store.sweep().unwrap();
+            resolved.extend(step.outcomes);
+            if !step.more {
+                break;
+            }
+        }
+        let mut sessions: Vec<(String, bool)> = resolved
+            .iter()
+            .map(|o| (o.user_session.clone(), o.label))
+            .collect();
+        sessions.sort();
+        assert_eq!(
+            sessions,
+            [("c".to_owned(), false), ("ghost".to_owned(), false)]
+        );
+        assert_eq!(store.pending_records().unwrap(), 0);
     }
 
     #[test]

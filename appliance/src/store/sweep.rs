@@ -15,15 +15,19 @@ use heed::Database;
 use super::codec::{LastEvent, session_last_event, user_last_event};
 use super::db::{Store, SweepCursor};
 use super::error::StoreError;
-use super::keys::session_user;
+use super::keys::{describe_session_key, session_user};
 use super::offsets::StreamOffset;
+use super::outcomes::{ArchivedStoredRecord, Outcome, StoredRecord, split_record_key};
+use rkyv::rancor;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SweepOutcome {
     pub sessions: usize,
     pub users: usize,
     /// The pass over the store is not finished; call again.
     pub more: bool,
+    /// Scored carts whose session ended without their purchase.
+    pub outcomes: Vec<Outcome>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -125,13 +129,16 @@ impl Store {
                 .delete(&mut wtxn, key)
                 .map_err(self.err("delete user"))?;
         }
+        let (outcomes, record_next) =
+            self.sweep_records(&mut wtxn, cursor.record.as_deref(), watermark, limit)?;
         wtxn.commit().map_err(self.err("commit sweep"))?;
-        let more = session_next.is_some() || user_next.is_some();
+        let more = session_next.is_some() || user_next.is_some() || record_next.is_some();
         // A finished pass starts over from the first key next time.
         *cursor = if more {
             SweepCursor {
                 session: session_next,
                 user: user_next,
+                record: record_next,
             }
         } else {
             SweepCursor::default()
@@ -140,7 +147,88 @@ impl Store {
             sessions: stale_sessions.len(),
             users: stale_users.len(),
             more,
+            outcomes,
         })
+    }
+
+    /// The records' part of a sweep step: a record whose session is over at
+    /// the watermark (gone, or idle past its expiry and the allowed
+    /// lateness, so no purchase can still count) resolves negative; a
+    /// resolved one older than `store.scored_record_max_age_secs` goes.
+    fn sweep_records(
+        &self,
+        txn: &mut heed::RwTxn,
+        after: Option<&[u8]>,
+        watermark: i64,
+        limit: usize,
+    ) -> Result<(Vec<Outcome>, Option<Vec<u8>>), StoreError> {
+        let horizon = watermark - self.expiry.session_micros;
+        let age_horizon = watermark.saturating_sub(self.outcome_limits.record_max_age_micros);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut expired = Vec::new();
+        let mut old = Vec::new();
+        let mut next = None;
+        let mut examined = 0;
+        for entry in self
+            .scored
+            .range(txn, &(start, Bound::Unbounded))
+            .map_err(self.err("iterate for sweep"))?
+        {
+            let (key, bytes) = entry.map_err(self.err("iterate for sweep"))?;
+            examined += 1;
+            if examined == limit {
+                next = Some(key.to_vec());
+            }
+            let Some((session, _, cart_time)) = split_record_key(key) else {
+                continue;
+            };
+            let record =
+                rkyv::access::<ArchivedStoredRecord, rancor::Error>(bytes).map_err(|source| {
+                    StoreError::Corrupt {
+                        database: "scored",
+                        key: describe_session_key(key),
+                        source,
+                    }
+                })?;
+            if record.resolved {
+                if cart_time < age_horizon {
+                    old.push(key.to_vec());
+                }
+            } else {
+                let last = match self
+                    .sessions
+                    .get(txn, session)
+                    .map_err(self.err("get session"))?
+                {
+                    Some(bytes) => session_last_event(session, bytes)?,
+                    None => i64::MIN,
+                };
+                if cart_time.max(last) < horizon {
+                    let record = rkyv::deserialize::<StoredRecord, rancor::Error>(record).map_err(
+                        |source| StoreError::Corrupt {
+                            database: "scored",
+                            key: describe_session_key(key),
+                            source,
+                        },
+                    )?;
+                    expired.push((key.to_vec(), record));
+                }
+            }
+            if next.is_some() {
+                break;
+            }
+        }
+        let mut resolver = self.resolver(txn)?;
+        for (key, record) in expired {
+            self.resolve(txn, &mut resolver, &key, record, false, watermark)?;
+        }
+        self.finish_resolver(txn, &resolver)?;
+        for key in old {
+            self.scored
+                .delete(txn, &key)
+                .map_err(self.err("delete scored"))?;
+        }
+        Ok((resolver.resolved, next))
     }
 
     /// Keys idle past `horizon_micros` among the `limit` entries after
@@ -173,8 +261,8 @@ impl Store {
         Ok((stale, None))
     }
 
-    /// Deletes, in one transaction, every session, user and stream offset
-    /// of a partition number not in `owned` (users are placed by
+    /// Deletes, in one transaction, every session, user, scored cart and
+    /// stream offset of a partition number not in `owned` (users are placed by
     /// `cartscore_core::shard::partition_of_user` among `partitions`): a
     /// shard keeps only what it is assigned, so every user is held by
     /// exactly one shard, and a partition that comes back is replayed from
@@ -196,6 +284,11 @@ impl Store {
             })?,
             offsets: 0,
         };
+        // Their scored carts too: the stream that decides them now reaches
+        // another shard, and here the sweep would call them negative.
+        self.delete_where(&mut wtxn, self.scored, |key| {
+            moved(split_record_key(key).and_then(|(session, _, _)| session_user(session)))
+        })?;
         let mut offsets = Vec::new();
         for entry in self
             .offsets
