@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p cartscore-appliance --bench score` runs criterion, then
 //! times 200,000 single calls of the full path into an HDR histogram and
-//! prints its percentiles (criterion reports means, the target is a p99).
+//! prints its percentiles (criterion reports means, the target is a p99),
+//! then the same with the closed loop's recording on and off in turn.
 //! ONNX Runtime on the same bundle: `python3 appliance/benches/onnxruntime_latency.py`.
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cartscore_appliance::config::StoreConfig;
+use cartscore_appliance::ingest::Recorder;
 use cartscore_appliance::model::ServingModel;
+use cartscore_appliance::ops::metrics::Metrics;
 use cartscore_appliance::serve::score;
 use cartscore_appliance::store::Store;
 use cartscore_core::{Event, EventType, FEATURE_COUNT, TractModel};
@@ -62,21 +65,30 @@ fn setup() -> Setup {
     }
 }
 
-fn percentiles(s: &Setup) {
+/// Times `calls` single scores; with `recorder`, each also records its cart
+/// for the closed loop, as the servers do.
+fn percentiles(s: &Setup, calls: usize, recorder: Option<&Recorder>) {
     let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
-    let calls = 200_000;
     for i in 0..calls {
         let cart = &s.carts[i % s.carts.len()];
         let started = Instant::now();
         let reader = s.store.reader().unwrap();
         let scored = score::score(&s.model, &reader, None, cart).unwrap();
         drop(reader);
+        if let Some(recorder) = recorder {
+            recorder.record(score::record_of(cart, &scored, &s.model));
+        }
         let nanos = started.elapsed().as_nanos() as u64;
         black_box(scored);
         histogram.record(nanos.max(1)).unwrap();
     }
     println!(
-        "\nfull score path, {calls} single calls ({} distinct carts of the real slice, {} trees):",
+        "\nfull score path{}, {calls} single calls ({} distinct carts of the real slice, {} trees):",
+        if recorder.is_some() {
+            " with recording"
+        } else {
+            ""
+        },
         s.carts.len(),
         s.model.trees
     );
@@ -134,5 +146,31 @@ fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     benches(&mut criterion, &setup);
     criterion.final_summary();
-    percentiles(&setup);
+    percentiles(&setup, 200_000, None);
+    // Recording off and on in alternating blocks, so both see the same
+    // machine; a thread drains the records as the writer does (it polls the
+    // queue between transactions, so a send never wakes it).
+    let metrics = Metrics::new();
+    let (recorder, records) = Recorder::new(65_536, &metrics);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut drained = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                drained += records.try_iter().count();
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            drained + records.try_iter().count()
+        })
+    };
+    for _ in 0..2 {
+        percentiles(&setup, 100_000, None);
+        percentiles(&setup, 100_000, Some(&recorder));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(recorder);
+    let recorded = drain.join().unwrap();
+    let dropped = metrics.scored_records_dropped_total();
+    println!("recorded {recorded} carts, {dropped} dropped (queue full)");
 }

@@ -15,13 +15,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{ApplianceConfig, INSTANCE_ID, KafkaMode};
 use crate::ingest::kafka::{StreamConsumer, StreamHealth};
-use crate::ingest::{EventSource, Ingestor};
+use crate::ingest::{ClosedLoop, EventSource, Ingestor, Recorder};
 use crate::model::ServingModel;
 use crate::model::reload::{self, ModelRegistry, ReloadRequest, ReloadResult, ReloadTrigger};
 use crate::ops::heartbeat::Heartbeats;
 use crate::ops::metrics::Metrics;
 use crate::ops::systemd::ServiceManager;
 use crate::ops::telemetry::{Mirrors, Telemetry};
+use crate::quality::LiveQuality;
 use crate::serve::http::{AppState, router};
 use crate::serve::tcp::{Shared, TcpServer};
 use crate::shard::{Member, Ownership};
@@ -129,10 +130,27 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
     } else {
         None
     };
+    // The closed loop: scorers record every scored cart, the writer stores
+    // and resolves them, the live windows start from what the store holds.
+    let live = Arc::new(LiveQuality::new(config.model.live_window.get()));
+    live.observe(
+        &store
+            .recent_outcomes(config.model.live_window.get())
+            .context("failed to read the stored outcomes")?
+            .into_iter()
+            .map(|(_, outcome)| outcome)
+            .collect::<Vec<_>>(),
+        None,
+    );
+    let (recorder, records) = Recorder::new(config.store.record_queue.get(), &metrics);
     let (ingestor, writer) = Ingestor::start(
         Arc::clone(&store),
         Arc::clone(&metrics),
         config.store.max_batch_events.get(),
+        ClosedLoop {
+            records,
+            live: Arc::clone(&live),
+        },
     )
     .context("failed to start the store writer")?;
 
@@ -188,6 +206,8 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         stream: stream_health,
         unready_when_stale: config.kafka.unready_when_stale,
         ownership: ownership.clone(),
+        recorder: recorder.clone(),
+        live,
     });
     let heartbeats = Arc::new(Heartbeats::new(if config.tcp.enabled {
         config.tcp.cores
@@ -204,6 +224,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
             grace: Duration::from_millis(config.shutdown_grace_ms),
             heartbeats: Arc::clone(&heartbeats),
             ownership,
+            recorder,
         });
         let server = TcpServer::start(&config.tcp, shared)
             .context("failed to start the binary-protocol server")?;

@@ -18,6 +18,7 @@ pub mod error;
 pub mod ingest;
 pub mod model;
 pub mod ops;
+pub mod quality;
 pub mod serve;
 pub mod shard;
 pub mod store;

@@ -17,6 +17,9 @@ pub struct ModelConfig {
     /// Random feature rows on which a compiled ensemble must match tract
     /// before it may serve (in addition to the bundle's golden vectors).
     pub verify_random_rows: usize,
+    /// Resolved outcomes per model version the live quality is computed
+    /// over (the newest).
+    pub live_window: std::num::NonZeroUsize,
 }
 
 impl Default for ModelConfig {
@@ -25,6 +28,7 @@ impl Default for ModelConfig {
             dir: PathBuf::from("models/demo"),
             watch: true,
             verify_random_rows: 256,
+            live_window: nonzero!(10_000),
         }
     }
 }

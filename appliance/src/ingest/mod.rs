@@ -6,4 +6,4 @@
 pub mod kafka;
 pub mod writer;
 
-pub use writer::{EventSource, IngestError, Ingestor};
+pub use writer::{ClosedLoop, EventSource, IngestError, Ingestor, Recorder};

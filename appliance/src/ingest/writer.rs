@@ -4,21 +4,63 @@
 //! runs the expiry sweep a slice per transaction.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
 use cartscore_core::Event;
 use thiserror::Error;
 
 use crate::error::{Code, ErrorCode};
+use crate::ops::metrics::ReasonLabels;
 use crate::ops::metrics::{Metrics, SourceLabels};
 use crate::ops::telemetry;
-use crate::store::{AppliedBatch, Store, StoreError, StreamOffset};
+use crate::quality::LiveQuality;
+use crate::store::{AppliedBatch, CartRecord, Outcome, Store, StoreError, StreamOffset};
+use prometheus_client::metrics::counter::Counter;
 
 /// Pause between two garbage-collection passes over the store. Expiry is
 /// semantic (an idle session reads as new whether or not it was deleted), so
 /// this only bounds how long dead entries occupy the map.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How soon scored-cart records are written when no events come to carry
+/// them.
+const RECORD_FLUSH: Duration = Duration::from_millis(10);
+
+/// Hands scored-cart records to the writer without ever waiting: when its
+/// queue is full the record is dropped and counted, never the score delayed.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    queue: SyncSender<CartRecord>,
+    dropped: Counter,
+}
+
+impl Recorder {
+    /// A recorder with a queue of `capacity`, and the writer's end of it.
+    pub fn new(capacity: usize, metrics: &Metrics) -> (Self, Receiver<CartRecord>) {
+        let (queue, records) = std::sync::mpsc::sync_channel(capacity);
+        let dropped = metrics
+            .scored_records_dropped
+            .get_or_create(&ReasonLabels {
+                reason: "queue_full",
+            })
+            .clone();
+        (Self { queue, dropped }, records)
+    }
+
+    pub fn record(&self, record: CartRecord) {
+        if self.queue.try_send(record).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// What the writer keeps of the closed loop: the records' queue and the
+/// live windows it feeds with resolved outcomes.
+#[derive(Debug)]
+pub struct ClosedLoop {
+    pub records: Receiver<CartRecord>,
+    pub live: Arc<LiveQuality>,
+}
 
 /// Where a batch of events came from (the `source` label of the metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +126,7 @@ impl Ingestor {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         max_batch_events: usize,
+        closed_loop: ClosedLoop,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         // Known before the first event, so `rate()` works from the first scrape.
         for source in EventSource::ALL {
@@ -94,7 +137,7 @@ impl Ingestor {
         let (jobs, queue) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&store, &metrics, &queue, max_batch_events))?;
+            .spawn(move || writer_loop(&store, &metrics, &queue, max_batch_events, &closed_loop))?;
         Ok((Self { jobs }, handle))
     }
 
@@ -139,14 +182,37 @@ impl Ingestor {
     }
 }
 
-fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, max_events: usize) {
+fn writer_loop(
+    store: &Store,
+    metrics: &Metrics,
+    queue: &Receiver<IngestJob>,
+    max_events: usize,
+    closed_loop: &ClosedLoop,
+) {
     let mut last_pass = Instant::now();
     let mut pass_running = true;
+    let mut pending = match store.pending_records() {
+        Ok(pending) => pending as i64,
+        Err(error) => {
+            tracing::error!(%error, "failed to count pending scored carts");
+            0
+        }
+    };
+    metrics.outcomes_pending.set(pending);
+    let mut records: Vec<CartRecord> = Vec::new();
+    let mut resolved = |outcomes: &[Outcome], stored: usize| {
+        pending += stored as i64 - outcomes.len() as i64;
+        metrics.outcomes_pending.set(pending);
+        closed_loop.live.observe(outcomes, Some(metrics));
+    };
     loop {
-        let wait = if pass_running {
+        records.extend(closed_loop.records.try_iter().take(max_events));
+        let wait = if pass_running || !records.is_empty() {
             Duration::ZERO
         } else {
-            SWEEP_INTERVAL.saturating_sub(last_pass.elapsed())
+            SWEEP_INTERVAL
+                .saturating_sub(last_pass.elapsed())
+                .min(RECORD_FLUSH)
         };
         match queue.recv_timeout(wait) {
             Ok(first) => {
@@ -161,10 +227,24 @@ fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, ma
                         Err(_) => break,
                     }
                 }
-                apply_group(store, metrics, group);
+                records.extend(closed_loop.records.try_iter().take(max_events));
+                let (outcomes, stored) = apply_group(store, metrics, group, &records);
+                records.clear();
+                resolved(&outcomes, stored);
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                if !records.is_empty() {
+                    let (outcomes, stored) = apply_group(store, metrics, Vec::new(), &records);
+                    records.clear();
+                    resolved(&outcomes, stored);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                if !records.is_empty() {
+                    apply_group(store, metrics, Vec::new(), &records);
+                }
+                return;
+            }
         }
         if !pass_running && last_pass.elapsed() >= SWEEP_INTERVAL {
             pass_running = true;
@@ -176,6 +256,7 @@ fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, ma
                 Ok(outcome) => {
                     metrics.sessions_expired.inc_by(outcome.sessions as u64);
                     metrics.users_expired.inc_by(outcome.users as u64);
+                    resolved(&outcome.outcomes, 0);
                     outcome.more
                 }
                 Err(error) => {
@@ -188,7 +269,14 @@ fn writer_loop(store: &Store, metrics: &Metrics, queue: &Receiver<IngestJob>, ma
     }
 }
 
-fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
+/// Applies `group` and stores `records` in one transaction; returns the
+/// outcomes it resolved and how many records it stored.
+fn apply_group(
+    store: &Store,
+    metrics: &Metrics,
+    group: Vec<IngestJob>,
+    records: &[CartRecord],
+) -> (Vec<Outcome>, usize) {
     let mut span = telemetry::span("ingest.batch");
     if let Some(span) = &mut span {
         let events: usize = group.iter().map(|j| j.events.len()).sum();
@@ -200,15 +288,24 @@ fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
         );
     }
     let started = Instant::now();
-    let result = store.apply(
+    let result = store.apply_with(
         group.iter().flat_map(|j| &j.events),
         group.iter().flat_map(|j| &j.offsets),
+        records,
     );
     metrics
         .ingest_batch_duration
         .observe(started.elapsed().as_secs_f64());
     match result {
-        Ok(_) => {
+        Ok((applied, outcomes)) => {
+            if applied.records_refused > 0 {
+                metrics
+                    .scored_records_dropped
+                    .get_or_create(&ReasonLabels {
+                        reason: "store_full",
+                    })
+                    .inc_by(applied.records_refused as u64);
+            }
             for job in group {
                 metrics
                     .events_applied
@@ -221,6 +318,7 @@ fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
                     ..AppliedBatch::default()
                 }));
             }
+            (outcomes, applied.records_stored)
         }
         Err(error) => {
             let code = error.error_code();
@@ -233,6 +331,15 @@ fn apply_group(store: &Store, metrics: &Metrics, group: Vec<IngestJob>) {
             for job in group {
                 let _ = job.reply.send(Err(shared.clone()));
             }
+            if !records.is_empty() {
+                metrics
+                    .scored_records_dropped
+                    .get_or_create(&ReasonLabels {
+                        reason: "write_failed",
+                    })
+                    .inc_by(records.len() as u64);
+            }
+            (Vec::new(), 0)
         }
     }
 }

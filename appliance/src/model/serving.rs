@@ -98,6 +98,8 @@ pub struct ServingModel {
     pub verified_max_diff: f64,
     pub verified_rows: usize,
     pub trees: usize,
+    /// The version, shared: every scored cart's record names it.
+    version: std::sync::Arc<str>,
 }
 
 impl ServingModel {
@@ -156,6 +158,7 @@ impl ServingModel {
             }
         };
         Ok(Self {
+            version: tract.metadata.model_version.as_str().into(),
             metadata: tract.metadata,
             evaluator,
             file,
@@ -166,6 +169,11 @@ impl ServingModel {
             verified_rows: check_count,
             trees,
         })
+    }
+
+    /// The version as a shared string (a reference count, no copy).
+    pub fn shared_version(&self) -> std::sync::Arc<str> {
+        std::sync::Arc::clone(&self.version)
     }
 
     pub fn version(&self) -> &str {

@@ -11,7 +11,7 @@ use cartscore_protocol::Redirect;
 
 use crate::model::ServingModel;
 use crate::shard::{Owner, Ownership};
-use crate::store::{StoreError, StoreReader};
+use crate::store::{CartRecord, StoreError, StoreReader};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
@@ -118,4 +118,20 @@ pub fn score(
         session_known,
         row,
     })
+}
+
+/// The record of a scored cart, for the closed loop (`store::outcomes`).
+pub fn record_of(cart: &Event, scored: &Scored, model: &ServingModel) -> CartRecord {
+    CartRecord {
+        user_id: cart.user_id,
+        user_session: cart.user_session.clone(),
+        product_id: cart.product_id,
+        cart_time: cart.event_time,
+        model_version: model.shared_version(),
+        probability: scored.probability,
+        features: scored.row.0,
+        scored_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    }
 }

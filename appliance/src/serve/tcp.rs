@@ -22,6 +22,7 @@ use cartscore_protocol::{self as protocol, Redirect, ScoreFrame, Status};
 
 use crate::config::{IoDriver, TcpConfig};
 use crate::error::{Code, ErrorCode};
+use crate::ingest::Recorder;
 use crate::model::ServingModel;
 use crate::model::reload::{ModelCache, ModelRegistry};
 use crate::ops::heartbeat::{HEARTBEAT_EVERY, Heartbeats};
@@ -46,6 +47,8 @@ pub struct Shared {
     pub heartbeats: Arc<Heartbeats>,
     /// Shard mode: who owns which user.
     pub ownership: Option<Arc<Ownership>>,
+    /// Every scored cart goes to the writer through it.
+    pub recorder: Recorder,
 }
 
 /// Per-core state: this core's model handle (it follows a swap at the next
@@ -406,5 +409,10 @@ fn score_frame<'s>(
             message: "no store snapshot".into(),
         });
     };
-    score::score(model, snapshot, core.shared.ownership.as_deref(), &event).map_err(|e| refuse(&e))
+    let scored = score::score(model, snapshot, core.shared.ownership.as_deref(), &event)
+        .map_err(|e| refuse(&e))?;
+    core.shared
+        .recorder
+        .record(score::record_of(&event, &scored, model));
+    Ok(scored)
 }

@@ -28,7 +28,7 @@ use state::App;
 pub use state::AppState;
 
 /// Every route, as its pattern: the bounded label set of the request metrics.
-const ROUTES: [&str; 15] = [
+const ROUTES: [&str; 16] = [
     "/v1/score",
     "/v1/events",
     "/v1/sessions/{id}",
@@ -44,6 +44,7 @@ const ROUTES: [&str; 15] = [
     "/readyz",
     "/metrics",
     "/admin/reload",
+    "/v1/outcomes",
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -64,6 +65,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(ROUTES[12], get(ops::readyz))
         .route(ROUTES[13], get(ops::metrics))
         .route(ROUTES[14], post(ops::admin_reload))
+        .route(ROUTES[15], get(v1::outcomes))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

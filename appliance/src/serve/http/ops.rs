@@ -77,6 +77,7 @@ pub async fn metrics(State(app): App) -> Response {
             .staleness
             .set(health.status().staleness_seconds);
     }
+    app.live.export(&app.metrics);
     if let Ok(stats) = app.store.stats() {
         let m = &app.metrics;
         m.live_sessions.set(stats.sessions as i64);

@@ -7,10 +7,11 @@ use std::sync::atomic::AtomicBool;
 use axum::extract::State;
 
 use crate::config::HttpConfig;
-use crate::ingest::Ingestor;
 use crate::ingest::kafka::StreamHealth;
+use crate::ingest::{Ingestor, Recorder};
 use crate::model::{ModelRegistry, ReloadRequest};
 use crate::ops::metrics::Metrics;
+use crate::quality::LiveQuality;
 use crate::shard::Ownership;
 use crate::store::Store;
 
@@ -30,6 +31,10 @@ pub struct AppState {
     pub unready_when_stale: bool,
     /// Shard mode: who owns which user.
     pub ownership: Option<Arc<Ownership>>,
+    /// Every scored cart goes to the writer through it.
+    pub recorder: Recorder,
+    /// The serving models' live quality.
+    pub live: Arc<LiveQuality>,
 }
 
 /// What every handler extracts.

@@ -25,6 +25,7 @@ use crate::ingest::EventSource;
 use crate::model::reload::Rejection;
 use crate::model::{ReloadReport, ServingModel};
 use crate::ops::metrics::ApiLabels;
+use crate::quality::QualityReport;
 use crate::serve::score::{self, Scored};
 use crate::shard::ShardMap;
 
@@ -127,6 +128,8 @@ pub async fn score(
             let event = Event::from_json(&body)?;
             let scored = score::score(&model, &reader, app.ownership.as_deref(), &event)
                 .inspect_err(redirected)?;
+            app.recorder
+                .record(score::record_of(&event, &scored, &model));
             ScoreAnswer::Single {
                 result: score_result(&scored, query.explain),
                 model_version,
@@ -140,7 +143,11 @@ pub async fn score(
                     Err(e) => failed(&e),
                     Ok(event) => {
                         match score::score(&model, &reader, app.ownership.as_deref(), &event) {
-                            Ok(scored) => BatchItem::Scored(score_result(&scored, query.explain)),
+                            Ok(scored) => {
+                                app.recorder
+                                    .record(score::record_of(&event, &scored, &model));
+                                BatchItem::Scored(score_result(&scored, query.explain))
+                            }
                             Err(e) => {
                                 redirected(&e);
                                 failed(&e)
@@ -467,6 +474,11 @@ pub struct ModelAnswer<'a> {
     model_dir: PathBuf,
     last_reload: Option<ReloadReport>,
     recent_rejections: Vec<Rejection>,
+    /// The live quality of every model version that resolved outcomes,
+    /// over its window (`model.live_window`); the bundle's own test
+    /// metrics are under `model.metrics`.
+    live: std::collections::BTreeMap<String, QualityReport>,
+    outcomes_pending: i64,
 }
 
 /// `GET /v1/model`: the serving bundle, the last reload, recent rejections.
@@ -477,6 +489,8 @@ pub async fn model(State(app): App) -> Response {
         model_dir: app.models.dir().to_path_buf(),
         last_reload: app.models.last_report(),
         recent_rejections: app.models.recent_rejections(),
+        live: app.live.report(),
+        outcomes_pending: app.metrics.outcomes_pending.get(),
     })
     .into_response()
 }
@@ -491,4 +505,69 @@ pub async fn shards(State(app): App) -> Result<Json<ShardMap>, ApiError> {
         )
     })?;
     Ok(Json(ownership.snapshot()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomesQuery {
+    /// The first sequence number to return (the `next` of the last page).
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+/// One resolved cart.
+#[derive(Debug, Serialize)]
+pub struct OutcomeView {
+    seq: u64,
+    user_id: u64,
+    user_session: String,
+    product_id: u64,
+    cart_time: String,
+    model_version: String,
+    probability: f32,
+    label: bool,
+    resolved_at: String,
+    /// Event time from the cart to what decided it.
+    resolution_delay_seconds: f64,
+    scored_at_unix_ms: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutcomesAnswer {
+    outcomes: Vec<OutcomeView>,
+    /// `since` of the next page.
+    next: u64,
+}
+
+/// Largest page of `GET /v1/outcomes`.
+const MAX_OUTCOMES_PAGE: usize = 10_000;
+
+/// `GET /v1/outcomes?since=&limit=`: the resolved outcomes the store holds,
+/// in the order they were resolved.
+pub async fn outcomes(
+    State(app): App,
+    query: Result<Query<OutcomesQuery>, QueryRejection>,
+) -> Result<Json<OutcomesAnswer>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::query(&e))?;
+    let limit = query.limit.unwrap_or(1_000).min(MAX_OUTCOMES_PAGE);
+    let page = app.store.outcomes_since(query.since, limit)?;
+    let next = page.last().map_or(query.since, |(seq, _)| seq + 1);
+    let outcomes = page
+        .into_iter()
+        .map(|(seq, o)| OutcomeView {
+            seq,
+            user_id: o.user_id,
+            user_session: o.user_session,
+            product_id: o.product_id,
+            cart_time: Timestamp(o.cart_time_micros).to_rfc3339(),
+            model_version: o.model_version,
+            probability: o.probability,
+            label: o.label,
+            resolved_at: Timestamp(o.resolved_at_micros).to_rfc3339(),
+            resolution_delay_seconds: (o.resolved_at_micros - o.cart_time_micros) as f64 / 1e6,
+            scored_at_unix_ms: o.scored_at_ms,
+        })
+        .collect();
+    Ok(Json(OutcomesAnswer { outcomes, next }))
 }

@@ -1,0 +1,223 @@
+//! The serving model's live quality: the resolved outcomes of its scored
+//! carts (the store resolves them with the trainer's label, see
+//! `store::outcomes`) over a sliding window of the last `model.live_window`
+//! per model version, as ROC-AUC, log-loss, Brier score, expected
+//! calibration error and a reliability table.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, PoisonError};
+
+use serde::Serialize;
+
+use crate::ops::metrics::{LabelOutcome, Metrics, VersionLabels};
+use crate::store::Outcome;
+
+/// Probability bins of the reliability table and the calibration error.
+pub const BINS: usize = 10;
+
+/// The windows of every model version that resolved outcomes.
+#[derive(Debug)]
+pub struct LiveQuality {
+    window: usize,
+    by_version: Mutex<BTreeMap<String, VecDeque<(f32, bool)>>>,
+}
+
+impl LiveQuality {
+    pub fn new(window: usize) -> Self {
+        Self {
+            window,
+            by_version: Mutex::default(),
+        }
+    }
+
+    /// Adds resolved outcomes (oldest first); counts them when `metrics`.
+    pub fn observe(&self, outcomes: &[Outcome], metrics: Option<&Metrics>) {
+        let mut windows = self
+            .by_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for outcome in outcomes {
+            let window = windows.entry(outcome.model_version.clone()).or_default();
+            if window.len() == self.window {
+                window.pop_front();
+            }
+            window.push_back((outcome.probability, outcome.label));
+            if let Some(metrics) = metrics {
+                metrics
+                    .outcomes_resolved
+                    .get_or_create(&LabelOutcome {
+                        model_version: outcome.model_version.clone(),
+                        label: if outcome.label { "1" } else { "0" },
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// The quality of every version's window.
+    pub fn report(&self) -> BTreeMap<String, QualityReport> {
+        let windows = self
+            .by_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        windows
+            .iter()
+            .map(|(version, window)| {
+                let pairs: Vec<(f32, bool)> = window.iter().copied().collect();
+                (version.clone(), evaluate(&pairs))
+            })
+            .collect()
+    }
+
+    /// Sets the live gauges from [`Self::report`].
+    pub fn export(&self, metrics: &Metrics) -> BTreeMap<String, QualityReport> {
+        let report = self.report();
+        for (version, quality) in &report {
+            let labels = VersionLabels {
+                model_version: version.clone(),
+            };
+            let live = &metrics.live;
+            live.outcomes
+                .get_or_create(&labels)
+                .set(quality.count as i64);
+            if let Some(auc) = quality.roc_auc {
+                live.roc_auc.get_or_create(&labels).set(auc);
+            }
+            live.log_loss.get_or_create(&labels).set(quality.log_loss);
+            live.brier.get_or_create(&labels).set(quality.brier);
+            live.calibration_error
+                .get_or_create(&labels)
+                .set(quality.expected_calibration_error);
+        }
+        report
+    }
+}
+
+/// One window's quality.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QualityReport {
+    pub count: usize,
+    pub positives: usize,
+    pub positive_rate: f64,
+    /// None while the window holds only one class.
+    pub roc_auc: Option<f64>,
+    pub log_loss: f64,
+    pub brier: f64,
+    pub expected_calibration_error: f64,
+    pub reliability: Vec<ReliabilityBin>,
+}
+
+/// Predicted against observed, for carts whose probability is in `[from, to)`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReliabilityBin {
+    pub from: f64,
+    pub to: f64,
+    pub count: usize,
+    pub mean_predicted: f64,
+    pub observed_rate: f64,
+}
+
+/// ROC-AUC by ranks (a tie counts one half), log-loss, Brier score and the
+/// calibration over [`BINS`] equal-width bins.
+pub fn evaluate(pairs: &[(f32, bool)]) -> QualityReport {
+    let count = pairs.len();
+    let positives = pairs.iter().filter(|(_, y)| *y).count();
+    let negatives = count - positives;
+    let roc_auc = (positives > 0 && negatives > 0).then(|| {
+        let mut order: Vec<f64> = pairs.iter().map(|(p, _)| f64::from(*p)).collect();
+        let mut idx: Vec<usize> = (0..count).collect();
+        idx.sort_by(|&a, &b| order[a].total_cmp(&order[b]));
+        // Average rank (1-based) over each run of equal scores.
+        let mut rank_sum_pos = 0.0;
+        let mut i = 0;
+        while i < count {
+            let mut j = i;
+            while j + 1 < count && order[idx[j + 1]] == order[idx[i]] {
+                j += 1;
+            }
+            let average = (i + j) as f64 / 2.0 + 1.0;
+            for &k in &idx[i..=j] {
+                if pairs[k].1 {
+                    rank_sum_pos += average;
+                }
+            }
+            i = j + 1;
+        }
+        order.clear();
+        let (p, n) = (positives as f64, negatives as f64);
+        (rank_sum_pos - p * (p + 1.0) / 2.0) / (p * n)
+    });
+    let mut log_loss = 0.0;
+    let mut brier = 0.0;
+    let mut bins = vec![(0usize, 0f64, 0usize); BINS];
+    for &(p, y) in pairs {
+        let p = f64::from(p);
+        let clamped = p.clamp(1e-15, 1.0 - 1e-15);
+        let y = f64::from(u8::from(y));
+        log_loss -= y * clamped.ln() + (1.0 - y) * (1.0 - clamped).ln();
+        brier += (p - y) * (p - y);
+        let bin = ((p * BINS as f64) as usize).min(BINS - 1);
+        bins[bin].0 += 1;
+        bins[bin].1 += p;
+        bins[bin].2 += y as usize;
+    }
+    let n = count.max(1) as f64;
+    let mut ece = 0.0;
+    let reliability = bins
+        .iter()
+        .enumerate()
+        .map(|(b, &(c, sum_p, pos))| {
+            let (mean_predicted, observed_rate) = if c == 0 {
+                (0.0, 0.0)
+            } else {
+                (sum_p / c as f64, pos as f64 / c as f64)
+            };
+            ece += c as f64 / n * (mean_predicted - observed_rate).abs();
+            ReliabilityBin {
+                from: b as f64 / BINS as f64,
+                to: (b + 1) as f64 / BINS as f64,
+                count: c,
+                mean_predicted,
+                observed_rate,
+            }
+        })
+        .collect();
+    QualityReport {
+        count,
+        positives,
+        positive_rate: positives as f64 / n,
+        roc_auc,
+        log_loss: log_loss / n,
+        brier: brier / n,
+        expected_calibration_error: ece,
+        reliability,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_counts_ties_as_one_half_and_matches_pair_counting() {
+        let pairs = [
+            (0.9, true),
+            (0.8, false),
+            (0.8, true),
+            (0.3, false),
+            (0.3, false),
+            (0.1, true),
+        ];
+        // Pairs (positive, negative): 3 positives x 3 negatives = 9; the
+        // positive beats the negative in 0.9>0.8, 0.9>0.3 x2, 0.8=0.8 (half),
+        // 0.8>0.3 x2: 5.5 of 9.
+        let report = evaluate(&pairs);
+        assert!((report.roc_auc.unwrap() - 5.5 / 9.0).abs() < 1e-12);
+        assert_eq!((report.count, report.positives), (6, 3));
+        assert_eq!(evaluate(&[(0.4, true)]).roc_auc, None);
+        let perfect = evaluate(&[(0.95, true), (0.05, false)]);
+        assert!(perfect.expected_calibration_error < 0.051);
+        assert!((perfect.brier - 0.0025).abs() < 1e-9);
+        assert_eq!(perfect.reliability.len(), BINS);
+    }
+}
