@@ -276,48 +276,40 @@ impl Store {
     }
 
     /// The newest `limit` outcomes (oldest first), for the live window at
-    /// start-up and for `GET /v1/outcomes`.
+    /// start-up.
     pub fn recent_outcomes(&self, limit: usize) -> Result<Vec<(u64, Outcome)>, StoreError> {
         let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
-        let mut out = Vec::new();
-        for entry in self
+        let entries = self
             .outcomes
             .rev_iter(&txn)
-            .map_err(self.err("iterate outcomes"))?
-        {
-            if out.len() == limit {
-                break;
-            }
-            let (seq, bytes) = entry.map_err(self.err("iterate outcomes"))?;
-            let outcome = rkyv::from_bytes::<Outcome, rancor::Error>(bytes).map_err(|source| {
-                StoreError::Corrupt {
-                    database: "outcomes",
-                    key: seq.to_string(),
-                    source,
-                }
-            })?;
-            out.push((seq, outcome));
-        }
+            .map_err(self.err("iterate outcomes"))?;
+        let mut out = self.decode_outcomes(entries, limit)?;
         out.reverse();
         Ok(out)
     }
 
-    /// Up to `limit` outcomes from sequence number `since` on, in order.
+    /// Up to `limit` outcomes from sequence number `since` on, in order
+    /// (`GET /v1/outcomes`).
     pub fn outcomes_since(
         &self,
         since: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Outcome)>, StoreError> {
         let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
-        let mut out = Vec::new();
-        for entry in self
+        let entries = self
             .outcomes
             .range(&txn, &(since..))
-            .map_err(self.err("iterate outcomes"))?
-        {
-            if out.len() == limit {
-                break;
-            }
+            .map_err(self.err("iterate outcomes"))?;
+        self.decode_outcomes(entries, limit)
+    }
+
+    fn decode_outcomes<'t>(
+        &self,
+        entries: impl Iterator<Item = heed::Result<(u64, &'t [u8])>>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Outcome)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in entries.take(limit) {
             let (seq, bytes) = entry.map_err(self.err("iterate outcomes"))?;
             let outcome = rkyv::from_bytes::<Outcome, rancor::Error>(bytes).map_err(|source| {
                 StoreError::Corrupt {
