@@ -110,6 +110,9 @@ fn the_rules_and_the_dashboard_query_only_exported_metrics() {
     let mut client = TcpClient::connect(app.tcp).unwrap();
     let cart = cartscore_core::Event::from_json(cart_json("obs", 30, 7, 10.0).as_bytes()).unwrap();
     client.score(&cart).unwrap();
+    // The scored cart's purchase resolves its outcome: the live metrics.
+    let purchase = cart_json("obs-http", 40, 7, 10.0).replace("\"cart\"", "\"purchase\"");
+    assert_eq!(app.post("/v1/events", purchase).0, 200);
     let mut bad = TcpClient::connect(app.tcp).unwrap();
     bad.send_raw(&[0xff; 16]);
     bad.flush().unwrap();

@@ -14,7 +14,7 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
 
 use crate::model::serving::{FileIdentity, ServingModel};
-use crate::ops::metrics::{Metrics, ModelLabels, OutcomeLabels};
+use crate::ops::metrics::{Metrics, ModelLabels, OutcomeLabels, VersionLabels};
 use crate::ops::telemetry;
 
 /// How long file events are coalesced before a reload: a rename arrives as
@@ -231,6 +231,17 @@ impl ModelRegistry {
                 })
                 .set(1);
             self.metrics.model_loaded_timestamp.set(unix_now());
+            // What the live ROC-AUC is held against (the bundle's test window).
+            self.metrics.live.test_roc_auc.clear();
+            if let Some(auc) = model.metadata.metrics.get("test_roc_auc") {
+                self.metrics
+                    .live
+                    .test_roc_auc
+                    .get_or_create(&VersionLabels {
+                        model_version: model.version().to_owned(),
+                    })
+                    .set(*auc);
+            }
             tracing::info!(
                 version = model.version(),
                 path = %model.file.path.display(),

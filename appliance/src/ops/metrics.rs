@@ -109,6 +109,8 @@ pub struct LiveMetrics {
     pub brier: FloatGauges<VersionLabels>,
     pub calibration_error: FloatGauges<VersionLabels>,
     pub outcomes: Family<VersionLabels, Gauge>,
+    /// The serving bundle's own test-window ROC-AUC.
+    pub test_roc_auc: FloatGauges<VersionLabels>,
 }
 
 #[derive(Debug)]

@@ -80,9 +80,11 @@ impl LiveQuality {
             live.outcomes
                 .get_or_create(&labels)
                 .set(quality.count as i64);
-            if let Some(auc) = quality.roc_auc {
-                live.roc_auc.get_or_create(&labels).set(auc);
-            }
+            // NaN while the window holds one class only: the series exists
+            // and compares false.
+            live.roc_auc
+                .get_or_create(&labels)
+                .set(quality.roc_auc.unwrap_or(f64::NAN));
             live.log_loss.get_or_create(&labels).set(quality.log_loss);
             live.brier.get_or_create(&labels).set(quality.brier);
             live.calibration_error
