@@ -342,7 +342,8 @@ fn cdc_is_exactly_once_across_kill_9_of_the_bridge_and_the_appliance() {
     while !inserter.is_finished() {
         let draw = schedule.next();
         std::thread::sleep(Duration::from_millis(300 + draw % 900));
-        if draw.is_multiple_of(2) {
+        // In turn, so both are killed while rows flow; when is random.
+        if (kills.0 + kills.1) % 2 == 0 {
             bridge.kill();
             bridge.restart();
             kills.0 += 1;
@@ -403,6 +404,6 @@ fn cdc_is_exactly_once_across_kill_9_of_the_bridge_and_the_appliance() {
         "CDC kill test: {} bridge and {} appliance kills; {captured} records captured for {rows} rows (the rest re-sent), {duplicates} duplicates seen by the last run",
         kills.0, kills.1
     );
-    assert!(kills.0 + kills.1 >= 3, "{kills:?}");
+    assert!(kills.0 >= 1 && kills.1 >= 1, "{kills:?}");
     assert!(captured >= rows);
 }

@@ -489,6 +489,11 @@ impl Metrics {
                 "Expected calibration error (10 bins) over the window of resolved outcomes",
                 &live.calibration_error,
             ),
+            (
+                "cartscore_model_test_roc_auc",
+                "The serving bundle's ROC-AUC on its training run's test window",
+                &live.test_roc_auc,
+            ),
         ] {
             registry.register(name, help, family.clone());
         }
