@@ -318,8 +318,8 @@ fn cdc_is_exactly_once_across_kill_9_of_the_bridge_and_the_appliance() {
     let mut app = Appliance::start(&killed_dir, &models, &options);
     let mut bridge = Bridge::start(&source, brokers, &topics.cdc, work.path());
 
-    // 900 rows in small transactions at ~150 rows/s, 30 users.
-    let rows = 900;
+    // 1,200 rows in small transactions at ~100 rows/s, 30 users.
+    let rows = 1200;
     let inserter = {
         let mut db = source.client();
         std::thread::spawn(move || {
@@ -333,7 +333,7 @@ fn cdc_is_exactly_once_across_kill_9_of_the_bridge_and_the_appliance() {
                     1 + i % 30,
                     &format!("s{}", i % 90),
                 );
-                std::thread::sleep(Duration::from_millis(6));
+                std::thread::sleep(Duration::from_millis(8));
             }
         })
     };
@@ -342,8 +342,9 @@ fn cdc_is_exactly_once_across_kill_9_of_the_bridge_and_the_appliance() {
     while !inserter.is_finished() {
         let draw = schedule.next();
         std::thread::sleep(Duration::from_millis(300 + draw % 900));
-        // In turn, so both are killed while rows flow; when is random.
-        if (kills.0 + kills.1) % 2 == 0 {
+        // In turn (the appliance first: it restarts in a second, the
+        // bridge's JVM in several), so both are killed while rows flow.
+        if (kills.0 + kills.1) % 2 == 1 {
             bridge.kill();
             bridge.restart();
             kills.0 += 1;
