@@ -213,10 +213,10 @@ impl Store {
         let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
         let mut watermark = self.watermark(&wtxn)?;
         let mut archiver = Archiver::default();
-        let (records_stored, records_refused) =
+        let (records_stored, records_refused, held) =
             self.put_records(&mut wtxn, records, &mut archiver)?;
         // No record, nothing to resolve: ingest pays one stat read.
-        let resolving = self.scored.len(&wtxn).map_err(self.err("count scored"))? > 0;
+        let resolving = held > 0;
         let mut resolver = self.resolver(&wtxn)?;
         // Each touched state is decoded once, updated in memory for the whole
         // batch and written back once.

@@ -90,7 +90,8 @@ pub(super) fn split_record_key(key: &[u8]) -> Option<(&[u8], u64, i64)> {
 
 const OUTCOME_SEQ: &str = "outcome_seq";
 
-fn corrupt(key: &[u8], source: rancor::Error) -> StoreError {
+/// A `scored` value that is not a valid archive.
+pub(super) fn corrupt(key: &[u8], source: rancor::Error) -> StoreError {
     StoreError::Corrupt {
         database: "scored",
         key: describe_session_key(key),
@@ -120,14 +121,15 @@ impl Store {
     }
 
     /// Stores new records; a cart that already has one keeps its first.
-    /// Returns how many were new; past `max` pending records the rest are
-    /// refused (counted by the caller as dropped).
+    /// Returns how many were new, how many were refused (past
+    /// `store.max_scored_records`; the caller counts them as dropped) and
+    /// how many the store holds now.
     pub(super) fn put_records(
         &self,
         txn: &mut RwTxn,
         records: &[CartRecord],
         archiver: &mut Archiver,
-    ) -> Result<(usize, usize), StoreError> {
+    ) -> Result<(usize, usize, u64), StoreError> {
         let (mut stored, mut refused) = (0, 0);
         let mut held = self.scored.len(txn).map_err(self.err("count scored"))?;
         for record in records {
@@ -169,7 +171,7 @@ impl Store {
             held += 1;
             stored += 1;
         }
-        Ok((stored, refused))
+        Ok((stored, refused, held))
     }
 
     /// Resolves the unresolved records under `prefix` whose cart time is in

@@ -15,9 +15,9 @@ use heed::Database;
 use super::codec::{LastEvent, session_last_event, user_last_event};
 use super::db::{Store, SweepCursor};
 use super::error::StoreError;
-use super::keys::{describe_session_key, session_user};
+use super::keys::session_user;
 use super::offsets::StreamOffset;
-use super::outcomes::{ArchivedStoredRecord, Outcome, StoredRecord, split_record_key};
+use super::outcomes::{ArchivedStoredRecord, Outcome, StoredRecord, corrupt, split_record_key};
 use rkyv::rancor;
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -182,14 +182,8 @@ impl Store {
             let Some((session, _, cart_time)) = split_record_key(key) else {
                 continue;
             };
-            let record =
-                rkyv::access::<ArchivedStoredRecord, rancor::Error>(bytes).map_err(|source| {
-                    StoreError::Corrupt {
-                        database: "scored",
-                        key: describe_session_key(key),
-                        source,
-                    }
-                })?;
+            let record = rkyv::access::<ArchivedStoredRecord, rancor::Error>(bytes)
+                .map_err(|e| corrupt(key, e))?;
             if record.resolved {
                 if cart_time < age_horizon {
                     old.push(key.to_vec());
@@ -204,13 +198,8 @@ impl Store {
                     None => i64::MIN,
                 };
                 if cart_time.max(last) < horizon {
-                    let record = rkyv::deserialize::<StoredRecord, rancor::Error>(record).map_err(
-                        |source| StoreError::Corrupt {
-                            database: "scored",
-                            key: describe_session_key(key),
-                            source,
-                        },
-                    )?;
+                    let record = rkyv::deserialize::<StoredRecord, rancor::Error>(record)
+                        .map_err(|e| corrupt(key, e))?;
                     expired.push((key.to_vec(), record));
                 }
             }

@@ -86,12 +86,15 @@ impl Worker {
                     if replay {
                         self.metrics.stream.skipped.inc();
                     }
-                    let applied_source = self
-                        .consumer
-                        .context()
-                        .sources()
-                        .get(&(message.topic().to_owned(), message.partition()))
-                        .copied();
+                    // Asked only for a CDC row that carries a position: the
+                    // lock and the key's copy stay off every other message.
+                    let callbacks = self.consumer.context();
+                    let applied_source = || {
+                        callbacks
+                            .sources()
+                            .get(&(message.topic().to_owned(), message.partition()))
+                            .copied()
+                    };
                     batch.route(
                         &message,
                         replay,

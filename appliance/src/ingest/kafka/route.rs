@@ -107,7 +107,7 @@ impl Batch {
         &mut self,
         message: &BorrowedMessage<'_>,
         replay: bool,
-        applied_source: Option<SourcePosition>,
+        applied_source: impl FnOnce() -> Option<SourcePosition>,
         forward_validated: bool,
         metrics: &Metrics,
     ) {
@@ -145,7 +145,7 @@ impl Batch {
                         .sources
                         .get(&(source.topic.clone(), source.partition))
                         .copied()
-                        .or(applied_source)
+                        .or_else(applied_source)
                         .is_some_and(|last| position <= last) =>
             {
                 // The same change again: its state is already applied.
