@@ -171,6 +171,6 @@ fn main() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(recorder);
     let recorded = drain.join().unwrap();
-    let dropped = metrics.scored_records_dropped_total();
+    let dropped = metrics.closed_loop.dropped_total();
     println!("recorded {recorded} carts, {dropped} dropped (queue full)");
 }

@@ -23,6 +23,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::systemd::ServiceManager;
 use crate::ops::telemetry::{Mirrors, Telemetry};
 use crate::quality::LiveQuality;
+use crate::quality::drift::DriftMonitor;
 use crate::serve::http::{AppState, router};
 use crate::serve::tcp::{Shared, TcpServer};
 use crate::shard::{Member, Ownership};
@@ -142,6 +143,10 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
             .collect::<Vec<_>>(),
         None,
     );
+    let drift = Arc::new(DriftMonitor::new(
+        config.model.drift_window.get(),
+        Arc::clone(&models),
+    ));
     let (recorder, records) = Recorder::new(config.store.record_queue.get(), &metrics);
     let (ingestor, writer) = Ingestor::start(
         Arc::clone(&store),
@@ -150,6 +155,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         ClosedLoop {
             records,
             live: Arc::clone(&live),
+            drift: Arc::clone(&drift),
         },
     )
     .context("failed to start the store writer")?;
@@ -208,6 +214,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         ownership: ownership.clone(),
         recorder: recorder.clone(),
         live,
+        drift,
     });
     let heartbeats = Arc::new(Heartbeats::new(if config.tcp.enabled {
         config.tcp.cores

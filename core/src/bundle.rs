@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::encoding::EncodingTables;
 use crate::features::{CONTRACT_VERSION, FEATURE_COUNT, FEATURE_NAMES};
+use crate::profile::{DataProfile, ProfileError};
 
 /// Golden vectors must reproduce within this absolute difference.
 pub const GOLDEN_TOLERANCE: f64 = 1e-5;
@@ -70,6 +71,8 @@ pub enum BundleError {
     },
     #[error("golden vector {index}: model output {actual} is not a probability")]
     NotAProbability { index: usize, actual: f64 },
+    #[error("the bundle's data profile is unusable: {0}")]
+    Profile(#[from] ProfileError),
 }
 
 /// A feature row with the probability the trainer computed for it.
@@ -94,6 +97,9 @@ pub struct BundleMetadata {
     /// Hyper-parameters and trainer identity.
     pub params: serde_json::Value,
     pub golden_vectors: Vec<GoldenVector>,
+    /// The training data's profile, for drift; bundles made before it have
+    /// none, and their drift is not reported.
+    pub profile: Option<DataProfile>,
 }
 
 impl BundleMetadata {
@@ -102,7 +108,7 @@ impl BundleMetadata {
             key: format!("{PREFIX}{name}"),
             value,
         };
-        vec![
+        let mut props = vec![
             entry("model_version", self.model_version.clone()),
             entry("contract_version", self.contract_version.to_string()),
             entry("feature_names", json(&self.feature_names)),
@@ -111,7 +117,11 @@ impl BundleMetadata {
             entry("metrics", json(&self.metrics)),
             entry("params", json(&self.params)),
             entry("golden_vectors", json(&self.golden_vectors)),
-        ]
+        ];
+        if let Some(profile) = &self.profile {
+            props.push(entry("profile", json(profile)));
+        }
+        props
     }
 
     /// The golden vectors' feature rows.
@@ -146,6 +156,10 @@ impl BundleMetadata {
             metrics: parse("metrics", get("metrics")?)?,
             params: parse("params", get("params")?)?,
             golden_vectors: parse("golden_vectors", get("golden_vectors")?)?,
+            profile: match get("profile") {
+                Ok(text) => Some(parse("profile", text)?),
+                Err(_) => None,
+            },
         })
     }
 
@@ -198,6 +212,9 @@ impl BundleMetadata {
                     expected: FEATURE_COUNT,
                 });
             }
+        }
+        if let Some(profile) = &self.profile {
+            profile.check()?;
         }
         Ok(())
     }
@@ -264,6 +281,7 @@ mod tests {
                 features: vec![0.5; FEATURE_COUNT],
                 probability: 0.25,
             }],
+            profile: Some(DataProfile::of(&[0.5; FEATURE_COUNT * 4], &[0.1, 0.2, 0.3])),
         }
     }
 
@@ -273,6 +291,14 @@ mod tests {
         let props = meta.to_metadata_props();
         assert!(props.iter().all(|e| e.key.starts_with("cartscore.")));
         assert_eq!(BundleMetadata::from_metadata_props(&props).unwrap(), meta);
+        // A bundle from before profiles still reads, without one.
+        let older: Vec<_> = props
+            .into_iter()
+            .filter(|e| e.key != "cartscore.profile")
+            .collect();
+        let read = BundleMetadata::from_metadata_props(&older).unwrap();
+        assert_eq!(read.profile, None);
+        assert!(read.check_contract().is_ok());
     }
 
     #[test]
@@ -288,6 +314,14 @@ mod tests {
         assert!(matches!(
             meta.check_contract(),
             Err(BundleError::FeatureNames { column: 3, .. })
+        ));
+        let mut meta = sample();
+        if let Some(profile) = &mut meta.profile {
+            profile.features.pop();
+        }
+        assert!(matches!(
+            meta.check_contract(),
+            Err(BundleError::Profile(ProfileError::FeatureCount { .. }))
         ));
         let mut props = sample().to_metadata_props();
         props.retain(|e| e.key != "cartscore.encodings");

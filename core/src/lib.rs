@@ -15,7 +15,9 @@
 //! - [`bundle`] is the deployable model's metadata contract, [`onnx`] the
 //!   ONNX schema it travels in, [`compiled`] the flat tree-ensemble evaluator
 //!   that serving uses, and [`model`] (feature `tract`) the reference reader
-//!   the compiled evaluator and the trainer's exports are checked against.
+//!   the compiled evaluator and the trainer's exports are checked against;
+//!   [`profile`] is the training data's histograms that drift is measured
+//!   against.
 
 pub mod bundle;
 pub mod compiled;
@@ -26,6 +28,7 @@ pub mod features;
 #[cfg(feature = "tract")]
 pub mod model;
 pub mod onnx;
+pub mod profile;
 pub mod shard;
 pub mod state;
 pub mod time;
@@ -38,6 +41,7 @@ pub use event::{CsvLayout, Event, EventType, HeaderError, SourcePosition};
 pub use features::{CONTRACT_VERSION, FEATURE_COUNT, FEATURE_NAMES, FeatureRow};
 #[cfg(feature = "tract")]
 pub use model::{ModelError, TractModel};
+pub use profile::{DataProfile, Histogram};
 pub use state::{SessionKey, SessionState, UserState};
 pub use time::Timestamp;
 pub use validate::EventError;

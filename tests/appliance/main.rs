@@ -10,6 +10,7 @@ mod common;
 mod api;
 mod bench;
 mod cdc;
+mod closed_loop;
 mod lifecycle;
 mod observability;
 mod reload;

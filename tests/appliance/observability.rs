@@ -11,7 +11,8 @@ use cartscore_protocol::client::TcpClient;
 use crate::broker::{Broker, TestProducer, create_topic, kafka_env, unique};
 use crate::common::{Appliance, Options, cart_json, model_dir_with_demo, repo_root, view_json};
 
-fn promtool(args: &[&str]) {
+/// Runs promtool in the rules' folder; fails the test with its output.
+pub fn promtool(args: &[&str]) {
     let output = Command::new("promtool")
         .args(args)
         .current_dir(repo_root().join("configs/prometheus"))

@@ -1,9 +1,13 @@
 //! `predict`: offline, point-in-time scoring of every cart event in the input
 //! with a bundle, as the appliance would score it live just before ingesting it.
+//! A plain tree ensemble is scored by the appliance's own compiled evaluator
+//! (`core::compiled`), so the offline probabilities are the served ones to
+//! the bit, and the offline ROC-AUC is the live one; any other graph by tract.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use cartscore_core::compiled::CompiledEnsemble;
 use cartscore_core::{FEATURE_COUNT, FEATURE_NAMES, TractModel};
 
 use crate::files::MergedEvents;
@@ -34,8 +38,19 @@ pub fn run(
     for example in &replay.examples {
         rows.extend_from_slice(&example.encoded(&replay.interner, tables).0);
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let probabilities = crate::train::predict_parallel(&model, &rows, threads)?;
+    let probabilities = match CompiledEnsemble::compile(&model.proto) {
+        Ok(compiled) => rows
+            .as_chunks::<FEATURE_COUNT>()
+            .0
+            .iter()
+            .map(|row| compiled.predict(row))
+            .collect(),
+        Err(reason) => {
+            tracing::warn!(%reason, "not a plain tree ensemble; scoring with tract");
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            crate::train::predict_parallel(&model, &rows, threads)?
+        }
+    };
 
     let mut writer = csv::Writer::from_path(out)
         .with_context(|| format!("failed to create {}", out.display()))?;

@@ -20,6 +20,9 @@ pub struct ModelConfig {
     /// Resolved outcomes per model version the live quality is computed
     /// over (the newest).
     pub live_window: std::num::NonZeroUsize,
+    /// Scored rows (the newest) the serving model's feature drift is
+    /// measured over.
+    pub drift_window: std::num::NonZeroUsize,
 }
 
 impl Default for ModelConfig {
@@ -29,6 +32,7 @@ impl Default for ModelConfig {
             watch: true,
             verify_random_rows: 256,
             live_window: nonzero!(10_000),
+            drift_window: nonzero!(10_000),
         }
     }
 }

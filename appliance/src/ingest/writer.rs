@@ -15,6 +15,7 @@ use crate::ops::metrics::ReasonLabels;
 use crate::ops::metrics::{Metrics, SourceLabels};
 use crate::ops::telemetry;
 use crate::quality::LiveQuality;
+use crate::quality::drift::DriftMonitor;
 use crate::store::{AppliedBatch, CartRecord, Outcome, Store, StoreError, StreamOffset};
 use prometheus_client::metrics::counter::Counter;
 
@@ -41,6 +42,7 @@ impl Recorder {
     pub fn new(capacity: usize, metrics: &Metrics) -> (Self, Receiver<CartRecord>) {
         let (queue, records) = std::sync::mpsc::sync_channel(capacity);
         let dropped = metrics
+            .closed_loop
             .scored_records_dropped
             .get_or_create(&ReasonLabels {
                 reason: "queue_full",
@@ -56,12 +58,14 @@ impl Recorder {
     }
 }
 
-/// What the writer keeps of the closed loop: the records' queue and the
-/// live windows it feeds with resolved outcomes.
+/// What the writer keeps of the closed loop: the records' queue, the live
+/// windows it feeds with resolved outcomes and the drift window it feeds
+/// with the scored rows.
 #[derive(Debug)]
 pub struct ClosedLoop {
     pub records: Receiver<CartRecord>,
     pub live: Arc<LiveQuality>,
+    pub drift: Arc<DriftMonitor>,
 }
 
 /// Where a batch of events came from (the `source` label of the metrics).
@@ -200,16 +204,21 @@ fn writer_loop(
             0
         }
     };
-    metrics.outcomes_pending.set(pending);
+    metrics.closed_loop.outcomes_pending.set(pending);
     let mut records: Vec<CartRecord> = Vec::new();
     let mut last_flush = Instant::now();
     let mut resolved = |outcomes: &[Outcome], stored: usize| {
         pending += stored as i64 - outcomes.len() as i64;
-        metrics.outcomes_pending.set(pending);
+        metrics.closed_loop.outcomes_pending.set(pending);
         closed_loop.live.observe(outcomes, Some(metrics));
     };
-    loop {
+    let drain = |records: &mut Vec<CartRecord>| {
+        let from = records.len();
         records.extend(closed_loop.records.try_iter().take(max_events));
+        closed_loop.drift.observe(&records[from..]);
+    };
+    loop {
+        drain(&mut records);
         let flush_due = records.len() >= max_events || last_flush.elapsed() >= RECORD_FLUSH;
         let wait = if pass_running || (!records.is_empty() && flush_due) {
             Duration::ZERO
@@ -231,7 +240,7 @@ fn writer_loop(
                         Err(_) => break,
                     }
                 }
-                records.extend(closed_loop.records.try_iter().take(max_events));
+                drain(&mut records);
                 last_flush = Instant::now();
                 let (outcomes, stored) = apply_group(store, metrics, group, &records);
                 records.clear();
@@ -308,11 +317,8 @@ fn apply_group(
         Ok((applied, outcomes)) => {
             if applied.records_refused > 0 {
                 metrics
-                    .scored_records_dropped
-                    .get_or_create(&ReasonLabels {
-                        reason: "store_full",
-                    })
-                    .inc_by(applied.records_refused as u64);
+                    .closed_loop
+                    .dropped("store_full", applied.records_refused as u64);
             }
             for job in group {
                 metrics
@@ -341,11 +347,8 @@ fn apply_group(
             }
             if !records.is_empty() {
                 metrics
-                    .scored_records_dropped
-                    .get_or_create(&ReasonLabels {
-                        reason: "write_failed",
-                    })
-                    .inc_by(records.len() as u64);
+                    .closed_loop
+                    .dropped("write_failed", records.len() as u64);
             }
             (Vec::new(), 0)
         }

@@ -2,7 +2,10 @@
 //! carts (the store resolves them with the trainer's label, see
 //! `store::outcomes`) over a sliding window of the last `model.live_window`
 //! per model version, as ROC-AUC, log-loss, Brier score, expected
-//! calibration error and a reliability table.
+//! calibration error and a reliability table; [`drift`] compares the
+//! scored rows with the bundle's data profile.
+
+pub mod drift;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -44,6 +47,7 @@ impl LiveQuality {
             window.push_back((outcome.probability, outcome.label));
             if let Some(metrics) = metrics {
                 metrics
+                    .closed_loop
                     .outcomes_resolved
                     .get_or_create(&LabelOutcome {
                         model_version: outcome.model_version.clone(),

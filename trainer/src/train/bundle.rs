@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use cartscore_core::{
-    BundleMetadata, CONTRACT_VERSION, FEATURE_COUNT, FEATURE_NAMES, GoldenVector, TractModel,
+    BundleMetadata, CONTRACT_VERSION, DataProfile, FEATURE_COUNT, FEATURE_NAMES, GoldenVector,
+    TractModel,
 };
 use lightgbm3::Booster;
 use serde::Serialize;
@@ -41,7 +42,9 @@ pub(super) struct Bundle {
 }
 
 /// The ONNX bundle: trees, encodings, golden vectors (test rows and rows on
-/// split thresholds, with LightGBM's probabilities) and the metadata.
+/// split thresholds, with LightGBM's probabilities), the data profile (the
+/// training window's features, the validation window's scores) and the
+/// metadata.
 pub(super) fn export(
     request: &TrainRequest,
     tuned: &Tuned,
@@ -99,6 +102,10 @@ pub(super) fn export(
         metrics,
         params: serde_json::to_value(&params)?,
         golden_vectors,
+        profile: Some(DataProfile::of(
+            &served_rows(replay, data),
+            &evaluated.validation_p,
+        )),
     };
     let bytes = onnx::encode(&onnx::onnx_model(&trees, &metadata));
     Ok(Bundle {
@@ -106,6 +113,17 @@ pub(super) fn export(
         metadata,
         trees,
     })
+}
+
+/// The training window's rows as the appliance computes them: encoded with
+/// the bundle's tables. (The model was fitted on out-of-fold encodings,
+/// whose spread differs; drift is about what serving sees.)
+fn served_rows(replay: &Replay, data: &Windows) -> Vec<f32> {
+    data.train
+        .examples
+        .iter()
+        .flat_map(|&i| replay.examples[i].encoded(&replay.interner, &data.tables).0)
+        .collect()
 }
 
 fn lightgbm_predict(booster: &Booster, rows: &[f32]) -> Result<Vec<f64>> {

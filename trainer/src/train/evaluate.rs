@@ -24,6 +24,8 @@ pub(super) struct Evaluated {
     /// The model's test-window probabilities (for `test_rows.csv`).
     pub(super) test_p: Vec<f64>,
     pub(super) validation: Evaluation,
+    /// The model's validation-window probabilities (for the score profile).
+    pub(super) validation_p: Vec<f64>,
     pub(super) baselines: Baselines,
     pub(super) oracle: Option<OracleScores>,
     pub(super) auc_vs_oracle: Option<f64>,
@@ -61,6 +63,7 @@ pub(super) fn evaluate(
         test: test_eval,
         test_p,
         validation: evaluation(&valid_p, &data.validation.matrix.labels),
+        validation_p: valid_p,
         baselines: Baselines {
             base_rate: Scores::of(&base_p, &test.labels),
             original_stack: Scores::of(&stump_p, &test.labels),

@@ -78,6 +78,7 @@ pub async fn metrics(State(app): App) -> Response {
             .set(health.status().staleness_seconds);
     }
     app.live.export(&app.metrics);
+    app.drift.export(&app.metrics);
     if let Ok(stats) = app.store.stats() {
         let m = &app.metrics;
         m.live_sessions.set(stats.sessions as i64);

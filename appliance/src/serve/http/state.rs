@@ -12,6 +12,7 @@ use crate::ingest::{Ingestor, Recorder};
 use crate::model::{ModelRegistry, ReloadRequest};
 use crate::ops::metrics::Metrics;
 use crate::quality::LiveQuality;
+use crate::quality::drift::DriftMonitor;
 use crate::shard::Ownership;
 use crate::store::Store;
 
@@ -35,6 +36,8 @@ pub struct AppState {
     pub recorder: Recorder,
     /// The serving models' live quality.
     pub live: Arc<LiveQuality>,
+    /// The serving model's feature drift.
+    pub drift: Arc<DriftMonitor>,
 }
 
 /// What every handler extracts.

@@ -26,6 +26,7 @@ use crate::model::reload::Rejection;
 use crate::model::{ReloadReport, ServingModel};
 use crate::ops::metrics::ApiLabels;
 use crate::quality::QualityReport;
+use crate::quality::drift::DriftReport;
 use crate::serve::score::{self, Scored};
 use crate::shard::ShardMap;
 
@@ -479,6 +480,9 @@ pub struct ModelAnswer<'a> {
     /// metrics are under `model.metrics`.
     live: std::collections::BTreeMap<String, QualityReport>,
     outcomes_pending: i64,
+    /// The serving model's inputs and scores against its bundle's profile
+    /// (population stability index); null for a bundle without a profile.
+    drift: Option<DriftReport>,
 }
 
 /// `GET /v1/model`: the serving bundle, the last reload, recent rejections.
@@ -490,7 +494,8 @@ pub async fn model(State(app): App) -> Response {
         last_reload: app.models.last_report(),
         recent_rejections: app.models.recent_rejections(),
         live: app.live.report(),
-        outcomes_pending: app.metrics.outcomes_pending.get(),
+        outcomes_pending: app.metrics.closed_loop.outcomes_pending.get(),
+        drift: app.drift.report(),
     })
     .into_response()
 }

@@ -20,6 +20,10 @@ use cartscore_protocol::Status;
 
 use crate::error::Code;
 
+mod quality;
+
+pub use quality::{ClosedLoopMetrics, DriftMetrics, FeatureLabels, LabelOutcome, LiveMetrics};
+
 /// Latency buckets in seconds, from 10 µs: the appliance answers in
 /// microseconds, so the usual 5 ms first bucket would hide everything.
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -92,26 +96,8 @@ pub struct VersionLabels {
     pub model_version: String,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LabelOutcome {
-    pub model_version: String,
-    pub label: &'static str,
-}
-
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-type FloatGauges<L> = Family<L, Gauge<f64, AtomicU64>>;
-
-/// The serving models' live quality over their windows of resolved outcomes.
-#[derive(Debug, Default)]
-pub struct LiveMetrics {
-    pub roc_auc: FloatGauges<VersionLabels>,
-    pub log_loss: FloatGauges<VersionLabels>,
-    pub brier: FloatGauges<VersionLabels>,
-    pub calibration_error: FloatGauges<VersionLabels>,
-    pub outcomes: Family<VersionLabels, Gauge>,
-    /// The serving bundle's own test-window ROC-AUC.
-    pub test_roc_auc: FloatGauges<VersionLabels>,
-}
+pub(crate) type FloatGauges<L> = Family<L, Gauge<f64, AtomicU64>>;
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -140,9 +126,8 @@ pub struct Metrics {
     pub stream: StreamMetrics,
     pub shard: ShardMetrics,
     pub live: LiveMetrics,
-    pub outcomes_resolved: Family<LabelOutcome, Counter>,
-    pub outcomes_pending: Gauge,
-    pub scored_records_dropped: Family<ReasonLabels, Counter>,
+    pub drift: DriftMetrics,
+    pub closed_loop: ClosedLoopMetrics,
 }
 
 /// The Kafka consumer's view: consumed, routed, lag and health.
@@ -319,20 +304,6 @@ impl ShardMetrics {
     }
 }
 
-impl Metrics {
-    /// Scored-cart records dropped for any reason.
-    pub fn scored_records_dropped_total(&self) -> u64 {
-        ["queue_full", "store_full", "write_failed"]
-            .into_iter()
-            .map(|reason| {
-                self.scored_records_dropped
-                    .get_or_create(&ReasonLabels { reason })
-                    .get()
-            })
-            .sum()
-    }
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -467,62 +438,9 @@ impl Metrics {
         );
         let stream = StreamMetrics::register(&mut registry);
         let shard = ShardMetrics::register(&mut registry);
-        let live = LiveMetrics::default();
-        for (name, help, family) in [
-            (
-                "cartscore_live_roc_auc",
-                "ROC-AUC of the model version over its window of resolved outcomes",
-                &live.roc_auc,
-            ),
-            (
-                "cartscore_live_log_loss",
-                "Log-loss over the window of resolved outcomes",
-                &live.log_loss,
-            ),
-            (
-                "cartscore_live_brier",
-                "Brier score over the window of resolved outcomes",
-                &live.brier,
-            ),
-            (
-                "cartscore_live_calibration_error",
-                "Expected calibration error (10 bins) over the window of resolved outcomes",
-                &live.calibration_error,
-            ),
-            (
-                "cartscore_model_test_roc_auc",
-                "The serving bundle's ROC-AUC on its training run's test window",
-                &live.test_roc_auc,
-            ),
-        ] {
-            registry.register(name, help, family.clone());
-        }
-        registry.register(
-            "cartscore_live_outcomes",
-            "Resolved outcomes in the model version's live window",
-            live.outcomes.clone(),
-        );
-        let outcomes_resolved = Family::<LabelOutcome, Counter>::default();
-        registry.register(
-            "cartscore_outcomes_resolved",
-            "Scored carts resolved by the stream with the trainer's label, by model version and label",
-            outcomes_resolved.clone(),
-        );
-        let outcomes_pending = Gauge::default();
-        registry.register(
-            "cartscore_outcomes_pending",
-            "Scored carts whose outcome the stream has not decided yet",
-            outcomes_pending.clone(),
-        );
-        let scored_records_dropped = Family::<ReasonLabels, Counter>::default();
-        for reason in ["queue_full", "store_full", "write_failed"] {
-            let _ = scored_records_dropped.get_or_create(&ReasonLabels { reason });
-        }
-        registry.register(
-            "cartscore_scored_records_dropped",
-            "Scored-cart records not kept: the writer's queue was full, the store holds store.max_scored_records, or the write failed",
-            scored_records_dropped.clone(),
-        );
+        let live = LiveMetrics::register(&mut registry);
+        let drift = DriftMetrics::register(&mut registry);
+        let closed_loop = ClosedLoopMetrics::register(&mut registry);
         // Known label sets start at 0, so dashboards and `increase()`
         // alerts have a series from the first scrape, not the first event.
         for outcome in Status::ALL.map(Status::label) {
@@ -557,9 +475,8 @@ impl Metrics {
             stream,
             shard,
             live,
-            outcomes_resolved,
-            outcomes_pending,
-            scored_records_dropped,
+            drift,
+            closed_loop,
         }
     }
 
