@@ -330,6 +330,16 @@ impl CompiledEnsemble {
         1.0 / (1.0 + (-self.raw_score(row)).exp())
     }
 
+    /// P(purchase) for each row of a row-major batch (a trailing partial
+    /// row is ignored).
+    pub fn predict_rows(&self, rows: &[f32]) -> Vec<f32> {
+        rows.as_chunks::<FEATURE_COUNT>()
+            .0
+            .iter()
+            .map(|row| self.predict(row))
+            .collect()
+    }
+
     /// The largest difference to `reference` over `rows` (row-major).
     pub fn max_difference(&self, rows: &[f32], reference: &[f32]) -> f32 {
         rows.chunks_exact(FEATURE_COUNT)

@@ -12,6 +12,10 @@ use crate::features::{FEATURE_COUNT, FEATURE_NAMES, NOT_AVAILABLE};
 /// Quantile bins per histogram (fewer where values repeat).
 pub const PROFILE_BINS: usize = 10;
 
+/// Slots a histogram may have (bins and the missing one), so that a
+/// counter's slot fits a byte.
+pub const MAX_SLOTS: usize = u8::MAX as usize;
+
 /// Shares are floored at this before the PSI's logarithm, so a bin empty
 /// on one side adds a large but finite term (the usual convention).
 pub const PSI_FLOOR: f64 = 1e-4;
@@ -59,7 +63,9 @@ pub enum ProfileError {
         found: String,
         expected: &'static str,
     },
-    #[error("histogram `{name}` has {edges} edges and {shares} shares (needs edges + 1)")]
+    #[error(
+        "histogram `{name}` has {edges} edges and {shares} shares (needs edges + 1, at most {MAX_SLOTS} bins in all)"
+    )]
     Shape {
         name: String,
         edges: usize,
@@ -153,7 +159,7 @@ impl Histogram {
     }
 
     fn check(&self, name: &str) -> Result<(), ProfileError> {
-        if self.shares.len() != self.edges.len() + 1 {
+        if self.shares.len() != self.edges.len() + 1 || self.slots() > MAX_SLOTS {
             return Err(ProfileError::Shape {
                 name: name.into(),
                 edges: self.edges.len(),

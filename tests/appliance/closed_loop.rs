@@ -75,6 +75,17 @@ pub fn offline_predictions(work: &Path, input: &Path) -> Vec<Offline> {
         .collect()
 }
 
+impl Offline {
+    /// Fails unless `event`, the `i`th cart replayed, is this offline row.
+    pub fn assert_is(&self, i: usize, event: &Event) {
+        assert_eq!(
+            (self.session.as_str(), self.product_id),
+            (event.user_session.as_str(), event.product_id),
+            "cart {i} is not the offline row {i}"
+        );
+    }
+}
+
 /// What a replay did.
 #[derive(Debug, Default)]
 pub struct Replayed {
@@ -266,11 +277,7 @@ fn synthetic_carts_resolve_to_the_offline_auc_and_calibration_and_stay_in_distri
         |_| {},
         |i, event, json| {
             let expected = &offline[i];
-            assert_eq!(
-                (expected.session.as_str(), expected.product_id),
-                (event.user_session.as_str(), event.product_id),
-                "cart {i} is not the offline row {i}"
-            );
+            expected.assert_is(i, event);
             // `predict` scores with the serving evaluator: the same f32.
             let live = score(&app, json);
             mismatches += usize::from(live != expected.probability);

@@ -30,11 +30,7 @@ fn live_scores_equal_offline_predict_on_the_real_slice() {
         |_| {},
         |carts, event, json| {
             let expected = &offline[carts];
-            assert_eq!(
-                (expected.session.as_str(), expected.product_id),
-                (event.user_session.as_str(), event.product_id),
-                "cart {carts} is not the offline row {carts}"
-            );
+            expected.assert_is(carts, event);
             let (status, http) = app.post("/v1/score?explain=true", json);
             assert_eq!(status, 200, "{http}");
             let over_tcp = tcp.score(event).unwrap();

@@ -39,12 +39,7 @@ pub fn run(
         rows.extend_from_slice(&example.encoded(&replay.interner, tables).0);
     }
     let probabilities = match CompiledEnsemble::compile(&model.proto) {
-        Ok(compiled) => rows
-            .as_chunks::<FEATURE_COUNT>()
-            .0
-            .iter()
-            .map(|row| compiled.predict(row))
-            .collect(),
+        Ok(compiled) => compiled.predict_rows(&rows),
         Err(reason) => {
             tracing::warn!(%reason, "not a plain tree ensemble; scoring with tract");
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use cartscore_core::bundle::GOLDEN_TOLERANCE;
 use cartscore_core::compiled::{CompiledEnsemble, check_rows};
 use cartscore_core::features::CategoricalKeys;
-use cartscore_core::{BundleMetadata, FEATURE_COUNT, FeatureRow, ModelError, TractModel};
+use cartscore_core::{BundleMetadata, FeatureRow, ModelError, TractModel};
 use thiserror::Error;
 
 use crate::error::{Code, ErrorCode};
@@ -205,12 +205,7 @@ impl ServingModel {
     /// Probabilities for a row-major batch.
     pub fn predict_batch(&self, rows: &[f32]) -> Result<Vec<f32>, ModelError> {
         match &self.evaluator {
-            Evaluator::Compiled(compiled) => Ok(rows
-                .as_chunks::<FEATURE_COUNT>()
-                .0
-                .iter()
-                .map(|row| compiled.predict(row))
-                .collect()),
+            Evaluator::Compiled(compiled) => Ok(compiled.predict_rows(rows)),
             Evaluator::Tract(tract) => tract.predict(rows),
         }
     }

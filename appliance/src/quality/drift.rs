@@ -106,16 +106,16 @@ impl DriftMonitor {
         let version = window.model.version();
         for record in records.iter().filter(|r| &*r.model_version == version) {
             let mut slots: Slots = [0; FEATURE_COUNT + 1];
-            for (column, feature) in profile.features.iter().enumerate() {
-                slots[column] = feature
-                    .histogram
-                    .slot(record.features[column])
-                    .min(usize::from(u8::MAX)) as u8;
+            let histograms = profile.features.iter().map(|f| &f.histogram);
+            let values = record.features.iter().chain([&record.probability]);
+            for ((slot, histogram), &value) in slots
+                .iter_mut()
+                .zip(histograms.chain([&profile.score]))
+                .zip(values)
+            {
+                // A checked profile has at most MAX_SLOTS slots.
+                *slot = u8::try_from(histogram.slot(value)).unwrap_or(u8::MAX);
             }
-            slots[FEATURE_COUNT] = profile
-                .score
-                .slot(record.probability)
-                .min(usize::from(u8::MAX)) as u8;
             if window.rows.len() == self.capacity
                 && let Some(oldest) = window.rows.pop_front()
             {
