@@ -14,8 +14,8 @@ use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{ApplianceConfig, INSTANCE_ID, KafkaMode};
-use crate::ingest::kafka::{StreamConsumer, StreamHealth};
-use crate::ingest::{ClosedLoop, EventSource, Ingestor, Recorder};
+use crate::ingest::kafka::{PredictionLog, StreamConsumer, StreamHealth};
+use crate::ingest::{ClosedLoop, EventSource, Ingestor, LogDelivered, Recorder};
 use crate::model::ServingModel;
 use crate::model::reload::{self, ModelRegistry, ReloadRequest, ReloadResult, ReloadTrigger};
 use crate::ops::heartbeat::Heartbeats;
@@ -67,6 +67,7 @@ pub struct Running {
     watcher: Option<notify::RecommendedWatcher>,
     writer: JoinHandle<()>,
     consumer: Option<StreamConsumer>,
+    prediction_log: Option<PredictionLog>,
     tcp: Option<TcpServer>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     http_addr: SocketAddr,
@@ -98,7 +99,11 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         },
     )
     .context("failed to start OpenTelemetry export")?;
-    let store = Arc::new(Store::open(&config.store).context("failed to open the store")?);
+    let store = Arc::new(
+        Store::open(&config.store)
+            .context("failed to open the store")?
+            .with_prediction_log(config.kafka.logs_predictions()),
+    );
     std::fs::create_dir_all(&config.model.dir).with_context(|| {
         format!(
             "failed to create the model folder {}",
@@ -148,6 +153,14 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         Arc::clone(&models),
     ));
     let (recorder, records) = Recorder::new(config.store.record_queue.get(), &metrics);
+    let log_delivered = if config.kafka.logs_predictions() {
+        let from = store
+            .log_delivered()
+            .context("failed to read the prediction log's positions")?;
+        Some(Arc::new(LogDelivered::new(from)))
+    } else {
+        None
+    };
     let (ingestor, writer) = Ingestor::start(
         Arc::clone(&store),
         Arc::clone(&metrics),
@@ -156,9 +169,23 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
             records,
             live: Arc::clone(&live),
             drift: Arc::clone(&drift),
+            log: log_delivered.clone(),
         },
     )
     .context("failed to start the store writer")?;
+    let prediction_log = match log_delivered {
+        Some(delivered) => Some(
+            PredictionLog::start(
+                &config.kafka,
+                Arc::clone(&store),
+                delivered,
+                Arc::clone(&metrics),
+                Duration::from_millis(config.shutdown_grace_ms),
+            )
+            .context("failed to start the prediction log")?,
+        ),
+        None => None,
+    };
 
     let stream_health = config.kafka.enabled().then(|| {
         Arc::new(StreamHealth::new(Duration::from_millis(
@@ -289,6 +316,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         watcher,
         writer,
         consumer,
+        prediction_log,
         tcp,
         http,
         http_addr,
@@ -351,6 +379,11 @@ impl Running {
         }
         if let Some(tcp) = self.tcp {
             let _ = tokio::task::spawn_blocking(move || tcp.join()).await;
+        }
+        // After the scorers, before the writer: its last positions are
+        // stored with the writer's last transaction. Bounded by its flush.
+        if let Some(log) = self.prediction_log {
+            let _ = tokio::task::spawn_blocking(move || log.stop()).await;
         }
         drop(self.watcher);
         drop(self.reload);

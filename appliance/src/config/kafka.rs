@@ -56,6 +56,11 @@ pub struct KafkaConfig {
     pub forward_validated: bool,
     /// Invalid messages are produced here with the reason and original bytes.
     pub invalid_topic: String,
+    /// Produce every scored cart to `predictions_topic` and every resolved
+    /// outcome to `outcomes_topic` (JSON, at least once), for a warehouse.
+    pub prediction_log: bool,
+    pub predictions_topic: String,
+    pub outcomes_topic: String,
     /// Most messages per write transaction.
     pub batch_max_events: NonZeroUsize,
     /// Longest a message waits for its batch to fill before it is applied.
@@ -90,6 +95,9 @@ impl Default for KafkaConfig {
             validated_topic: "tracking.user_behavior.validated".into(),
             forward_validated: false,
             invalid_topic: "tracking.user_behavior.invalid".into(),
+            prediction_log: true,
+            predictions_topic: "cartscore.predictions".into(),
+            outcomes_topic: "cartscore.outcomes".into(),
             batch_max_events: nonzero!(5_000),
             batch_max_ms: nonzero!(5),
             stale_after_ms: 10_000,
@@ -120,6 +128,10 @@ impl KafkaConfig {
         !self.brokers.is_empty()
     }
 
+    pub fn logs_predictions(&self) -> bool {
+        self.enabled() && self.prediction_log
+    }
+
     /// Checked only with brokers set: without them the section is inert.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.enabled() {
@@ -145,6 +157,8 @@ impl KafkaConfig {
         for (field, topic) in [
             ("kafka.validated_topic", &self.validated_topic),
             ("kafka.invalid_topic", &self.invalid_topic),
+            ("kafka.predictions_topic", &self.predictions_topic),
+            ("kafka.outcomes_topic", &self.outcomes_topic),
         ] {
             if !valid_topic(topic) {
                 return Err(ConfigError::invalid(field, topic, TOPIC_RULE));
@@ -264,6 +278,14 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.contains("range"), "{err}");
+        let err = load(&format!(
+            "{on}outcomes_topic = \"tracking_postgres_cdc.public.events\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("kafka.outcomes_topic") && err.contains("loop"),
+            "{err}"
+        );
         let err = load(&format!("{on}batch_max_events = 2000000\n")).unwrap_err();
         assert!(err.contains("kafka.batch_max_events (2000000)"), "{err}");
     }

@@ -6,4 +6,4 @@
 pub mod kafka;
 pub mod writer;
 
-pub use writer::{ClosedLoop, EventSource, IngestError, Ingestor, Recorder};
+pub use writer::{ClosedLoop, EventSource, IngestError, Ingestor, LogDelivered, Recorder};

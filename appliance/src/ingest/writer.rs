@@ -4,6 +4,7 @@
 //! runs the expiry sweep a slice per transaction.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,9 @@ use crate::ops::metrics::{Metrics, SourceLabels};
 use crate::ops::telemetry;
 use crate::quality::LiveQuality;
 use crate::quality::drift::DriftMonitor;
-use crate::store::{AppliedBatch, CartRecord, Outcome, Store, StoreError, StreamOffset};
+use crate::store::{
+    AppliedBatch, CartRecord, LogPositions, Outcome, Store, StoreError, StreamOffset,
+};
 use prometheus_client::metrics::counter::Counter;
 
 /// Pause between two garbage-collection passes over the store. Expiry is
@@ -58,14 +61,44 @@ impl Recorder {
     }
 }
 
+/// How far the prediction log's publisher got: it raises these as the
+/// broker acknowledges, the writer stores them with its next transaction.
+#[derive(Debug, Default)]
+pub struct LogDelivered {
+    predictions: AtomicU64,
+    outcomes: AtomicU64,
+}
+
+impl LogDelivered {
+    pub fn new(from: LogPositions) -> Self {
+        let this = Self::default();
+        this.set(from);
+        this
+    }
+
+    pub fn set(&self, positions: LogPositions) {
+        self.predictions
+            .store(positions.predictions, Ordering::Relaxed);
+        self.outcomes.store(positions.outcomes, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> LogPositions {
+        LogPositions {
+            predictions: self.predictions.load(Ordering::Relaxed),
+            outcomes: self.outcomes.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// What the writer keeps of the closed loop: the records' queue, the live
-/// windows it feeds with resolved outcomes and the drift window it feeds
-/// with the scored rows.
+/// windows it feeds with resolved outcomes, the drift window it feeds with
+/// the scored rows, and the prediction log's positions to store.
 #[derive(Debug)]
 pub struct ClosedLoop {
     pub records: Receiver<CartRecord>,
     pub live: Arc<LiveQuality>,
     pub drift: Arc<DriftMonitor>,
+    pub log: Option<Arc<LogDelivered>>,
 }
 
 /// Where a batch of events came from (the `source` label of the metrics).
@@ -207,6 +240,13 @@ fn writer_loop(
     metrics.closed_loop.outcomes_pending.set(pending);
     let mut records: Vec<CartRecord> = Vec::new();
     let mut last_flush = Instant::now();
+    // The positions the store holds; a newer one rides with the next
+    // transaction, or gets its own at the records' cadence.
+    let mut log_stored = closed_loop.log.as_ref().map(|log| log.get());
+    let log_due = |stored: Option<LogPositions>| {
+        let now = closed_loop.log.as_ref()?.get();
+        (Some(now) != stored).then_some(now)
+    };
     let mut resolved = |outcomes: &[Outcome], stored: usize| {
         pending += stored as i64 - outcomes.len() as i64;
         metrics.closed_loop.outcomes_pending.set(pending);
@@ -219,13 +259,20 @@ fn writer_loop(
     };
     loop {
         drain(&mut records);
+        let flush_pending = !records.is_empty() || log_due(log_stored).is_some();
         let flush_due = records.len() >= max_events || last_flush.elapsed() >= RECORD_FLUSH;
-        let wait = if pass_running || (!records.is_empty() && flush_due) {
+        let wait = if pass_running || (flush_pending && flush_due) {
             Duration::ZERO
         } else {
+            // Nothing to flush: wake at the records' cadence to look again.
+            let flush_in = if flush_pending {
+                RECORD_FLUSH.saturating_sub(last_flush.elapsed())
+            } else {
+                RECORD_FLUSH
+            };
             SWEEP_INTERVAL
                 .saturating_sub(last_pass.elapsed())
-                .min(RECORD_FLUSH.saturating_sub(last_flush.elapsed()))
+                .min(flush_in)
         };
         match queue.recv_timeout(wait) {
             Ok(first) => {
@@ -242,23 +289,32 @@ fn writer_loop(
                 }
                 drain(&mut records);
                 last_flush = Instant::now();
-                let (outcomes, stored) = apply_group(store, metrics, group, &records);
+                let delivered = log_due(log_stored);
+                let written = apply_group(store, metrics, group, &records, delivered);
                 records.clear();
-                resolved(&outcomes, stored);
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                if !records.is_empty()
-                    && (records.len() >= max_events || last_flush.elapsed() >= RECORD_FLUSH)
-                {
-                    last_flush = Instant::now();
-                    let (outcomes, stored) = apply_group(store, metrics, Vec::new(), &records);
-                    records.clear();
+                if let Some((outcomes, stored)) = written {
+                    log_stored = delivered.or(log_stored);
                     resolved(&outcomes, stored);
                 }
             }
+            Err(RecvTimeoutError::Timeout) => {
+                let delivered = log_due(log_stored);
+                if (!records.is_empty() || delivered.is_some())
+                    && (records.len() >= max_events || last_flush.elapsed() >= RECORD_FLUSH)
+                {
+                    last_flush = Instant::now();
+                    let written = apply_group(store, metrics, Vec::new(), &records, delivered);
+                    records.clear();
+                    if let Some((outcomes, stored)) = written {
+                        log_stored = delivered.or(log_stored);
+                        resolved(&outcomes, stored);
+                    }
+                }
+            }
             Err(RecvTimeoutError::Disconnected) => {
-                if !records.is_empty() {
-                    apply_group(store, metrics, Vec::new(), &records);
+                let delivered = log_due(log_stored);
+                if !records.is_empty() || delivered.is_some() {
+                    apply_group(store, metrics, Vec::new(), &records, delivered);
                 }
                 return;
             }
@@ -286,14 +342,16 @@ fn writer_loop(
     }
 }
 
-/// Applies `group` and stores `records` in one transaction; returns the
-/// outcomes it resolved and how many records it stored.
+/// Applies `group`, stores `records` and the prediction log's `delivered`
+/// positions in one transaction; returns the outcomes it resolved and how
+/// many records it stored, or `None` when it failed.
 fn apply_group(
     store: &Store,
     metrics: &Metrics,
     group: Vec<IngestJob>,
     records: &[CartRecord],
-) -> (Vec<Outcome>, usize) {
+    delivered: Option<LogPositions>,
+) -> Option<(Vec<Outcome>, usize)> {
     let mut span = telemetry::span("ingest.batch");
     if let Some(span) = &mut span {
         let events: usize = group.iter().map(|j| j.events.len()).sum();
@@ -309,6 +367,7 @@ fn apply_group(
         group.iter().flat_map(|j| &j.events),
         group.iter().flat_map(|j| &j.offsets),
         records,
+        delivered,
     );
     metrics
         .ingest_batch_duration
@@ -332,7 +391,7 @@ fn apply_group(
                     ..AppliedBatch::default()
                 }));
             }
-            (outcomes, applied.records_stored)
+            Some((outcomes, applied.records_stored))
         }
         Err(error) => {
             let code = error.error_code();
@@ -350,7 +409,7 @@ fn apply_group(
                     .closed_loop
                     .dropped("write_failed", records.len() as u64);
             }
-            (Vec::new(), 0)
+            None
         }
     }
 }

@@ -6,6 +6,7 @@
 //! scored rows with the bundle's data profile.
 
 pub mod drift;
+pub mod records;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, PoisonError};

@@ -18,6 +18,7 @@ use rkyv::rancor;
 use super::codec::{Archiver, read_session, read_user};
 use super::error::{StoreError, lmdb};
 use super::keys::{SessionKeyBytes, describe_session_key, session_prefix};
+use super::log::LogPositions;
 use super::offsets::StreamOffset;
 use super::outcomes::{CartRecord, Outcome, OutcomesDb, ScoredDb};
 use crate::config::StoreConfig;
@@ -62,6 +63,9 @@ pub struct Store {
     pub(super) scored: ScoredDb,
     pub(super) outcomes: OutcomesDb,
     pub(super) outcome_limits: OutcomeLimits,
+    /// The prediction log's outbox (see [`super::log`]).
+    pub(super) predictions: OutcomesDb,
+    pub(super) log_predictions: bool,
 }
 
 /// How much of the closed loop the store keeps.
@@ -121,7 +125,7 @@ impl Store {
         #[allow(unsafe_code)]
         let env = unsafe { options.open(&path) }.map_err(open_error)?;
         let wtxn = env.write_txn().map_err(open_error)?;
-        let (sessions, users, offsets, meta, scored, outcomes) = env
+        let (sessions, users, offsets, meta, scored, outcomes, predictions) = env
             .create_databases_and_commit(wtxn, |opener, wtxn| -> heed::Result<_> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     opener.create_database::<Bytes, Bytes>(wtxn, Some("sessions"))?,
@@ -130,6 +134,7 @@ impl Store {
                     opener.create_database::<Str, I64<BigEndian>>(wtxn, Some("meta"))?,
                     opener.create_database::<Bytes, Bytes>(wtxn, Some("scored"))?,
                     opener.create_database::<U64<BigEndian>, Bytes>(wtxn, Some("outcomes"))?,
+                    opener.create_database::<U64<BigEndian>, Bytes>(wtxn, Some("predictions"))?,
                 )))
             })
             .map_err(open_error)?
@@ -160,7 +165,17 @@ impl Store {
                 record_max_age_micros: (config.scored_record_max_age_secs as i64)
                     .saturating_mul(1_000_000),
             },
+            predictions,
+            log_predictions: false,
         })
+    }
+
+    /// Keeps every new scored-cart record in the prediction log's outbox
+    /// too (with a Kafka prediction log).
+    #[must_use]
+    pub fn with_prediction_log(mut self, enabled: bool) -> Self {
+        self.log_predictions = enabled;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -197,20 +212,25 @@ impl Store {
         events: impl IntoIterator<Item = &'a Event>,
         offsets: impl IntoIterator<Item = &'a StreamOffset>,
     ) -> Result<AppliedBatch, StoreError> {
-        self.apply_with(events, offsets, &[])
+        self.apply_with(events, offsets, &[], None)
             .map(|(applied, _)| applied)
     }
 
     /// [`Store::apply`], storing `records` (scored carts) first and
-    /// resolving the records the events decide, in the same transaction;
-    /// returns the outcomes it resolved.
+    /// resolving the records the events decide, in the same transaction,
+    /// with the prediction log's `delivered` positions; returns the
+    /// outcomes it resolved.
     pub fn apply_with<'a>(
         &self,
         events: impl IntoIterator<Item = &'a Event>,
         offsets: impl IntoIterator<Item = &'a StreamOffset>,
         records: &[CartRecord],
+        delivered: Option<LogPositions>,
     ) -> Result<(AppliedBatch, Vec<Outcome>), StoreError> {
         let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
+        if let Some(delivered) = delivered {
+            self.put_log_delivered(&mut wtxn, delivered)?;
+        }
         let mut watermark = self.watermark(&wtxn)?;
         let mut archiver = Archiver::default();
         let (records_stored, records_refused, held) =

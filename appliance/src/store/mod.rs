@@ -13,6 +13,8 @@
 //!   `layout` -> the key layout version; `outcome_seq` -> the next outcome's
 //! - `scored`: session key, product, cart time -> a scored cart's record;
 //!   `outcomes`: sequence (u64 BE) -> a resolved outcome; see [`outcomes`]
+//! - `predictions`: sequence (u64 BE) -> a scored cart the prediction log
+//!   has not delivered; see [`log`]
 //!
 //! This file opens the store, applies batches and reads snapshots;
 //! [`offsets`] holds the stream positions and [`sweep`] the expiry sweep,
@@ -29,12 +31,14 @@ mod codec;
 mod db;
 mod error;
 mod keys;
+mod log;
 mod offsets;
 mod outcomes;
 mod sweep;
 
 pub use db::{AppliedBatch, Store, StoreReader};
 pub use error::StoreError;
+pub use log::{LogPositions, Prediction};
 pub use offsets::{OffsetKind, StreamOffset};
 pub use outcomes::{CartRecord, Outcome};
 pub use sweep::{PurgeOutcome, StoreDigest, StoreStats, SweepOutcome};
@@ -327,13 +331,14 @@ mod tests {
                 ],
                 &[],
                 &records,
+                None,
             )
             .unwrap();
         assert_eq!((applied.records_stored, resolved.len()), (2, 0));
         assert_eq!(store.pending_records().unwrap(), 2);
         // a buys product 5: its cart is positive, with the first record's score.
         let (_, resolved) = store
-            .apply_with(&[event(60, "a", 1, EventType::Purchase)], &[], &[])
+            .apply_with(&[event(60, "a", 1, EventType::Purchase)], &[], &[], None)
             .unwrap();
         assert_eq!(resolved.len(), 1);
         assert!(resolved[0].label && resolved[0].probability == 0.9);
@@ -343,12 +348,18 @@ mod tests {
                 &[event(70, "a", 1, EventType::Purchase)],
                 &[],
                 &[record("a", 1, 10, 0.5)],
+                None,
             )
             .unwrap();
         assert_eq!((applied.records_stored, resolved.len()), (0, 0));
         // b comes back after its session expired: its cart is negative.
         let (_, resolved) = store
-            .apply_with(&[event(10 + 3 * 3600, "b", 2, EventType::View)], &[], &[])
+            .apply_with(
+                &[event(10 + 3 * 3600, "b", 2, EventType::View)],
+                &[],
+                &[],
+                None,
+            )
             .unwrap();
         assert_eq!(resolved.len(), 1);
         assert!(!resolved[0].label && resolved[0].user_session == "b");
@@ -375,11 +386,17 @@ mod tests {
                 &[event(0, "c", 3, EventType::Cart)],
                 &[],
                 &[record("c", 3, 0, 0.3), record("ghost", 4, 0, 0.4)],
+                None,
             )
             .unwrap();
         // Within expiry plus lateness nothing is decided.
         store
-            .apply_with(&[event(3 * 3600, "other", 9, EventType::View)], &[], &[])
+            .apply_with(
+                &[event(3 * 3600, "other", 9, EventType::View)],
+                &[],
+                &[],
+                None,
+            )
             .unwrap();
         let mut resolved = Vec::new();
         loop {
@@ -391,7 +408,12 @@ mod tests {
         }
         assert!(resolved.is_empty(), "{resolved:?}");
         store
-            .apply_with(&[event(7 * 3600, "other", 9, EventType::View)], &[], &[])
+            .apply_with(
+                &[event(7 * 3600, "other", 9, EventType::View)],
+                &[],
+                &[],
+                None,
+            )
             .unwrap();
         loop {
             let step = store.sweep().unwrap();
@@ -410,6 +432,59 @@ mod tests {
             [("c".to_owned(), false), ("ghost".to_owned(), false)]
         );
         assert_eq!(store.pending_records().unwrap(), 0);
+    }
+
+    #[test]
+    fn the_prediction_outbox_holds_new_records_until_delivered_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            max_scored_records: NonZeroUsize::new(3).unwrap(),
+            ..config(dir.path())
+        };
+        let seqs = |store: &Store| -> Vec<(u64, String)> {
+            let page = store.predictions_since(0, 100).unwrap();
+            page.into_iter().map(|(s, p)| (s, p.user_session)).collect()
+        };
+        {
+            let store = Store::open(&config).unwrap().with_prediction_log(true);
+            // The same cart twice is one record, so one prediction.
+            let records = [record("a", 1, 10, 0.9), record("a", 1, 10, 0.1)];
+            store.apply_with(&[], &[], &records, None).unwrap();
+            store
+                .apply_with(&[], &[], &[record("b", 2, 10, 0.2)], None)
+                .unwrap();
+            assert_eq!(seqs(&store), [(0, "a".into()), (1, "b".into())]);
+            let (_, first) = &store.predictions_since(0, 1).unwrap()[0];
+            assert_eq!(first.probability, 0.9);
+            assert_eq!(first.features(), Some(&[0.0; 25]));
+            // Delivered below 1: the first goes, the position is kept.
+            let delivered = LogPositions {
+                predictions: 1,
+                outcomes: 0,
+            };
+            store.apply_with(&[], &[], &[], Some(delivered)).unwrap();
+            assert_eq!(seqs(&store), [(1, "b".into())]);
+        }
+        let store = Store::open(&config).unwrap().with_prediction_log(true);
+        assert_eq!(
+            store.log_delivered().unwrap(),
+            LogPositions {
+                predictions: 1,
+                outcomes: 0
+            }
+        );
+        // Past store.max_scored_records undelivered, the oldest go.
+        store
+            .apply_with(&[], &[], &[record("c", 3, 10, 0.3)], None)
+            .unwrap();
+        store
+            .apply_with(&[], &[], &[record("d", 4, 10, 0.4)], None)
+            .unwrap();
+        assert_eq!(seqs(&store), [(1, "b".into()), (2, "c".into())]);
+        // Without a log nothing is kept.
+        drop(store);
+        let store = Store::open(&config).unwrap();
+        assert_eq!(seqs(&store).len(), 2);
     }
 
     #[test]

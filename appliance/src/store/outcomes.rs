@@ -130,7 +130,7 @@ impl Store {
         records: &[CartRecord],
         archiver: &mut Archiver,
     ) -> Result<(usize, usize, u64), StoreError> {
-        let (mut stored, mut refused) = (0, 0);
+        let (mut stored, mut refused) = (Vec::new(), 0);
         let mut held = self.scored.len(txn).map_err(self.err("count scored"))?;
         for record in records {
             let Some(session) = SessionKeyBytes::new(SessionKey {
@@ -169,9 +169,11 @@ impl Store {
                 .put(txn, &key, bytes)
                 .map_err(self.err("put scored"))?;
             held += 1;
-            stored += 1;
+            stored.push(record);
         }
-        Ok((stored, refused, held))
+        let new = stored.len();
+        self.append_predictions(txn, stored, archiver)?;
+        Ok((new, refused, held))
     }
 
     /// Resolves the unresolved records under `prefix` whose cart time is in
@@ -275,54 +277,6 @@ impl Store {
                 .map_err(self.err("trim outcomes"))?;
         }
         Ok(())
-    }
-
-    /// The newest `limit` outcomes (oldest first), for the live window at
-    /// start-up.
-    pub fn recent_outcomes(&self, limit: usize) -> Result<Vec<(u64, Outcome)>, StoreError> {
-        let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
-        let entries = self
-            .outcomes
-            .rev_iter(&txn)
-            .map_err(self.err("iterate outcomes"))?;
-        let mut out = self.decode_outcomes(entries, limit)?;
-        out.reverse();
-        Ok(out)
-    }
-
-    /// Up to `limit` outcomes from sequence number `since` on, in order
-    /// (`GET /v1/outcomes`).
-    pub fn outcomes_since(
-        &self,
-        since: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Outcome)>, StoreError> {
-        let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
-        let entries = self
-            .outcomes
-            .range(&txn, &(since..))
-            .map_err(self.err("iterate outcomes"))?;
-        self.decode_outcomes(entries, limit)
-    }
-
-    fn decode_outcomes<'t>(
-        &self,
-        entries: impl Iterator<Item = heed::Result<(u64, &'t [u8])>>,
-        limit: usize,
-    ) -> Result<Vec<(u64, Outcome)>, StoreError> {
-        let mut out = Vec::new();
-        for entry in entries.take(limit) {
-            let (seq, bytes) = entry.map_err(self.err("iterate outcomes"))?;
-            let outcome = rkyv::from_bytes::<Outcome, rancor::Error>(bytes).map_err(|source| {
-                StoreError::Corrupt {
-                    database: "outcomes",
-                    key: seq.to_string(),
-                    source,
-                }
-            })?;
-            out.push((seq, outcome));
-        }
-        Ok(out)
     }
 
     /// Records not resolved yet.

@@ -16,14 +16,16 @@
 //!
 //! By seam: [`consumer`] is the thread's loop and its batches, [`route`]
 //! what each message becomes, [`outputs`] the producer of the output topics,
-//! [`rebalance`] the consumer's callbacks (assignments, statistics), and
-//! [`health`] what readiness and the metrics say about the stream.
+//! [`rebalance`] the consumer's callbacks (assignments, statistics),
+//! [`health`] what readiness and the metrics say about the stream, and
+//! [`prediction_log`] the closed loop's scored carts and outcomes to Kafka.
 
 mod client;
 mod consumer;
 pub mod health;
 mod members;
 mod outputs;
+mod prediction_log;
 mod rebalance;
 mod route;
 
@@ -47,6 +49,7 @@ use rebalance::{ConsumerCallbacks, ShardHooks};
 
 pub use client::StreamError;
 pub use health::{StreamHealth, StreamStatus};
+pub use prediction_log::PredictionLog;
 
 /// The running consumer; [`StreamConsumer::stop`] applies what it holds and
 /// returns.

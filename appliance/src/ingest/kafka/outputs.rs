@@ -27,21 +27,21 @@ const TAG_INDEX_BITS: u32 = MAX_BATCH_EVENTS.trailing_zeros();
 const MAX_IN_FLIGHT_BATCHES: usize = 256;
 
 /// Collects delivery reports (the record's tag and whether it arrived) for
-/// the consumer thread to settle.
+/// the producing thread to settle.
 #[derive(Default)]
-struct DeliveryTracker {
+pub(super) struct DeliveryTracker {
     reports: Mutex<Vec<(usize, bool)>>,
 }
 
 impl DeliveryTracker {
-    fn report(&self, tag: usize, delivered: bool) {
+    pub(super) fn report(&self, tag: usize, delivered: bool) {
         self.reports
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((tag, delivered));
     }
 
-    fn take(&self) -> Vec<(usize, bool)> {
+    pub(super) fn take(&self) -> Vec<(usize, bool)> {
         std::mem::take(&mut *self.reports.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }

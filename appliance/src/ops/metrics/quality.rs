@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use super::{FloatGauges, ReasonLabels, VersionLabels};
+use super::{FloatGauges, ReasonLabels, TopicLabels, VersionLabels};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LabelOutcome {
@@ -114,6 +114,7 @@ pub struct ClosedLoopMetrics {
     pub outcomes_resolved: Family<LabelOutcome, Counter>,
     pub outcomes_pending: Gauge,
     pub scored_records_dropped: Family<ReasonLabels, Counter>,
+    pub log_lost: Family<TopicLabels, Counter>,
 }
 
 impl ClosedLoopMetrics {
@@ -139,10 +140,17 @@ impl ClosedLoopMetrics {
             "Scored-cart records not kept: the writer's queue was full, the store holds store.max_scored_records, or the write failed",
             scored_records_dropped.clone(),
         );
+        let log_lost = Family::<TopicLabels, Counter>::default();
+        registry.register(
+            "cartscore_prediction_log_lost",
+            "Prediction-log records the bounded outbox dropped before the broker acknowledged them, by topic",
+            log_lost.clone(),
+        );
         Self {
             outcomes_resolved,
             outcomes_pending,
             scored_records_dropped,
+            log_lost,
         }
     }
 

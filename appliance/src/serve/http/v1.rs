@@ -27,6 +27,7 @@ use crate::model::{ReloadReport, ServingModel};
 use crate::ops::metrics::ApiLabels;
 use crate::quality::QualityReport;
 use crate::quality::drift::DriftReport;
+use crate::quality::records::OutcomeView;
 use crate::serve::score::{self, Scored};
 use crate::shard::ShardMap;
 
@@ -521,23 +522,6 @@ pub struct OutcomesQuery {
     limit: Option<usize>,
 }
 
-/// One resolved cart.
-#[derive(Debug, Serialize)]
-pub struct OutcomeView {
-    seq: u64,
-    user_id: u64,
-    user_session: String,
-    product_id: u64,
-    cart_time: String,
-    model_version: String,
-    probability: f32,
-    label: bool,
-    resolved_at: String,
-    /// Event time from the cart to what decided it.
-    resolution_delay_seconds: f64,
-    scored_at_unix_ms: i64,
-}
-
 #[derive(Debug, Serialize)]
 pub struct OutcomesAnswer {
     outcomes: Vec<OutcomeView>,
@@ -560,19 +544,7 @@ pub async fn outcomes(
     let next = page.last().map_or(query.since, |(seq, _)| seq + 1);
     let outcomes = page
         .into_iter()
-        .map(|(seq, o)| OutcomeView {
-            seq,
-            user_id: o.user_id,
-            user_session: o.user_session,
-            product_id: o.product_id,
-            cart_time: Timestamp(o.cart_time_micros).to_rfc3339(),
-            model_version: o.model_version,
-            probability: o.probability,
-            label: o.label,
-            resolved_at: Timestamp(o.resolved_at_micros).to_rfc3339(),
-            resolution_delay_seconds: (o.resolved_at_micros - o.cart_time_micros) as f64 / 1e6,
-            scored_at_unix_ms: o.scored_at_ms,
-        })
+        .map(|(seq, outcome)| OutcomeView::new(seq, outcome))
         .collect();
     Ok(Json(OutcomesAnswer { outcomes, next }))
 }
