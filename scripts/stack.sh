@@ -45,6 +45,8 @@ CDC_TOPIC=tracking_postgres_cdc.public.events
 VALIDATED_TOPIC=tracking.user_behavior.validated
 INVALID_TOPIC=tracking.user_behavior.invalid
 MEMBERS_TOPIC=cartscore.members
+PREDICTIONS_TOPIC=cartscore.predictions
+OUTCOMES_TOPIC=cartscore.outcomes
 PARTITIONS=${CARTSCORE_STACK_PARTITIONS:-2}
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -176,7 +178,8 @@ ensure_database() {
 create_topics() {
   local broker=$1 topic
   for topic in "$RAW_TOPIC:$PARTITIONS" "$CDC_TOPIC:$PARTITIONS" "$VALIDATED_TOPIC:1" \
-      "$INVALID_TOPIC:1" "$MEMBERS_TOPIC:1:cleanup.policy=compact"; do
+      "$INVALID_TOPIC:1" "$MEMBERS_TOPIC:1:cleanup.policy=compact" "$PREDICTIONS_TOPIC:$PARTITIONS" \
+      "$OUTCOMES_TOPIC:$PARTITIONS"; do
     local name partitions config out
     IFS=: read -r name partitions config <<<"$topic"
     # An existing topic is fine: `up` on a running stack changes nothing.

@@ -2,15 +2,21 @@
 //! and invalid messages, exactly-once state across SIGKILL, and a broker
 //! outage.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 
+use cartscore_core::{CsvLayout, Event, EventType, FEATURE_NAMES, Timestamp};
+
 use crate::broker::{Broker, TestProducer, create_topic, read_topic, unique};
+use crate::closed_loop::resolve_all;
 use crate::common::{Appliance, Options, cart_json, dataset, model_dir_with_demo, producer_binary};
 
 struct Topics {
@@ -18,6 +24,8 @@ struct Topics {
     cdc: String,
     validated: String,
     invalid: String,
+    predictions: String,
+    outcomes: String,
 }
 
 impl Topics {
@@ -27,12 +35,35 @@ impl Topics {
             cdc: unique("cdc"),
             validated: unique("validated"),
             invalid: unique("invalid"),
+            predictions: unique("predictions"),
+            outcomes: unique("outcomes"),
         };
-        create_topic(brokers, &topics.raw, raw_partitions);
-        create_topic(brokers, &topics.cdc, 1);
-        create_topic(brokers, &topics.validated, 1);
-        create_topic(brokers, &topics.invalid, 1);
+        for (topic, partitions) in [
+            (&topics.raw, raw_partitions),
+            (&topics.cdc, 1),
+            (&topics.validated, 1),
+            (&topics.invalid, 1),
+            (&topics.predictions, 1),
+            (&topics.outcomes, 1),
+        ] {
+            create_topic(brokers, topic, partitions);
+        }
         topics
+    }
+
+    /// The same raw topics with a prediction log of their own.
+    fn with_own_log(&self, brokers: &str) -> Self {
+        let log = Self {
+            raw: self.raw.clone(),
+            cdc: self.cdc.clone(),
+            validated: self.validated.clone(),
+            invalid: self.invalid.clone(),
+            predictions: unique("predictions"),
+            outcomes: unique("outcomes"),
+        };
+        create_topic(brokers, &log.predictions, 1);
+        create_topic(brokers, &log.outcomes, 1);
+        log
     }
 
     fn env(&self, brokers: &str, group: &str, forward: bool) -> Vec<(String, String)> {
@@ -46,6 +77,11 @@ impl Topics {
             ("CARTSCORE_KAFKA__VALIDATED_TOPIC", self.validated.clone()),
             ("CARTSCORE_KAFKA__INVALID_TOPIC", self.invalid.clone()),
             ("CARTSCORE_KAFKA__FORWARD_VALIDATED", forward.to_string()),
+            (
+                "CARTSCORE_KAFKA__PREDICTIONS_TOPIC",
+                self.predictions.clone(),
+            ),
+            ("CARTSCORE_KAFKA__OUTCOMES_TOPIC", self.outcomes.clone()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -147,6 +183,7 @@ fn wait_applied(app: &Appliance, topic: &str, count: i64) {
     );
 }
 
+const DEMO_VERSION: &str = "demo-1";
 const T0: i64 = 1_569_920_400; // 2019-10-01 09:00:00 UTC
 
 fn flat(session: &str, secs: i64, kind: &str, price: f64) -> String {
@@ -336,6 +373,152 @@ fn stream_routes_valid_and_invalid_messages_and_keeps_arrival_order() {
     assert_eq!(ready["checks"]["stream"]["connected"], true, "{ready}");
 }
 
+/// The carts of `passes` replays of the real slice (`cartscore-producer
+/// replay --repeat`, which names pass p's sessions `p.` + the session), as
+/// JSON events, and how many distinct carts (session, product, time) they
+/// are: the store keeps one record each.
+fn slice_carts(passes: u32) -> (Vec<String>, usize) {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(dataset())
+        .unwrap();
+    let layout = CsvLayout::from_header(reader.byte_headers().unwrap()).unwrap();
+    let mut carts = Vec::new();
+    let mut record = csv::ByteRecord::new();
+    while reader.read_byte_record(&mut record).unwrap() {
+        if let Ok(event) = Event::from_csv(&record, &layout)
+            && event.event_type == EventType::Cart
+        {
+            carts.push(event);
+        }
+    }
+    let mut distinct = HashSet::new();
+    let mut json = Vec::new();
+    for pass in 0..passes {
+        for cart in &carts {
+            let mut cart = cart.clone();
+            if pass > 0 {
+                cart.user_session = format!("{pass}.{}", cart.user_session);
+            }
+            distinct.insert((
+                cart.user_id,
+                cart.user_session.clone(),
+                cart.product_id,
+                cart.event_time.micros(),
+            ));
+            json.push(cart.to_json().to_string());
+        }
+    }
+    (json, distinct.len())
+}
+
+fn score_batches(agent: &ureq::Agent, http: &str, carts: &[String]) -> Result<(), ureq::Error> {
+    for chunk in carts.chunks(1_000) {
+        agent
+            .post(format!("{http}/v1/score"))
+            .send(format!("{{\"events\":[{}]}}", chunk.join(",")))?;
+    }
+    Ok(())
+}
+
+/// Scores every cart before the stream brings any event (so the features,
+/// and the scores, do not depend on timing) and waits until the store holds
+/// a record of each.
+fn score_before_the_stream(app: &Appliance, carts: &[String], distinct: usize) {
+    score_batches(&crate::common::agent(), &app.http, carts).unwrap();
+    wait_until(
+        &format!("{distinct} scored carts recorded"),
+        Duration::from_secs(30),
+        || app.get("/v1/model").1["outcomes_pending"] == distinct,
+    );
+}
+
+/// Scores the same carts again and again (each keeps its first record)
+/// at whatever address the appliance has now, through its kills.
+struct KeepScoring {
+    http: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl KeepScoring {
+    fn start(http: &str, carts: Vec<String>) -> Self {
+        let http = Arc::new(Mutex::new(http.to_owned()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (http, stop) = (Arc::clone(&http), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let agent = crate::common::agent();
+                let mut rounds = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let url = http.lock().unwrap().clone();
+                    rounds += u64::from(score_batches(&agent, &url, &carts).is_ok());
+                }
+                rounds
+            })
+        };
+        Self { http, stop, thread }
+    }
+
+    fn now_at(&self, http: &str) {
+        http.clone_into(&mut self.http.lock().unwrap());
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// A store's resolved outcomes as (cart, label, probability), sorted.
+fn resolved_outcomes(app: &Appliance) -> Vec<(String, u64, String, bool, u32)> {
+    let (status, page) = app.get("/v1/outcomes?limit=10000");
+    assert_eq!(status, 200, "{page}");
+    let mut outcomes: Vec<_> = page["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(outcome_key)
+        .collect();
+    outcomes.sort();
+    outcomes
+}
+
+fn outcome_key(o: &Value) -> (String, u64, String, bool, u32) {
+    (
+        o["user_session"].as_str().unwrap().to_owned(),
+        o["product_id"].as_u64().unwrap(),
+        o["cart_time"].as_str().unwrap().to_owned(),
+        o["label"].as_bool().unwrap(),
+        (o["probability"].as_f64().unwrap() as f32).to_bits(),
+    )
+}
+
+/// The distinct records of a prediction-log topic by sequence number,
+/// checking that copies of one (at least once) are identical but for
+/// nothing.
+fn log_by_seq(brokers: &str, topic: &str, distinct: usize) -> BTreeMap<u64, Value> {
+    let mut by_seq = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for message in read_topic(brokers, topic, 1, distinct) {
+            let record: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            let seq = record["seq"].as_u64().unwrap();
+            if let Some(before) = by_seq.insert(seq, record.clone()) {
+                assert_eq!(before, record, "{topic}: two copies of {seq} differ");
+            }
+        }
+        if by_seq.len() >= distinct {
+            return by_seq;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: {} of {distinct} records",
+            by_seq.len()
+        );
+    }
+}
+
 #[test]
 fn stream_applies_each_event_exactly_once_across_sigkill() {
     let brokers = Broker::shared();
@@ -351,9 +534,13 @@ fn stream_applies_each_event_exactly_once_across_sigkill() {
         ..Options::default()
     };
     let mut app = Appliance::start(&killed_dir, &models, &options);
+    let (carts, distinct) = slice_carts(3);
+    score_before_the_stream(&app, &carts, distinct);
+    let scoring = KeepScoring::start(&app.http, carts.clone());
 
     // Three passes over the real slice at 15k events/s (~3.5 s), killed at
-    // random points while it flows.
+    // random points while it flows and while the carts are scored again;
+    // the stream resolves the recorded carts as it goes.
     let producer = {
         let (brokers, topic) = (brokers.to_owned(), topics.raw.clone());
         std::thread::spawn(move || replay(&brokers, &topic, &["--repeat", "3", "--rate", "15000"]))
@@ -365,6 +552,7 @@ fn stream_applies_each_event_exactly_once_across_sigkill() {
         app.kill();
         kills += 1;
         app = Appliance::start(&killed_dir, &models, &options);
+        scoring.now_at(&app.http);
     }
     let summary = producer.join().unwrap();
     let produced = summary["acknowledged"].as_i64().unwrap();
@@ -373,20 +561,48 @@ fn stream_applies_each_event_exactly_once_across_sigkill() {
     // One more kill after the last message, before it is all applied.
     app.kill();
     let app = Appliance::start(&killed_dir, &models, &options);
+    scoring.now_at(&app.http);
     wait_applied(&app, &topics.raw, produced);
+    assert!(scoring.stop() > 0, "no scoring round succeeded");
+    let last = Timestamp::parse("2019-10-01 03:00:00 UTC")
+        .unwrap()
+        .micros();
+    let killed_live = resolve_all(&app, last, DEMO_VERSION);
+    let killed_outcomes = resolved_outcomes(&app);
     let (status, log) = app.stop();
     assert!(status.success(), "{log}");
 
-    // The reference: one clean pass over the same topic, another group.
+    // The reference: the same carts scored, then one clean pass over the
+    // same topic, another group (it first consumes an empty topic, so the
+    // scoring comes before any event, as above).
+    let clean_topics = topics.with_own_log(brokers);
+    let idle = unique("idle");
+    create_topic(brokers, &idle, 1);
+    let mut idle_env = clean_topics.env(brokers, &unique("clean"), false);
+    idle_env.retain(|(k, _)| k != "CARTSCORE_KAFKA__TOPICS");
+    idle_env.push(("CARTSCORE_KAFKA__TOPICS".into(), format!("[\"{idle}\"]")));
     let clean = Appliance::start(
         &clean_dir,
         &models,
         &Options {
-            env: topics.env(brokers, &unique("clean"), false),
+            env: idle_env,
+            ..Options::default()
+        },
+    );
+    score_before_the_stream(&clean, &carts, distinct);
+    let (status, log) = clean.stop();
+    assert!(status.success(), "{log}");
+    let clean = Appliance::start(
+        &clean_dir,
+        &models,
+        &Options {
+            env: clean_topics.env(brokers, &unique("clean"), false),
             ..Options::default()
         },
     );
     wait_applied(&clean, &topics.raw, produced);
+    let clean_live = resolve_all(&clean, last, DEMO_VERSION);
+    let clean_outcomes = resolved_outcomes(&clean);
     let clean_store = clean.store_dir.clone();
     let (status, log) = clean.stop();
     assert!(status.success(), "{log}");
@@ -395,7 +611,55 @@ fn stream_applies_each_event_exactly_once_across_sigkill() {
     let reference = inspect(&clean_store);
     assert_eq!(killed["digest"], reference["digest"], "after {kills} kills");
     assert_eq!(killed["offsets"], reference["offsets"]);
-    assert!(reference["digest"]["live_sessions"].as_u64().unwrap() > 3_000);
+    // The sessions expired with the sentinel that resolved the carts.
+    assert!(reference["digest"]["live_users"].as_u64().unwrap() > 3_000);
+    // Every recorded cart resolved once, to the clean run's label, and the
+    // live quality is the clean run's.
+    assert_eq!(killed_outcomes.len(), distinct);
+    assert_eq!(killed_outcomes, clean_outcomes, "after {kills} kills");
+    for field in [
+        "count",
+        "positives",
+        "roc_auc",
+        "log_loss",
+        "brier",
+        "calibration_error",
+    ] {
+        assert_eq!(
+            killed_live[field], clean_live[field],
+            "{field} after {kills} kills"
+        );
+    }
+    assert!(
+        killed_live["positives"].as_u64().unwrap() > 0,
+        "{killed_live}"
+    );
+    eprintln!(
+        "{distinct} carts resolved after {kills} kills: {} positive, live ROC-AUC {}",
+        killed_live["positives"], killed_live["roc_auc"]
+    );
+
+    // The prediction log: every record and every outcome at least once,
+    // copies identical, the outcomes those the store resolved.
+    let predictions = log_by_seq(brokers, &topics.predictions, distinct);
+    assert_eq!(
+        predictions.keys().copied().collect::<Vec<_>>(),
+        (0..distinct as u64).collect::<Vec<_>>()
+    );
+    let first = &predictions[&0];
+    assert_eq!(first["model_version"], DEMO_VERSION, "{first}");
+    assert_eq!(
+        first["features"].as_object().unwrap().len(),
+        FEATURE_NAMES.len()
+    );
+    let outcomes = log_by_seq(brokers, &topics.outcomes, distinct);
+    assert_eq!(
+        outcomes.keys().copied().collect::<Vec<_>>(),
+        (0..distinct as u64).collect::<Vec<_>>()
+    );
+    let mut logged: Vec<_> = outcomes.values().map(outcome_key).collect();
+    logged.sort();
+    assert_eq!(logged, killed_outcomes);
 }
 
 /// A broker of the test's own (it gets killed), its topics, and an appliance
