@@ -76,7 +76,7 @@ fn percentiles(s: &Setup, calls: usize, recorder: Option<&Recorder>) {
         let scored = score::score(&s.model, &reader, None, cart).unwrap();
         drop(reader);
         if let Some(recorder) = recorder {
-            recorder.record(score::record_of(cart, &scored, &s.model));
+            recorder.record(|| score::record_of(cart, &scored, &s.model));
         }
         let nanos = started.elapsed().as_nanos() as u64;
         black_box(scored);

@@ -152,7 +152,11 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         config.model.drift_window.get(),
         Arc::clone(&models),
     ));
-    let (recorder, records) = Recorder::new(config.store.record_queue.get(), &metrics);
+    let (recorder, records) = Recorder::with(
+        config.store.record_queue.get(),
+        config.store.record_scores,
+        &metrics,
+    );
     let log_delivered = if config.kafka.logs_predictions() {
         let from = store
             .log_delivered()

@@ -38,6 +38,9 @@ pub struct StoreConfig {
     /// A resolved record older than this in event time is deleted (until
     /// then the same cart scored again keeps its first record).
     pub scored_record_max_age_secs: u64,
+    /// Record every scored cart (the closed loop: live quality, drift, the
+    /// prediction log). Off, scoring records nothing and nothing resolves.
+    pub record_scores: bool,
     /// Scored-cart records waiting for the writer; when full, a record is
     /// dropped (counted), never the score delayed.
     pub record_queue: NonZeroUsize,
@@ -59,6 +62,7 @@ impl Default for StoreConfig {
             sync: true,
             max_scored_records: nonzero!(1_000_000),
             scored_record_max_age_secs: 2 * 86_400,
+            record_scores: true,
             record_queue: nonzero!(65_536),
             max_outcomes: nonzero!(1_000_000),
         }

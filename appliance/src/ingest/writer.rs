@@ -36,13 +36,19 @@ const RECORD_FLUSH: Duration = Duration::from_millis(200);
 /// queue is full the record is dropped and counted, never the score delayed.
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    queue: SyncSender<CartRecord>,
+    /// `None` with `store.record_scores` off.
+    queue: Option<SyncSender<CartRecord>>,
     dropped: Counter,
 }
 
 impl Recorder {
     /// A recorder with a queue of `capacity`, and the writer's end of it.
     pub fn new(capacity: usize, metrics: &Metrics) -> (Self, Receiver<CartRecord>) {
+        Self::with(capacity, true, metrics)
+    }
+
+    /// [`Recorder::new`], recording nothing unless `enabled`.
+    pub fn with(capacity: usize, enabled: bool, metrics: &Metrics) -> (Self, Receiver<CartRecord>) {
         let (queue, records) = std::sync::mpsc::sync_channel(capacity);
         let dropped = metrics
             .closed_loop
@@ -51,11 +57,19 @@ impl Recorder {
                 reason: "queue_full",
             })
             .clone();
+        let queue = enabled.then_some(queue);
         (Self { queue, dropped }, records)
     }
 
-    pub fn record(&self, record: CartRecord) {
-        if self.queue.try_send(record).is_err() {
+    pub fn enabled(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// Queues the record `make` builds (not built when recording is off).
+    pub fn record(&self, make: impl FnOnce() -> CartRecord) {
+        if let Some(queue) = &self.queue
+            && queue.try_send(make()).is_err()
+        {
             self.dropped.inc();
         }
     }

@@ -413,6 +413,6 @@ fn score_frame<'s>(
         .map_err(|e| refuse(&e))?;
     core.shared
         .recorder
-        .record(score::record_of(&event, &scored, model));
+        .record(|| score::record_of(&event, &scored, model));
     Ok(scored)
 }

@@ -190,7 +190,7 @@ impl StreamMetrics {
         );
         r.register(
             "produced",
-            "Records delivered to the validated and invalid topics",
+            "Records delivered to the output topics (validated, invalid, the prediction log)",
             this.produced.clone(),
         );
         r.register(

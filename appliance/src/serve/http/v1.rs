@@ -131,7 +131,7 @@ pub async fn score(
             let scored = score::score(&model, &reader, app.ownership.as_deref(), &event)
                 .inspect_err(redirected)?;
             app.recorder
-                .record(score::record_of(&event, &scored, &model));
+                .record(|| score::record_of(&event, &scored, &model));
             ScoreAnswer::Single {
                 result: score_result(&scored, query.explain),
                 model_version,
@@ -147,7 +147,7 @@ pub async fn score(
                         match score::score(&model, &reader, app.ownership.as_deref(), &event) {
                             Ok(scored) => {
                                 app.recorder
-                                    .record(score::record_of(&event, &scored, &model));
+                                    .record(|| score::record_of(&event, &scored, &model));
                                 BatchItem::Scored(score_result(&scored, query.explain))
                             }
                             Err(e) => {
