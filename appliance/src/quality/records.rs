@@ -9,9 +9,9 @@ use serde::ser::SerializeMap;
 
 use crate::store::{Outcome, Prediction};
 
-/// One resolved cart.
+/// What both records say of their cart and its score.
 #[derive(Debug, Serialize)]
-pub struct OutcomeView {
+pub struct ScoredCart {
     pub seq: u64,
     pub user_id: u64,
     pub user_session: String,
@@ -19,27 +19,36 @@ pub struct OutcomeView {
     pub cart_time: String,
     pub model_version: String,
     pub probability: f32,
+    pub scored_at_unix_ms: i64,
+}
+
+/// One resolved cart.
+#[derive(Debug, Serialize)]
+pub struct OutcomeView {
+    #[serde(flatten)]
+    pub cart: ScoredCart,
     pub label: bool,
     pub resolved_at: String,
     /// Event time from the cart to what decided it.
     pub resolution_delay_seconds: f64,
-    pub scored_at_unix_ms: i64,
 }
 
 impl OutcomeView {
     pub fn new(seq: u64, o: Outcome) -> Self {
         Self {
-            seq,
-            user_id: o.user_id,
-            user_session: o.user_session,
-            product_id: o.product_id,
-            cart_time: Timestamp(o.cart_time_micros).to_rfc3339(),
-            model_version: o.model_version,
-            probability: o.probability,
             label: o.label,
             resolved_at: Timestamp(o.resolved_at_micros).to_rfc3339(),
             resolution_delay_seconds: (o.resolved_at_micros - o.cart_time_micros) as f64 / 1e6,
-            scored_at_unix_ms: o.scored_at_ms,
+            cart: ScoredCart {
+                seq,
+                user_id: o.user_id,
+                user_session: o.user_session,
+                product_id: o.product_id,
+                cart_time: Timestamp(o.cart_time_micros).to_rfc3339(),
+                model_version: o.model_version,
+                probability: o.probability,
+                scored_at_unix_ms: o.scored_at_ms,
+            },
         }
     }
 }
@@ -47,30 +56,26 @@ impl OutcomeView {
 /// One scored cart, with the feature row the model saw.
 #[derive(Debug, Serialize)]
 pub struct PredictionView {
-    pub seq: u64,
-    pub user_id: u64,
-    pub user_session: String,
-    pub product_id: u64,
-    pub cart_time: String,
-    pub model_version: String,
-    pub probability: f32,
+    #[serde(flatten)]
+    pub cart: ScoredCart,
     /// By the contract's names, in its order (`-1` is the missing sentinel).
     pub features: FeaturesByName,
-    pub scored_at_unix_ms: i64,
 }
 
 impl PredictionView {
     pub fn new(seq: u64, p: Prediction) -> Self {
         Self {
-            seq,
-            user_id: p.user_id,
-            user_session: p.user_session,
-            product_id: p.product_id,
-            cart_time: Timestamp(p.cart_time_micros).to_rfc3339(),
-            model_version: p.model_version,
-            probability: p.probability,
             features: FeaturesByName(p.features),
-            scored_at_unix_ms: p.scored_at_ms,
+            cart: ScoredCart {
+                seq,
+                user_id: p.user_id,
+                user_session: p.user_session,
+                product_id: p.product_id,
+                cart_time: Timestamp(p.cart_time_micros).to_rfc3339(),
+                model_version: p.model_version,
+                probability: p.probability,
+                scored_at_unix_ms: p.scored_at_ms,
+            },
         }
     }
 }
