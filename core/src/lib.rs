@@ -29,6 +29,7 @@ pub mod features;
 pub mod model;
 pub mod onnx;
 pub mod profile;
+pub mod shap;
 pub mod shard;
 pub mod state;
 pub mod time;
