@@ -38,6 +38,11 @@ pub enum Child {
 pub struct Tree {
     pub splits: Vec<Split>,
     pub leaves: Vec<f64>,
+    /// Training rows that reached each split and each leaf (LightGBM's
+    /// `internal_count`, `leaf_count`): TreeSHAP's covers. Empty when the
+    /// model text has none.
+    pub split_counts: Vec<f64>,
+    pub leaf_counts: Vec<f64>,
 }
 
 /// The largest f32 that is not above `t`.
@@ -99,12 +104,24 @@ fn parse_tree(fields: &[(&str, &str)]) -> Result<Tree> {
         "{} leaf values for {num_leaves} leaves",
         leaves.len()
     );
+    let counts = |key: &str, expected: usize| -> Result<Vec<f64>> {
+        let values: Vec<f64> = numbers(key, get(key))?;
+        ensure!(
+            values.is_empty() || values.len() == expected,
+            "{} {key} values for {expected} nodes",
+            values.len()
+        );
+        Ok(values)
+    };
+    let leaf_counts = counts("leaf_count", num_leaves)?;
     if num_leaves == 1 {
         return Ok(Tree {
-            splits: Vec::new(),
             leaves,
+            leaf_counts,
+            ..Tree::default()
         });
     }
+    let split_counts = counts("internal_count", num_leaves - 1)?;
     let features: Vec<usize> = numbers("split_feature", get("split_feature"))?;
     let thresholds: Vec<f64> = numbers("threshold", get("threshold"))?;
     let decisions: Vec<u32> = numbers("decision_type", get("decision_type"))?;
@@ -157,7 +174,12 @@ fn parse_tree(fields: &[(&str, &str)]) -> Result<Tree> {
             right: child(right[i])?,
         });
     }
-    Ok(Tree { splits, leaves })
+    Ok(Tree {
+        splits,
+        leaves,
+        split_counts,
+        leaf_counts,
+    })
 }
 
 fn ints(name: &str, values: Vec<i64>) -> AttributeProto {

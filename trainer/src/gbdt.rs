@@ -243,3 +243,126 @@ pub fn stump(train: &Matrix) -> Result<Booster> {
     Booster::train(train.dataset(None)?, &params)
         .map_err(|e| anyhow!("LightGBM stump training failed: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::{Child, Tree, f32_threshold, parse_lightgbm};
+    use cartscore_core::FEATURE_COUNT;
+    use cartscore_core::shap::{ShapError, ShapNode, TreeExplainer};
+
+    // Until bundles carry the covers (issue 17), only these tests explain.
+    /// The tree as TreeSHAP walks it: splits first (LightGBM numbers a
+    /// child after its parent), then leaves; thresholds as served (f32).
+    /// `None` without covers.
+    fn shap_nodes(tree: &Tree) -> Option<Vec<ShapNode>> {
+        if tree.split_counts.len() != tree.splits.len()
+            || tree.leaf_counts.len() != tree.leaves.len()
+        {
+            return None;
+        }
+        let splits = tree.splits.len();
+        let index = |child: Child| match child {
+            Child::Split(i) => i as u32,
+            Child::Leaf(i) => (splits + i) as u32,
+        };
+        let mut nodes: Vec<ShapNode> = tree
+            .splits
+            .iter()
+            .zip(&tree.split_counts)
+            .map(|(split, &cover)| ShapNode::Split {
+                feature: split.feature as u32,
+                threshold: f32_threshold(split.threshold),
+                missing_left: split.default_left,
+                left: index(split.left),
+                right: index(split.right),
+                cover,
+            })
+            .collect();
+        nodes.extend(
+            tree.leaves
+                .iter()
+                .zip(&tree.leaf_counts)
+                .map(|(&value, &cover)| ShapNode::Leaf { value, cover }),
+        );
+        Some(nodes)
+    }
+
+    /// TreeSHAP over the model's trees (LightGBM's raw score has no base:
+    /// its initial score is in the first tree), or `None` without covers.
+    fn explainer(trees: &[Tree]) -> Option<Result<TreeExplainer, ShapError>> {
+        let nodes: Option<Vec<Vec<ShapNode>>> = trees.iter().map(shap_nodes).collect();
+        nodes.map(|nodes| TreeExplainer::new(nodes, 0.0, FEATURE_COUNT))
+    }
+
+    /// A booster on random rows whose label depends on a few features
+    /// (with interactions), so the trees split on many and repeat some.
+    fn booster(rows: usize, seed: u64) -> (Booster, Matrix) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut data = Matrix::new(FEATURE_COUNT);
+        for _ in 0..rows {
+            let row: Vec<f32> = (0..FEATURE_COUNT)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let logit = 2.0 * row[0] - 1.5 * row[3] * row[4] + row[7].abs() + 0.5 * row[12];
+            let label = rng.random::<f32>() < 1.0 / (1.0 + (-logit).exp());
+            data.push(&row, label);
+        }
+        let params = json!({
+            "objective": "binary", "num_iterations": 40, "num_leaves": 15,
+            "learning_rate": 0.2, "min_data_in_leaf": 10, "deterministic": true,
+            "force_col_wise": true, "num_threads": 1, "verbosity": -1, "seed": seed,
+        });
+        let booster = Booster::train(data.dataset(None).unwrap(), &params).unwrap();
+        (booster, data)
+    }
+
+    #[test]
+    fn treeshap_on_the_parsed_trees_equals_lightgbms_own_contributions() {
+        let (booster, data) = booster(3_000, 11);
+        let trees = parse_lightgbm(&booster.save_string().unwrap()).unwrap();
+        assert!(trees.iter().all(|t| t.split_counts.len() == t.splits.len()));
+        let explainer = explainer(&trees).unwrap().unwrap();
+        let rows = 200;
+        let sample = &data.values[..rows * FEATURE_COUNT];
+        let contrib = booster
+            .predict_contrib(sample, FEATURE_COUNT as i32, true)
+            .unwrap();
+        let raw = booster
+            .raw_scores(sample, FEATURE_COUNT as i32, true)
+            .unwrap();
+        let width = FEATURE_COUNT + 1;
+        assert_eq!(contrib.len(), rows * width);
+        let mut worst = 0f64;
+        for r in 0..rows {
+            let ours = explainer.explain(&sample[r * FEATURE_COUNT..(r + 1) * FEATURE_COUNT]);
+            let theirs = &contrib[r * width..(r + 1) * width];
+            worst = worst.max((ours.base_value - theirs[FEATURE_COUNT]).abs());
+            for (a, b) in ours.contributions.iter().zip(theirs) {
+                worst = worst.max((a - b).abs());
+            }
+            // Local accuracy against LightGBM's own raw score.
+            let total = ours.base_value + ours.contributions.iter().sum::<f64>();
+            assert!(
+                (total - raw[r]).abs() < 1e-6,
+                "row {r}: {total} vs {}",
+                raw[r]
+            );
+        }
+        eprintln!("TreeSHAP vs predict_contrib: max |diff| {worst:e} over {rows} rows");
+        assert!(
+            worst < 1e-6,
+            "largest difference from predict_contrib {worst}"
+        );
+        // The test means something: several features carry weight.
+        let first = explainer.explain(&sample[..FEATURE_COUNT]);
+        assert!(
+            first
+                .contributions
+                .iter()
+                .filter(|c| c.abs() > 1e-3)
+                .count()
+                >= 3
+        );
+    }
+}
