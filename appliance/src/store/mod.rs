@@ -488,6 +488,26 @@ mod tests {
     }
 
     #[test]
+    fn carts_already_recorded_are_left_out_before_any_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        store
+            .apply_with(&[], &[], &[record("a", 1, 10, 0.9)], None)
+            .unwrap();
+        let mut again = vec![
+            record("a", 1, 10, 0.1),
+            record("a", 1, 11, 0.2),
+            record("b", 2, 10, 0.3),
+        ];
+        store.retain_new_records(&mut again).unwrap();
+        let left: Vec<(&str, f32)> = again
+            .iter()
+            .map(|r| (r.user_session.as_str(), r.probability))
+            .collect();
+        assert_eq!(left, [("a", 0.2), ("b", 0.3)]);
+    }
+
+    #[test]
     fn a_store_of_another_key_layout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let config = config(dir.path());
