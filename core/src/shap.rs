@@ -246,12 +246,7 @@ fn recurse(
             cover,
         } => {
             let x = row.get(feature as usize).copied().unwrap_or(f32::NAN);
-            let goes_left = if x.is_nan() {
-                missing_left
-            } else {
-                x <= threshold
-            };
-            let (hot, cold) = if goes_left {
+            let (hot, cold) = if goes_left(x, threshold, missing_left) {
                 (left, right)
             } else {
                 (right, left)
@@ -287,6 +282,15 @@ fn recurse(
                 );
             }
         }
+    }
+}
+
+/// A split's rule, as the served ensemble applies it.
+fn goes_left(x: f32, threshold: f32, missing_left: bool) -> bool {
+    if x.is_nan() {
+        missing_left
+    } else {
+        x <= threshold
     }
 }
 
@@ -419,13 +423,8 @@ mod tests {
             } => {
                 let (l, r) = (left as usize, right as usize);
                 if known & (1 << feature) != 0 {
-                    let x = row[feature as usize];
-                    let goes_left = if x.is_nan() {
-                        missing_left
-                    } else {
-                        x <= threshold
-                    };
-                    conditional(tree, if goes_left { l } else { r }, row, known)
+                    let left = goes_left(row[feature as usize], threshold, missing_left);
+                    conditional(tree, if left { l } else { r }, row, known)
                 } else {
                     (tree[l].cover() * conditional(tree, l, row, known)
                         + tree[r].cover() * conditional(tree, r, row, known))
