@@ -317,17 +317,11 @@ fn writer_loop(
                     && (records.len() >= max_events || last_flush.elapsed() >= RECORD_FLUSH)
                 {
                     last_flush = Instant::now();
-                    if let Err(error) = store.retain_new_records(&mut records) {
-                        tracing::warn!(%error, "failed to look for scored carts already recorded");
-                    }
-                    // Carts scored again only: nothing to write.
-                    if !records.is_empty() || delivered.is_some() {
-                        let written = apply_group(store, metrics, Vec::new(), &records, delivered);
-                        records.clear();
-                        if let Some((outcomes, stored)) = written {
-                            log_stored = delivered.or(log_stored);
-                            resolved(&outcomes, stored);
-                        }
+                    let written = apply_group(store, metrics, Vec::new(), &records, delivered);
+                    records.clear();
+                    if let Some((outcomes, stored)) = written {
+                        log_stored = delivered.or(log_stored);
+                        resolved(&outcomes, stored);
                     }
                 }
             }

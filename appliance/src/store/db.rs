@@ -293,17 +293,29 @@ impl Store {
                 .put(&mut wtxn, key, bytes)
                 .map_err(self.err("put user"))?;
         }
+        let mut offsets_written = 0;
         for offset in offsets {
             self.offsets
                 .put(&mut wtxn, &offset.key(), &offset.next_offset)
                 .map_err(self.err("put offset"))?;
+            offsets_written += 1;
         }
         if watermark != i64::MIN {
             self.meta
                 .put(&mut wtxn, WATERMARK, &watermark)
                 .map_err(self.err("put watermark"))?;
         }
-        wtxn.commit().map_err(self.err("commit"))?;
+        // Nothing changed (carts scored again, say): no commit, no fsync.
+        if applied_events == 0
+            && offsets_written == 0
+            && records_stored == 0
+            && resolver.resolved.is_empty()
+            && delivered.is_none()
+        {
+            wtxn.abort();
+        } else {
+            wtxn.commit().map_err(self.err("commit"))?;
+        }
         Ok((applied, resolver.resolved))
     }
 

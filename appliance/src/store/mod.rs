@@ -494,17 +494,19 @@ mod tests {
         store
             .apply_with(&[], &[], &[record("a", 1, 10, 0.9)], None)
             .unwrap();
-        let mut again = vec![
+        // Only carts scored again: nothing is written.
+        let (applied, _) = store
+            .apply_with(&[], &[], &[record("a", 1, 10, 0.1)], None)
+            .unwrap();
+        assert_eq!(applied.records_stored, 0);
+        let again = [
             record("a", 1, 10, 0.1),
             record("a", 1, 11, 0.2),
             record("b", 2, 10, 0.3),
         ];
-        store.retain_new_records(&mut again).unwrap();
-        let left: Vec<(&str, f32)> = again
-            .iter()
-            .map(|r| (r.user_session.as_str(), r.probability))
-            .collect();
-        assert_eq!(left, [("a", 0.2), ("b", 0.3)]);
+        let (applied, _) = store.apply_with(&[], &[], &again, None).unwrap();
+        assert_eq!(applied.records_stored, 2);
+        assert_eq!(store.pending_records().unwrap(), 3);
     }
 
     #[test]

@@ -120,39 +120,6 @@ impl Store {
         })
     }
 
-    /// Drops the records whose cart the store already holds, from a read
-    /// snapshot: a flush of carts scored again (retries, HTTP and TCP) then
-    /// costs no write transaction. Only the writer stores records, so what
-    /// the snapshot says stays true until it writes.
-    pub fn retain_new_records(&self, records: &mut Vec<CartRecord>) -> Result<(), StoreError> {
-        let txn = self.env.read_txn().map_err(self.err("read_txn"))?;
-        let mut failed = None;
-        records.retain(|record| {
-            let Some(session) = SessionKeyBytes::new(SessionKey {
-                user_id: record.user_id,
-                user_session: &record.user_session,
-            }) else {
-                return true;
-            };
-            let key = record_key(
-                session.as_bytes(),
-                record.product_id,
-                record.cart_time.micros(),
-            );
-            match self.scored.get(&txn, &key) {
-                Ok(found) => found.is_none(),
-                Err(error) => {
-                    failed = Some(error);
-                    true
-                }
-            }
-        });
-        match failed {
-            Some(error) => Err(self.err("get scored")(error)),
-            None => Ok(()),
-        }
-    }
-
     /// Stores new records; a cart that already has one keeps its first.
     /// Returns how many were new, how many were refused (past
     /// `store.max_scored_records`; the caller counts them as dropped) and

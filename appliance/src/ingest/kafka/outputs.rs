@@ -63,6 +63,31 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
+/// Queues `record` (tagged `tag`), waiting while librdkafka's queue is full;
+/// a record it refuses (e.g. an unknown topic) is reported like a failed
+/// delivery, so its producer sends it again.
+pub(super) fn queue(
+    producer: &BaseProducer<DeliveryTracker>,
+    mut record: BaseRecord<'_, [u8], [u8], usize>,
+    tag: usize,
+    topic: &str,
+) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                producer.poll(Duration::from_millis(10));
+                record = back;
+            }
+            Err((error, _)) => {
+                tracing::error!(%error, topic, "failed to queue an output record");
+                producer.context().report(tag, false);
+                return;
+            }
+        }
+    }
+}
+
 /// The output records of one batch, kept until all are acknowledged.
 #[derive(Debug)]
 struct InFlight {
@@ -152,27 +177,12 @@ impl Outputs {
         let topic = self.topic(record.topic);
         let tag = ((seq as usize) << TAG_INDEX_BITS) | index;
         let mut base = BaseRecord::with_opaque_to(topic, tag)
-            .payload(&record.payload)
+            .payload(record.payload.as_slice())
             .headers(record.source.headers());
         if let Some(key) = &record.key {
-            base = base.key(key);
+            base = base.key(key.as_slice());
         }
-        loop {
-            match self.producer.send(base) {
-                Ok(()) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    self.producer.poll(Duration::from_millis(10));
-                    base = back;
-                }
-                Err((error, _)) => {
-                    // Not queued (e.g. an unknown topic): reported like a
-                    // failed delivery, so it is sent again.
-                    tracing::error!(%error, topic, "failed to queue an output record");
-                    self.producer.context().report(tag, false);
-                    return;
-                }
-            }
-        }
+        queue(&self.producer, base, tag, topic);
     }
 
     /// Serves delivery reports: counts them, re-sends failed records, and

@@ -15,12 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde::Serialize;
 
 use super::client::{StreamError, producer_config};
-use super::outputs::DeliveryTracker;
+use super::outputs::{DeliveryTracker, queue};
 use crate::config::KafkaConfig;
 use crate::ingest::writer::LogDelivered;
 use crate::ops::metrics::{Metrics, TopicLabels};
@@ -205,23 +204,10 @@ impl Publisher {
             return;
         };
         let tag = ((seq as usize) << 1) | log as usize;
-        let mut record = BaseRecord::with_opaque_to(&stream.topic, tag)
-            .key(key)
-            .payload(payload);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    self.producer.poll(Duration::from_millis(10));
-                    record = back;
-                }
-                Err((error, _)) => {
-                    tracing::error!(%error, topic = stream.topic, "failed to queue a prediction-log record");
-                    self.producer.context().report(tag, false);
-                    return;
-                }
-            }
-        }
+        let record = BaseRecord::with_opaque_to(&stream.topic, tag)
+            .key(key.as_bytes())
+            .payload(payload.as_slice());
+        queue(&self.producer, record, tag, &stream.topic);
     }
 
     /// Serves delivery reports: acknowledged records leave the flight,
