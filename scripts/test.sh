@@ -49,6 +49,11 @@ if ! python3 -c 'import onnxruntime, onnx, numpy' 2>/dev/null; then
   log "installing onnxruntime, onnx and numpy from PyPI"
   python3 -m pip install -q onnxruntime onnx numpy
 fi
+# The independent check of the explanations (TreeExplainer on the bundle's trees).
+if ! python3 -c 'import shap' 2>/dev/null; then
+  log "installing shap from PyPI"
+  python3 -m pip install -q shap
+fi
 
 # --- the services: PostgreSQL, the broker (nisshi on PostgreSQL), SeaweedFS
 # (S3) and MLflow, from scripts/stack.sh, which installs what is missing. A

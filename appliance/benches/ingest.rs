@@ -68,6 +68,8 @@ fn round(store: &Store, messages: &[Vec<u8>], round: u64, offset: &mut i64, reco
                     probability: 0.5,
                     features: [0.0; FEATURE_COUNT],
                     scored_at_ms: 0,
+                    paired: None,
+                    canary: false,
                 })
                 .collect()
         } else {

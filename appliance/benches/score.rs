@@ -5,7 +5,8 @@
 //! `cargo bench -p cartscore-appliance --bench score` runs criterion, then
 //! times 200,000 single calls of the full path into an HDR histogram and
 //! prints its percentiles (criterion reports means, the target is a p99),
-//! then the same with the closed loop's recording on and off in turn.
+//! then the same with the closed loop's recording on and off in turn, and
+//! with a challenger scoring beside the primary (shadow).
 //! ONNX Runtime on the same bundle: `python3 appliance/benches/onnxruntime_latency.py`.
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +16,7 @@ use std::time::Instant;
 
 use cartscore_appliance::config::StoreConfig;
 use cartscore_appliance::ingest::Recorder;
-use cartscore_appliance::model::ServingModel;
+use cartscore_appliance::model::{Loaded, ModelSet, ServingModel};
 use cartscore_appliance::ops::metrics::Metrics;
 use cartscore_appliance::serve::score;
 use cartscore_appliance::store::Store;
@@ -29,9 +30,27 @@ fn repo() -> PathBuf {
 struct Setup {
     _dir: tempfile::TempDir,
     store: Store,
-    model: ServingModel,
+    /// The demo bundle as the primary, alone.
+    set: ModelSet,
+    /// The same with a challenger (the demo bundle again) beside it.
+    shadowed: ModelSet,
     tract: TractModel,
     carts: Vec<Event>,
+    metrics: Metrics,
+}
+
+impl Setup {
+    fn model(&self) -> &ServingModel {
+        self.set.primary().unwrap()
+    }
+}
+
+fn loaded(bundle: &Path) -> Loaded {
+    let (model, file) = ServingModel::load(bundle, 256).unwrap();
+    Loaded {
+        model: std::sync::Arc::new(model),
+        file,
+    }
 }
 
 fn setup() -> Setup {
@@ -56,41 +75,57 @@ fn setup() -> Setup {
         .filter(|e| e.event_type == EventType::Cart)
         .collect();
     let bundle = repo().join("models/demo/model.onnx");
+    let set = ModelSet {
+        primary: Some(loaded(&bundle)),
+        ..ModelSet::default()
+    };
+    let shadowed = ModelSet {
+        challenger: Some(loaded(&bundle)),
+        ..set.clone()
+    };
     Setup {
         _dir: dir,
         store,
-        model: ServingModel::load(&bundle, 256).unwrap(),
+        set,
+        shadowed,
         tract: TractModel::load(&bundle).unwrap(),
         carts,
+        metrics: Metrics::new(),
     }
 }
 
 /// Times `calls` single scores; with `recorder`, each also records its cart
 /// for the closed loop, as the servers do.
-fn percentiles(s: &Setup, calls: usize, recorder: Option<&Recorder>) {
+fn percentiles(s: &Setup, set: &ModelSet, calls: usize, recorder: Option<&Recorder>) {
     let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
+    let metrics = &s.metrics.challenger;
     for i in 0..calls {
         let cart = &s.carts[i % s.carts.len()];
         let started = Instant::now();
         let reader = s.store.reader().unwrap();
-        let scored = score::score(&s.model, &reader, None, cart).unwrap();
+        let answer = score::answer(set, &reader, None, cart, metrics).unwrap();
         drop(reader);
         if let Some(recorder) = recorder {
-            recorder.record(|| score::record_of(cart, &scored, &s.model));
+            recorder.record(|| score::record_of(cart, &answer));
         }
         let nanos = started.elapsed().as_nanos() as u64;
-        black_box(scored);
+        black_box(answer);
         histogram.record(nanos.max(1)).unwrap();
     }
     println!(
-        "\nfull score path{}, {calls} single calls ({} distinct carts of the real slice, {} trees):",
+        "\nfull score path{}{}, {calls} single calls ({} distinct carts of the real slice, {} trees):",
+        if set.challenger.is_some() {
+            " with a challenger beside"
+        } else {
+            ""
+        },
         if recorder.is_some() {
             " with recording"
         } else {
             ""
         },
         s.carts.len(),
-        s.model.trees
+        s.model().trees
     );
     for q in [50.0, 90.0, 99.0, 99.9] {
         println!(
@@ -103,31 +138,45 @@ fn percentiles(s: &Setup, calls: usize, recorder: Option<&Recorder>) {
 
 fn benches(c: &mut Criterion, s: &Setup) {
     let mut i = 0;
+    let metrics = &s.metrics.challenger;
     c.bench_function("score: snapshot + state + features + compiled model", |b| {
         b.iter(|| {
             i = (i + 1) % s.carts.len();
             let reader = s.store.reader().unwrap();
-            black_box(score::score(&s.model, &reader, None, &s.carts[i]).unwrap())
+            black_box(score::answer(&s.set, &reader, None, &s.carts[i], metrics).unwrap())
+        })
+    });
+    c.bench_function("score with a challenger beside (shadow)", |b| {
+        b.iter(|| {
+            i = (i + 1) % s.carts.len();
+            let reader = s.store.reader().unwrap();
+            black_box(score::answer(&s.shadowed, &reader, None, &s.carts[i], metrics).unwrap())
         })
     });
     let reader = s.store.reader().unwrap();
     let rows: Vec<_> = s
         .carts
         .iter()
-        .map(|cart| score::features(&s.model, &reader, cart).unwrap().0)
+        .map(|cart| score::features(s.model(), &reader, cart).unwrap().0)
         .collect();
     drop(reader);
     c.bench_function("features only: snapshot + state + features", |b| {
         b.iter(|| {
             i = (i + 1) % s.carts.len();
             let reader = s.store.reader().unwrap();
-            black_box(score::features(&s.model, &reader, &s.carts[i]).unwrap())
+            black_box(score::features(s.model(), &reader, &s.carts[i]).unwrap())
         })
     });
     c.bench_function("model only: compiled ensemble, one row", |b| {
         b.iter(|| {
             i = (i + 1) % rows.len();
-            black_box(s.model.predict(&rows[i]).unwrap())
+            black_box(s.model().predict(&rows[i]).unwrap())
+        })
+    });
+    c.bench_function("explain only: exact TreeSHAP, one row", |b| {
+        b.iter(|| {
+            i = (i + 1) % rows.len();
+            black_box(s.model().explain(&rows[i]).unwrap())
         })
     });
     let mut group = c.benchmark_group("reference");
@@ -146,7 +195,7 @@ fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     benches(&mut criterion, &setup);
     criterion.final_summary();
-    percentiles(&setup, 200_000, None);
+    percentiles(&setup, &setup.set, 200_000, None);
     // Recording off and on in alternating blocks, so both see the same
     // machine; a thread drains the records as the writer does (it polls the
     // queue between transactions, so a send never wakes it).
@@ -165,9 +214,10 @@ fn main() {
         })
     };
     for _ in 0..2 {
-        percentiles(&setup, 100_000, None);
-        percentiles(&setup, 100_000, Some(&recorder));
+        percentiles(&setup, &setup.set, 100_000, None);
+        percentiles(&setup, &setup.set, 100_000, Some(&recorder));
     }
+    percentiles(&setup, &setup.shadowed, 100_000, Some(&recorder));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(recorder);
     let recorded = drain.join().unwrap();

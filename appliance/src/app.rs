@@ -17,7 +17,10 @@ use crate::config::{ApplianceConfig, INSTANCE_ID, KafkaMode};
 use crate::ingest::kafka::{PredictionLog, StreamConsumer, StreamHealth};
 use crate::ingest::{ClosedLoop, EventSource, Ingestor, LogDelivered, Recorder};
 use crate::model::ServingModel;
-use crate::model::reload::{self, ModelRegistry, ReloadRequest, ReloadResult, ReloadTrigger};
+use crate::model::reload::{
+    self, ModelDirs, ModelRegistry, ReloadRequest, ReloadResult, ReloadTrigger,
+};
+use crate::model::serving::FileIdentity;
 use crate::ops::heartbeat::Heartbeats;
 use crate::ops::metrics::Metrics;
 use crate::ops::systemd::ServiceManager;
@@ -30,14 +33,14 @@ use crate::shard::{Member, Ownership};
 use crate::store::Store;
 
 /// The bundle a start-up would serve: the newest one that verifies.
-pub fn newest_valid_model(config: &ApplianceConfig) -> Result<ServingModel> {
+pub fn newest_valid_model(config: &ApplianceConfig) -> Result<(ServingModel, FileIdentity)> {
     let dir = &config.model.dir;
     let files = reload::candidates(dir)
         .with_context(|| format!("failed to list the model folder {}", dir.display()))?;
     let mut reasons = Vec::new();
     for file in files {
         match ServingModel::load(&file.path, config.model.verify_random_rows) {
-            Ok(model) => return Ok(model),
+            Ok(loaded) => return Ok(loaded),
             Err(error) => reasons.push(error.to_string()),
         }
     }
@@ -110,9 +113,11 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
             config.model.dir.display()
         )
     })?;
+    let model_dirs = ModelDirs::of(&config.model);
     let models = Arc::new(ModelRegistry::new(
-        config.model.dir.clone(),
+        model_dirs.clone(),
         config.model.verify_random_rows,
+        config.model.canary_share,
         Arc::clone(&metrics),
     ));
     let startup = {
@@ -130,7 +135,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         .context("failed to start the reload thread")?;
     let watcher = if config.model.watch {
         Some(
-            reload::watch(&config.model.dir, reload_tx.clone())
+            reload::watch(&model_dirs, reload_tx.clone())
                 .with_context(|| format!("failed to watch {}", config.model.dir.display()))?,
         )
     } else {
@@ -138,7 +143,10 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
     };
     // The closed loop: scorers record every scored cart, the writer stores
     // and resolves them, the live windows start from what the store holds.
-    let live = Arc::new(LiveQuality::new(config.model.live_window.get()));
+    let live = Arc::new(LiveQuality::new(
+        config.model.live_window.get(),
+        config.model.flip_threshold,
+    ));
     live.observe(
         &store
             .recent_outcomes(config.model.live_window.get())

@@ -104,7 +104,7 @@ fn serve(config: ApplianceConfig) -> Result<()> {
 
 fn validate(config: &ApplianceConfig) -> Result<()> {
     println!("configuration is valid");
-    let model = crate::app::newest_valid_model(config).with_context(|| {
+    let (model, file) = crate::app::newest_valid_model(config).with_context(|| {
         format!(
             "model folder {} has no servable bundle",
             config.model.dir.display()
@@ -113,7 +113,7 @@ fn validate(config: &ApplianceConfig) -> Result<()> {
     println!(
         "model folder {}: {} would serve version {} ({} evaluator, {} trees, verified on {} rows, max diff {:e})",
         config.model.dir.display(),
-        model.file.path.display(),
+        file.path.display(),
         model.version(),
         model.evaluator_name(),
         model.trees,

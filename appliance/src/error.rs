@@ -54,6 +54,13 @@ pub enum Code {
     ModelFailed,
     ModelRejected,
     ReloadTimeout,
+    /// The model that answered cannot explain (no covers in its bundle).
+    ExplainUnavailable,
+    /// A promote or rollback that cannot be done (no challenger, another
+    /// contract, nothing to roll back to).
+    ModelChangeRefused,
+    /// A promote or rollback whose files could not be moved.
+    ModelChangeFailed,
     // The process.
     ShuttingDown,
 }
@@ -63,7 +70,7 @@ impl Code {
     #[rustfmt::skip]
     pub const fn row(self) -> Row {
         use StatusCode as H;
-        use Status::{InternalError, InvalidEvent, MalformedFrame, ModelUnavailable, NotOwner, OwnerUnknown};
+        use Status::{InternalError, InvalidEvent, MalformedFrame, ModelUnavailable, NotOwner, OwnerUnknown, Unsupported};
         const fn row(code: &'static str, status: H, label: &'static str, tcp: Status) -> Row {
             Row {
                 code,
@@ -98,6 +105,9 @@ impl Code {
             Code::ModelFailed => row("model_error", H::INTERNAL_SERVER_ERROR, "model_error", InternalError),
             Code::ModelRejected => row("model_rejected", H::UNPROCESSABLE_ENTITY, "model_rejected", InternalError),
             Code::ReloadTimeout => row("reload_timeout", H::GATEWAY_TIMEOUT, "reload_timeout", InternalError),
+            Code::ExplainUnavailable => row("explain_unavailable", H::CONFLICT, "explain_unavailable", Unsupported),
+            Code::ModelChangeRefused => row("model_change_refused", H::CONFLICT, "refused", InternalError),
+            Code::ModelChangeFailed => row("model_change_failed", H::INTERNAL_SERVER_ERROR, "failed", InternalError),
             Code::ShuttingDown => row("shutting_down", H::SERVICE_UNAVAILABLE, "shutting_down", InternalError),
         }
     }

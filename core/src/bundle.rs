@@ -100,6 +100,22 @@ pub struct BundleMetadata {
     /// The training data's profile, for drift; bundles made before it have
     /// none, and their drift is not reported.
     pub profile: Option<DataProfile>,
+    /// What explaining a score needs; bundles made before it have none, and
+    /// serve without explanations.
+    pub shap: Option<ShapMetadata>,
+}
+
+/// The trees' training covers and LightGBM's own attributions of the golden
+/// vectors: the ONNX graph holds neither, and exact TreeSHAP needs the first
+/// (`crate::explain` checks the explainer against the second).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapMetadata {
+    /// Training rows that reached each node, by ONNX tree id, then node id.
+    pub covers: Vec<Vec<u64>>,
+    /// LightGBM's `predict_contrib` of each golden vector, in its layout:
+    /// one log-odds contribution per feature, then the expected value.
+    pub golden_contributions: Vec<Vec<f64>>,
 }
 
 impl BundleMetadata {
@@ -120,6 +136,9 @@ impl BundleMetadata {
         ];
         if let Some(profile) = &self.profile {
             props.push(entry("profile", json(profile)));
+        }
+        if let Some(shap) = &self.shap {
+            props.push(entry("shap", json(shap)));
         }
         props
     }
@@ -158,6 +177,10 @@ impl BundleMetadata {
             golden_vectors: parse("golden_vectors", get("golden_vectors")?)?,
             profile: match get("profile") {
                 Ok(text) => Some(parse("profile", text)?),
+                Err(_) => None,
+            },
+            shap: match get("shap") {
+                Ok(text) => Some(parse("shap", text)?),
                 Err(_) => None,
             },
         })
@@ -282,6 +305,10 @@ mod tests {
                 probability: 0.25,
             }],
             profile: Some(DataProfile::of(&[0.5; FEATURE_COUNT * 4], &[0.1, 0.2, 0.3])),
+            shap: Some(ShapMetadata {
+                covers: vec![vec![10, 4, 6]],
+                golden_contributions: vec![vec![0.0; FEATURE_COUNT + 1]],
+            }),
         }
     }
 
@@ -294,10 +321,11 @@ mod tests {
         // A bundle from before profiles still reads, without one.
         let older: Vec<_> = props
             .into_iter()
-            .filter(|e| e.key != "cartscore.profile")
+            .filter(|e| e.key != "cartscore.profile" && e.key != "cartscore.shap")
             .collect();
         let read = BundleMetadata::from_metadata_props(&older).unwrap();
         assert_eq!(read.profile, None);
+        assert_eq!(read.shap, None);
         assert!(read.check_contract().is_ok());
     }
 

@@ -12,6 +12,7 @@ use crate::onnx::{AttributeProto, ModelProto, NodeProto};
 use thiserror::Error;
 
 use crate::features::FEATURE_COUNT;
+use crate::shap::{ShapError, ShapNode, TreeExplainer};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum CompileError {
@@ -298,6 +299,59 @@ impl CompiledEnsemble {
 
     pub fn trees(&self) -> usize {
         self.roots.len()
+    }
+
+    /// The same trees for TreeSHAP, with `covers[tree][node id]` (the ONNX
+    /// ids: each tree is laid out in node-id order) and exactly the served
+    /// thresholds, missing-value sides and leaf values, so an explanation
+    /// adds up to the raw score this ensemble serves.
+    pub fn explainer(&self, covers: &[Vec<u64>]) -> Result<TreeExplainer, ShapError> {
+        if covers.len() != self.roots.len() {
+            return Err(ShapError::Trees {
+                found: covers.len(),
+                expected: self.roots.len(),
+            });
+        }
+        let mut trees = Vec::with_capacity(self.roots.len());
+        for (tree, (&root, covers)) in self.roots.iter().zip(covers).enumerate() {
+            let end = self
+                .roots
+                .get(tree + 1)
+                .copied()
+                .unwrap_or(self.nodes.len() as u32);
+            let nodes = &self.nodes[root as usize..end as usize];
+            if covers.len() != nodes.len() {
+                return Err(ShapError::Covers {
+                    tree,
+                    found: covers.len(),
+                    expected: nodes.len(),
+                });
+            }
+            let shap_nodes = nodes
+                .iter()
+                .zip(covers)
+                .map(|(n, &cover)| {
+                    let cover = cover as f64;
+                    if n.feature == LEAF {
+                        ShapNode::Leaf {
+                            value: f64::from(self.leaf_values[n.left as usize]),
+                            cover,
+                        }
+                    } else {
+                        ShapNode::Split {
+                            feature: n.feature & !MISSING_LEFT,
+                            threshold: n.threshold,
+                            missing_left: n.feature & MISSING_LEFT != 0,
+                            left: n.left - root,
+                            right: n.right - root,
+                            cover,
+                        }
+                    }
+                })
+                .collect();
+            trees.push(shap_nodes);
+        }
+        TreeExplainer::new(trees, f64::from(self.base), FEATURE_COUNT)
     }
 
     /// The raw score (sum of leaves plus base) of one row.

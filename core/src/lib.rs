@@ -17,13 +17,16 @@
 //!   that serving uses, and [`model`] (feature `tract`) the reference reader
 //!   the compiled evaluator and the trainer's exports are checked against;
 //!   [`profile`] is the training data's histograms that drift is measured
-//!   against.
+//!   against; [`shap`] is exact TreeSHAP and [`explain`] the bundle's
+//!   explainer built on it (covers from the bundle, checked against
+//!   LightGBM's own contributions).
 
 pub mod bundle;
 pub mod compiled;
 pub mod dataset;
 pub mod encoding;
 pub mod event;
+pub mod explain;
 pub mod features;
 #[cfg(feature = "tract")]
 pub mod model;
@@ -35,7 +38,7 @@ pub mod state;
 pub mod time;
 pub mod validate;
 
-pub use bundle::{BundleError, BundleMetadata, GoldenVector};
+pub use bundle::{BundleError, BundleMetadata, GoldenVector, ShapMetadata};
 pub use dataset::{CsvEvents, CsvRow, DatasetError};
 pub use encoding::{CategoryTable, EncodingTables};
 pub use event::{CsvLayout, Event, EventType, HeaderError, SourcePosition};

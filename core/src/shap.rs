@@ -44,6 +44,14 @@ impl ShapNode {
 pub enum ShapError {
     #[error("tree {tree} has no nodes")]
     Empty { tree: usize },
+    #[error("covers are given for {found} trees, the ensemble has {expected}")]
+    Trees { found: usize, expected: usize },
+    #[error("tree {tree} has {found} covers for {expected} nodes")]
+    Covers {
+        tree: usize,
+        found: usize,
+        expected: usize,
+    },
     #[error("tree {tree} node {node}: {reason}")]
     Node {
         tree: usize,
@@ -71,6 +79,13 @@ pub struct Explanation {
     /// Per feature, in the row's order; `base_value` + their sum is the
     /// row's raw score.
     pub contributions: Vec<f64>,
+}
+
+impl Explanation {
+    /// The raw score the attribution adds up to.
+    pub fn total(&self) -> f64 {
+        self.base_value + self.contributions.iter().sum::<f64>()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]

@@ -13,7 +13,9 @@ use cartscore_core::Event;
 use cartscore_core::shard::partition_of_user;
 use thiserror::Error;
 
-use crate::{Redirect, ResponseError, ScoreResponse, Status, encode_request, parse_response};
+use crate::{
+    Kind, Redirect, ResponseError, ScoreResponse, Status, encode_request_of, parse_response,
+};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -38,9 +40,14 @@ pub struct RequestWriter {
 impl RequestWriter {
     /// Queues a score request and returns its request id.
     pub fn send(&mut self, cart: &Event) -> u64 {
+        self.send_kind(Kind::Score, cart)
+    }
+
+    /// Queues a request of `kind` and returns its request id.
+    pub fn send_kind(&mut self, kind: Kind, cart: &Event) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        encode_request(&mut self.outgoing, id, cart);
+        encode_request_of(&mut self.outgoing, kind, id, cart);
         id
     }
 
@@ -142,6 +149,14 @@ impl TcpClient {
     /// One request, one response.
     pub fn score(&mut self, cart: &Event) -> Result<ScoreResponse, ClientError> {
         self.send(cart);
+        self.flush()?;
+        self.recv()
+    }
+
+    /// Scores `cart` and explains the score: with status ok the response
+    /// carries each feature's contribution (`ScoreResponse::explanation`).
+    pub fn explain(&mut self, cart: &Event) -> Result<ScoreResponse, ClientError> {
+        self.writer.send_kind(Kind::Explain, cart);
         self.flush()?;
         self.recv()
     }

@@ -17,6 +17,13 @@ use thiserror::Error;
 
 pub const VERSION: u8 = 1;
 pub const KIND_SCORE: u8 = 1;
+/// Score and explain: the response carries each feature's TreeSHAP
+/// contribution after its strings.
+pub const KIND_EXPLAIN: u8 = 2;
+/// Response flag: the cart's session was known.
+pub const FLAG_SESSION_KNOWN: u8 = 1;
+/// Response flag: an explanation follows the strings.
+pub const FLAG_EXPLANATION: u8 = 2;
 /// Request bytes after the length prefix, before the strings.
 pub const REQUEST_HEADER: usize = 58;
 /// Response bytes after the length prefix, before the strings.
@@ -44,10 +51,14 @@ pub enum Status {
     /// No shard has claimed the user's partition yet (the group is
     /// rebalancing); retry shortly. The connection stays open.
     OwnerUnknown = 7,
+    /// The serving model cannot do what was asked (explain a score without
+    /// node covers in its bundle); the message says why. The connection
+    /// stays open.
+    Unsupported = 8,
 }
 
 impl Status {
-    pub const ALL: [Status; 8] = [
+    pub const ALL: [Status; 9] = [
         Self::Ok,
         Self::InvalidEvent,
         Self::ModelUnavailable,
@@ -56,6 +67,7 @@ impl Status {
         Self::InternalError,
         Self::NotOwner,
         Self::OwnerUnknown,
+        Self::Unsupported,
     ];
 
     pub fn from_byte(byte: u8) -> Option<Self> {
@@ -68,6 +80,7 @@ impl Status {
             5 => Self::InternalError,
             6 => Self::NotOwner,
             7 => Self::OwnerUnknown,
+            8 => Self::Unsupported,
             _ => return None,
         })
     }
@@ -82,6 +95,7 @@ impl Status {
             Self::InternalError => "internal_error",
             Self::NotOwner => "not_owner",
             Self::OwnerUnknown => "owner_unknown",
+            Self::Unsupported => "unsupported",
         }
     }
 }
@@ -180,9 +194,27 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Score,
+    /// Score, and explain the score feature by feature.
+    Explain,
+}
+
+impl Kind {
+    pub fn byte(self) -> u8 {
+        match self {
+            Self::Score => KIND_SCORE,
+            Self::Explain => KIND_EXPLAIN,
+        }
+    }
+}
+
 /// A request frame split into its fields, borrowing the input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreFrame<'a> {
+    pub kind: Kind,
     pub request_id: u64,
     pub event_time_micros: i64,
     pub product_id: u64,
@@ -256,9 +288,11 @@ pub fn parse_request(
         return Ok(None);
     }
     let b = &buf[4..4 + len];
-    if b[1] != KIND_SCORE {
-        return Err(FrameError::UnknownKind(b[1]));
-    }
+    let kind = match b[1] {
+        KIND_SCORE => Kind::Score,
+        KIND_EXPLAIN => Kind::Explain,
+        other => return Err(FrameError::UnknownKind(other)),
+    };
     let (session_len, code_len, brand_len) = (u16_at(b, 52), u16_at(b, 54), u16_at(b, 56));
     let strings = session_len + code_len + brand_len;
     if REQUEST_HEADER + strings != len {
@@ -267,6 +301,7 @@ pub fn parse_request(
     let s0 = REQUEST_HEADER;
     let (s1, s2) = (s0 + session_len, s0 + session_len + code_len);
     let frame = ScoreFrame {
+        kind,
         request_id: u64_at(b, 4),
         event_time_micros: u64_at(b, 12) as i64,
         product_id: u64_at(b, 20),
@@ -284,15 +319,20 @@ fn clamp_u16(bytes: &[u8]) -> &[u8] {
     &bytes[..bytes.len().min(usize::from(u16::MAX))]
 }
 
-/// Appends a request frame for `cart` (its event type is implied: cart).
+/// Appends a score request frame for `cart` (its event type is implied: cart).
 pub fn encode_request(out: &mut Vec<u8>, request_id: u64, cart: &Event) {
+    encode_request_of(out, Kind::Score, request_id, cart);
+}
+
+/// Appends a request frame of `kind` for `cart`.
+pub fn encode_request_of(out: &mut Vec<u8>, kind: Kind, request_id: u64, cart: &Event) {
     let session = clamp_u16(cart.user_session.as_bytes());
     let code = clamp_u16(cart.category_code.as_deref().unwrap_or("").as_bytes());
     let brand = clamp_u16(cart.brand.as_deref().unwrap_or("").as_bytes());
     let len = REQUEST_HEADER + session.len() + code.len() + brand.len();
     out.reserve(4 + len);
     out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(&[VERSION, KIND_SCORE, 0, 0]);
+    out.extend_from_slice(&[VERSION, kind.byte(), 0, 0]);
     out.extend_from_slice(&request_id.to_le_bytes());
     out.extend_from_slice(&cart.event_time.micros().to_le_bytes());
     out.extend_from_slice(&cart.product_id.to_le_bytes());
@@ -307,6 +347,15 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u64, cart: &Event) {
     }
 }
 
+/// A score's attribution: TreeSHAP contributions in log-odds, one per
+/// feature in the contract's order, and the base value they start from
+/// (base + sum = the model's raw score, the logit of the probability).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attribution {
+    pub base_value: f64,
+    pub contributions: Vec<f64>,
+}
+
 /// One response, decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreResponse {
@@ -316,30 +365,56 @@ pub struct ScoreResponse {
     pub probability: f32,
     pub model_version: String,
     pub message: String,
+    /// Present when an explain request was answered with status ok.
+    pub explanation: Option<Attribution>,
+}
+
+/// A response to encode, borrowing its strings.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    pub request_id: u64,
+    pub status: Status,
+    pub session_known: bool,
+    pub probability: f32,
+    pub model_version: &'a str,
+    pub message: &'a str,
+    /// The base value and the contributions, for an explain request.
+    pub explanation: Option<(f64, &'a [f64])>,
 }
 
 /// Appends a response frame.
-pub fn encode_response(
-    out: &mut Vec<u8>,
-    request_id: u64,
-    status: Status,
-    session_known: bool,
-    probability: f32,
-    model_version: &str,
-    message: &str,
-) {
-    let version = clamp_u16(model_version.as_bytes());
-    let message = clamp_u16(message.as_bytes());
-    let len = RESPONSE_HEADER + version.len() + message.len();
+pub fn encode_response(out: &mut Vec<u8>, answer: &Answer<'_>) {
+    let version = clamp_u16(answer.model_version.as_bytes());
+    let message = clamp_u16(answer.message.as_bytes());
+    // At most u16::MAX contributions: the count is a u16.
+    let explanation = answer
+        .explanation
+        .map(|(base, c)| (base, &c[..c.len().min(usize::from(u16::MAX))]));
+    let explained = explanation.map_or(0, |(_, c)| 2 + 8 + 8 * c.len());
+    let len = RESPONSE_HEADER + version.len() + message.len() + explained;
+    let mut flags = 0;
+    if answer.session_known {
+        flags |= FLAG_SESSION_KNOWN;
+    }
+    if explanation.is_some() {
+        flags |= FLAG_EXPLANATION;
+    }
     out.reserve(4 + len);
     out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(&[VERSION, status as u8, u8::from(session_known), 0]);
-    out.extend_from_slice(&request_id.to_le_bytes());
-    out.extend_from_slice(&probability.to_le_bytes());
+    out.extend_from_slice(&[VERSION, answer.status as u8, flags, 0]);
+    out.extend_from_slice(&answer.request_id.to_le_bytes());
+    out.extend_from_slice(&answer.probability.to_le_bytes());
     out.extend_from_slice(&(version.len() as u16).to_le_bytes());
     out.extend_from_slice(&(message.len() as u16).to_le_bytes());
     out.extend_from_slice(version);
     out.extend_from_slice(message);
+    if let Some((base, contributions)) = explanation {
+        out.extend_from_slice(&(contributions.len() as u16).to_le_bytes());
+        out.extend_from_slice(&base.to_le_bytes());
+        for c in contributions {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -365,17 +440,37 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(ScoreResponse, usize)>, Resp
     let b = &buf[4..4 + len];
     let status = Status::from_byte(b[1]).ok_or(ResponseError::UnknownStatus(b[1]))?;
     let (version_len, message_len) = (u16_at(b, 16), u16_at(b, 18));
-    if RESPONSE_HEADER + version_len + message_len != len {
-        return Err(ResponseError::Malformed(len));
-    }
     let version_end = RESPONSE_HEADER + version_len;
+    let strings_end = version_end + message_len;
+    let explanation = if b[2] & FLAG_EXPLANATION != 0 {
+        if strings_end + 10 > len {
+            return Err(ResponseError::Malformed(len));
+        }
+        let count = u16_at(b, strings_end);
+        if strings_end + 10 + 8 * count != len {
+            return Err(ResponseError::Malformed(len));
+        }
+        let f64_at = |at: usize| f64::from_bits(u64_at(b, at));
+        Some(Attribution {
+            base_value: f64_at(strings_end + 2),
+            contributions: (0..count)
+                .map(|i| f64_at(strings_end + 10 + 8 * i))
+                .collect(),
+        })
+    } else {
+        if strings_end != len {
+            return Err(ResponseError::Malformed(len));
+        }
+        None
+    };
     let response = ScoreResponse {
         request_id: u64_at(b, 4),
         status,
-        session_known: b[2] & 1 == 1,
+        session_known: b[2] & FLAG_SESSION_KNOWN != 0,
         probability: f32::from_le_bytes([b[12], b[13], b[14], b[15]]),
         model_version: String::from_utf8_lossy(&b[RESPONSE_HEADER..version_end]).into_owned(),
-        message: String::from_utf8_lossy(&b[version_end..len]).into_owned(),
+        message: String::from_utf8_lossy(&b[version_end..strings_end]).into_owned(),
+        explanation,
     };
     Ok(Some((response, 4 + len)))
 }
@@ -472,6 +567,10 @@ mod tests {
         let mut bad = buf.clone();
         bad[5] = 7;
         assert_eq!(parse_request(&bad, 4096), Err(FrameError::UnknownKind(7)));
+        let mut explain = Vec::new();
+        encode_request_of(&mut explain, Kind::Explain, 1, &cart());
+        let (frame, _) = parse_request(&explain, 4096).unwrap().unwrap();
+        assert_eq!(frame.kind, Kind::Explain);
         let mut bad = buf.clone();
         bad[56] = bad[56].wrapping_add(1);
         assert!(matches!(
@@ -488,15 +587,35 @@ mod tests {
     #[test]
     fn response_round_trips() {
         let mut buf = Vec::new();
-        encode_response(&mut buf, 9, Status::Ok, true, 0.25, "demo-1", "");
+        let ok = Answer {
+            request_id: 9,
+            status: Status::Ok,
+            session_known: true,
+            probability: 0.25,
+            model_version: "demo-1",
+            message: "",
+            explanation: None,
+        };
+        encode_response(&mut buf, &ok);
         encode_response(
             &mut buf,
-            10,
-            Status::InvalidEvent,
-            false,
-            f32::NAN,
-            "demo-1",
-            "bad price",
+            &Answer {
+                request_id: 10,
+                status: Status::InvalidEvent,
+                session_known: false,
+                probability: f32::NAN,
+                message: "bad price",
+                ..ok
+            },
+        );
+        let contributions = [0.5, -0.25, 0.0];
+        encode_response(
+            &mut buf,
+            &Answer {
+                request_id: 11,
+                explanation: Some((-3.5, &contributions)),
+                ..ok
+            },
         );
         let (first, used) = parse_response(&buf).unwrap().unwrap();
         assert_eq!(
@@ -507,10 +626,30 @@ mod tests {
             (first.probability, first.model_version.as_str()),
             (0.25, "demo-1")
         );
-        let (second, _) = parse_response(&buf[used..]).unwrap().unwrap();
+        assert_eq!(first.explanation, None);
+        let (second, more) = parse_response(&buf[used..]).unwrap().unwrap();
         assert_eq!(
             (second.status, second.message.as_str()),
             (Status::InvalidEvent, "bad price")
         );
+        let rest = &buf[used + more..];
+        let (third, last) = parse_response(rest).unwrap().unwrap();
+        assert_eq!(last, rest.len());
+        assert!(third.session_known);
+        assert_eq!(
+            third.explanation,
+            Some(Attribution {
+                base_value: -3.5,
+                contributions: contributions.to_vec()
+            })
+        );
+        // An explanation whose count disagrees with the length is refused.
+        let mut bad = rest.to_vec();
+        let count_at = bad.len() - 8 * 3 - 10;
+        bad[count_at] = 4;
+        assert!(matches!(
+            parse_response(&bad),
+            Err(ResponseError::Malformed(_))
+        ));
     }
 }

@@ -27,23 +27,41 @@ pub struct Offline {
     pub probability: f32,
     pub label: bool,
     pub event_time: String,
+    /// With `--explain`: each feature's contribution, then the base value.
+    pub shap: Option<Vec<f64>>,
 }
 
 /// `cartscore-trainer predict` on `input` with the demo model.
 pub fn offline_predictions(work: &Path, input: &Path) -> Vec<Offline> {
-    let out = work.join("offline.csv");
-    let status = Command::new(trainer())
+    predict_with(work, input, &crate::common::demo_model(), &[])
+}
+
+/// `cartscore-trainer predict` on `input` with `model` and `extra` flags;
+/// its output is `<work>/<model's folder name>-offline.csv`.
+pub fn predict_with(work: &Path, input: &Path, model: &Path, extra: &[&str]) -> Vec<Offline> {
+    let folder = model
+        .parent()
+        .and_then(Path::file_name)
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    let out = work.join(format!("{folder}-offline.csv"));
+    let output = Command::new(trainer())
         .arg("predict")
         .arg("--input")
         .arg(input)
         .arg("--model")
-        .arg(crate::common::demo_model())
+        .arg(model)
         .arg("--out")
         .arg(&out)
+        .args(extra)
         .env("RUST_BACKTRACE", "0")
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(
+        output.status.success(),
+        "predict failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&output.stdout));
     let mut reader = csv::Reader::from_path(&out).unwrap();
     let header = reader.headers().unwrap().clone();
     let column = |name: &str| header.iter().position(|h| h == name).unwrap();
@@ -55,6 +73,17 @@ pub fn offline_predictions(work: &Path, input: &Path) -> Vec<Offline> {
         column("event_time"),
     );
     let feature_columns: Vec<usize> = FEATURE_NAMES.iter().map(|n| column(n)).collect();
+    let shap_columns: Option<Vec<usize>> =
+        header
+            .iter()
+            .position(|h| h == "shap_base_value")
+            .map(|base| {
+                FEATURE_NAMES
+                    .iter()
+                    .map(|n| column(&format!("shap_{n}")))
+                    .chain([base])
+                    .collect()
+            });
     reader
         .records()
         .map(|r| {
@@ -70,6 +99,9 @@ pub fn offline_predictions(work: &Path, input: &Path) -> Vec<Offline> {
                 probability: r[probability].parse().unwrap(),
                 label: &r[label] == "1",
                 event_time: r[time].to_owned(),
+                shap: shap_columns
+                    .as_ref()
+                    .map(|columns| columns.iter().map(|&c| r[c].parse().unwrap()).collect()),
             }
         })
         .collect()
@@ -215,7 +247,7 @@ pub fn assert_live_equals_offline(live: &Value, expected: &[(f32, bool)]) -> (f6
     (live_auc, offline_auc)
 }
 
-fn synthetic(work: &Path, events: u64, seed: u64) -> (PathBuf, PathBuf) {
+pub fn synthetic(work: &Path, events: u64, seed: u64) -> (PathBuf, PathBuf) {
     let (csv, oracle) = (work.join("synthetic.csv"), work.join("oracle.csv"));
     let status = Command::new(trainer())
         .args([

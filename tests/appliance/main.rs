@@ -10,6 +10,7 @@ mod common;
 mod api;
 mod bench;
 mod cdc;
+mod challenger;
 mod closed_loop;
 mod lifecycle;
 mod observability;

@@ -166,6 +166,15 @@ struct PredictArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 0.05)]
     error_budget: f64,
+    /// Write each feature's exact TreeSHAP contribution (log-odds) and the
+    /// base value beside each score, as the appliance's `explain=true` does.
+    #[arg(long)]
+    explain: bool,
+    /// With --explain: LightGBM's model text of the bundle (`lightgbm.txt`
+    /// beside the trainer's `model.onnx`); every row's contributions must
+    /// equal LightGBM's own within 1e-5.
+    #[arg(long, requires = "explain")]
+    lightgbm: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -264,9 +273,18 @@ impl Cli {
                 println!("published {version} as {}", published.display());
             }
             Command::Predict(args) => {
-                let summary =
-                    crate::predict::run(&args.inputs, &args.model, &args.out, args.error_budget)
-                        .context("prediction failed")?;
+                let explain = crate::predict::Explain {
+                    enabled: args.explain,
+                    lightgbm: args.lightgbm.clone(),
+                };
+                let summary = crate::predict::run(
+                    &args.inputs,
+                    &args.model,
+                    &args.out,
+                    args.error_budget,
+                    &explain,
+                )
+                .context("prediction failed")?;
                 println!(
                     "scored {} cart events of {} events ({} invalid rows skipped) into {}",
                     summary.carts,
@@ -274,6 +292,11 @@ impl Cli {
                     summary.invalid,
                     args.out.display()
                 );
+                if let Some(diff) = summary.lightgbm_max_diff {
+                    println!(
+                        "contributions equal LightGBM's predict_contrib on every row: max |diff| {diff:e}"
+                    );
+                }
             }
         }
         Ok(())

@@ -41,8 +41,25 @@ pub struct Tree {
     /// Training rows that reached each split and each leaf (LightGBM's
     /// `internal_count`, `leaf_count`): TreeSHAP's covers. Empty when the
     /// model text has none.
-    pub split_counts: Vec<f64>,
-    pub leaf_counts: Vec<f64>,
+    pub split_counts: Vec<u64>,
+    pub leaf_counts: Vec<u64>,
+}
+
+/// Each tree's covers in its ONNX node-id order (splits, then leaves, as
+/// [`onnx_model`] numbers them), or `None` when the model text lacks counts.
+/// A tree that is a single leaf needs none: its value is all it adds.
+pub fn covers(trees: &[Tree]) -> Option<Vec<Vec<u64>>> {
+    trees
+        .iter()
+        .map(|tree| {
+            if tree.splits.is_empty() {
+                return Some(vec![tree.leaf_counts.first().copied().unwrap_or(0)]);
+            }
+            (tree.split_counts.len() == tree.splits.len()
+                && tree.leaf_counts.len() == tree.leaves.len())
+            .then(|| [tree.split_counts.as_slice(), &tree.leaf_counts].concat())
+        })
+        .collect()
 }
 
 /// The largest f32 that is not above `t`.
@@ -104,8 +121,8 @@ fn parse_tree(fields: &[(&str, &str)]) -> Result<Tree> {
         "{} leaf values for {num_leaves} leaves",
         leaves.len()
     );
-    let counts = |key: &str, expected: usize| -> Result<Vec<f64>> {
-        let values: Vec<f64> = numbers(key, get(key))?;
+    let counts = |key: &str, expected: usize| -> Result<Vec<u64>> {
+        let values: Vec<u64> = numbers(key, get(key))?;
         ensure!(
             values.is_empty() || values.len() == expected,
             "{} {key} values for {expected} nodes",

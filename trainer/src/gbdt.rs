@@ -247,52 +247,44 @@ pub fn stump(train: &Matrix) -> Result<Booster> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::{Child, Tree, f32_threshold, parse_lightgbm};
-    use cartscore_core::FEATURE_COUNT;
-    use cartscore_core::shap::{ShapError, ShapNode, TreeExplainer};
+    use crate::export::{onnx_model, parse_lightgbm};
+    use cartscore_core::bundle::{BundleMetadata, GoldenVector, ShapMetadata};
+    use cartscore_core::compiled::CompiledEnsemble;
+    use cartscore_core::explain::{ExplainError, Explainer};
+    use cartscore_core::{CONTRACT_VERSION, EncodingTables, FEATURE_COUNT, FEATURE_NAMES};
 
-    // Until bundles carry the covers (issue 17), only these tests explain.
-    /// The tree as TreeSHAP walks it: splits first (LightGBM numbers a
-    /// child after its parent), then leaves; thresholds as served (f32).
-    /// `None` without covers.
-    fn shap_nodes(tree: &Tree) -> Option<Vec<ShapNode>> {
-        if tree.split_counts.len() != tree.splits.len()
-            || tree.leaf_counts.len() != tree.leaves.len()
-        {
-            return None;
-        }
-        let splits = tree.splits.len();
-        let index = |child: Child| match child {
-            Child::Split(i) => i as u32,
-            Child::Leaf(i) => (splits + i) as u32,
+    /// The bundle the trainer would export for `booster`, with `golden`
+    /// rows: compiled as the appliance compiles it.
+    fn bundle(booster: &Booster, golden: &[f32]) -> (CompiledEnsemble, BundleMetadata) {
+        let trees = parse_lightgbm(&booster.save_string().unwrap()).unwrap();
+        let probabilities = predict(booster, &{
+            let mut m = Matrix::new(FEATURE_COUNT);
+            m.values = golden.to_vec();
+            m.labels = vec![false; golden.len() / FEATURE_COUNT];
+            m
+        })
+        .unwrap();
+        let metadata = BundleMetadata {
+            model_version: "shap-test".into(),
+            contract_version: CONTRACT_VERSION,
+            feature_names: FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
+            encodings: EncodingTables::default(),
+            data_fingerprint: "test".into(),
+            metrics: Default::default(),
+            params: serde_json::Value::Null,
+            golden_vectors: golden
+                .chunks(FEATURE_COUNT)
+                .zip(probabilities)
+                .map(|(row, probability)| GoldenVector {
+                    features: row.to_vec(),
+                    probability,
+                })
+                .collect(),
+            profile: None,
+            shap: crate::train::shap_metadata(booster, &trees, golden).unwrap(),
         };
-        let mut nodes: Vec<ShapNode> = tree
-            .splits
-            .iter()
-            .zip(&tree.split_counts)
-            .map(|(split, &cover)| ShapNode::Split {
-                feature: split.feature as u32,
-                threshold: f32_threshold(split.threshold),
-                missing_left: split.default_left,
-                left: index(split.left),
-                right: index(split.right),
-                cover,
-            })
-            .collect();
-        nodes.extend(
-            tree.leaves
-                .iter()
-                .zip(&tree.leaf_counts)
-                .map(|(&value, &cover)| ShapNode::Leaf { value, cover }),
-        );
-        Some(nodes)
-    }
-
-    /// TreeSHAP over the model's trees (LightGBM's raw score has no base:
-    /// its initial score is in the first tree), or `None` without covers.
-    fn explainer(trees: &[Tree]) -> Option<Result<TreeExplainer, ShapError>> {
-        let nodes: Option<Vec<Vec<ShapNode>>> = trees.iter().map(shap_nodes).collect();
-        nodes.map(|nodes| TreeExplainer::new(nodes, 0.0, FEATURE_COUNT))
+        let compiled = CompiledEnsemble::compile(&onnx_model(&trees, &metadata)).unwrap();
+        (compiled, metadata)
     }
 
     /// A booster on random rows whose label depends on a few features
@@ -318,44 +310,42 @@ mod tests {
     }
 
     #[test]
-    fn treeshap_on_the_parsed_trees_equals_lightgbms_own_contributions() {
+    fn the_bundles_explainer_equals_lightgbms_own_contributions() {
         let (booster, data) = booster(3_000, 11);
-        let trees = parse_lightgbm(&booster.save_string().unwrap()).unwrap();
-        assert!(trees.iter().all(|t| t.split_counts.len() == t.splits.len()));
-        let explainer = explainer(&trees).unwrap().unwrap();
-        let rows = 200;
+        let rows = 400;
         let sample = &data.values[..rows * FEATURE_COUNT];
+        let (compiled, metadata) = bundle(&booster, &sample[..8 * FEATURE_COUNT]);
+        let explainer = Explainer::verified(&compiled, &metadata).unwrap();
+        assert_eq!(explainer.verified_rows, 8);
         let contrib = booster
             .predict_contrib(sample, FEATURE_COUNT as i32, true)
-            .unwrap();
-        let raw = booster
-            .raw_scores(sample, FEATURE_COUNT as i32, true)
             .unwrap();
         let width = FEATURE_COUNT + 1;
         assert_eq!(contrib.len(), rows * width);
         let mut worst = 0f64;
-        for r in 0..rows {
-            let ours = explainer.explain(&sample[r * FEATURE_COUNT..(r + 1) * FEATURE_COUNT]);
+        for (r, row) in sample.as_chunks::<FEATURE_COUNT>().0.iter().enumerate() {
+            let ours = explainer.explain(row);
             let theirs = &contrib[r * width..(r + 1) * width];
             worst = worst.max((ours.base_value - theirs[FEATURE_COUNT]).abs());
             for (a, b) in ours.contributions.iter().zip(theirs) {
                 worst = worst.max((a - b).abs());
             }
-            // Local accuracy against LightGBM's own raw score.
-            let total = ours.base_value + ours.contributions.iter().sum::<f64>();
+            // Local accuracy against the raw score the appliance serves.
+            let raw = f64::from(compiled.raw_score(row));
             assert!(
-                (total - raw[r]).abs() < 1e-6,
-                "row {r}: {total} vs {}",
-                raw[r]
+                (ours.total() - raw).abs() < 1e-5,
+                "row {r}: {} vs {raw}",
+                ours.total()
             );
         }
         eprintln!("TreeSHAP vs predict_contrib: max |diff| {worst:e} over {rows} rows");
+        // The served leaves are f32, LightGBM's f64.
         assert!(
-            worst < 1e-6,
+            worst < 1e-5,
             "largest difference from predict_contrib {worst}"
         );
         // The test means something: several features carry weight.
-        let first = explainer.explain(&sample[..FEATURE_COUNT]);
+        let first = explainer.explain(&sample.as_chunks::<FEATURE_COUNT>().0[0]);
         assert!(
             first
                 .contributions
@@ -364,5 +354,53 @@ mod tests {
                 .count()
                 >= 3
         );
+    }
+
+    #[test]
+    fn a_bundle_whose_covers_or_contributions_are_wrong_is_not_explained() {
+        let (booster, data) = booster(2_000, 5);
+        let golden = &data.values[..4 * FEATURE_COUNT];
+        let (compiled, metadata) = bundle(&booster, golden);
+        let with = |edit: &dyn Fn(&mut ShapMetadata)| {
+            let mut m = metadata.clone();
+            edit(m.shap.as_mut().unwrap());
+            Explainer::verified(&compiled, &m).unwrap_err()
+        };
+        // A leaf's cover changed: the expectation moves, the contributions
+        // differ. (An inner node's cover under a split on the same feature
+        // cancels out of TreeSHAP's path fractions, so a leaf is edited.)
+        let err = with(&|s| *s.covers[0].last_mut().unwrap() += 500);
+        assert!(
+            matches!(err, ExplainError::GoldenMismatch { index: 0, .. }),
+            "{err}"
+        );
+        let err = with(&|s| {
+            s.covers[3].pop();
+        });
+        assert!(matches!(err, ExplainError::Covers(_)), "{err}");
+        let err = with(&|s| s.golden_contributions[2][7] += 1e-3);
+        assert!(
+            matches!(err, ExplainError::GoldenMismatch { index: 2, column, .. } if column == FEATURE_NAMES[7]),
+            "{err}"
+        );
+        let err = with(&|s| {
+            s.golden_contributions.pop();
+        });
+        assert!(
+            matches!(
+                err,
+                ExplainError::GoldenCount {
+                    found: 3,
+                    expected: 4
+                }
+            ),
+            "{err}"
+        );
+        let mut none = metadata.clone();
+        none.shap = None;
+        assert!(matches!(
+            Explainer::verified(&compiled, &none),
+            Err(ExplainError::NoCovers)
+        ));
     }
 }

@@ -6,8 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail, ensure};
+use cartscore_core::bundle::GOLDEN_TOLERANCE;
 use cartscore_core::compiled::CompiledEnsemble;
+use cartscore_core::explain::Explainer;
 use cartscore_core::{FEATURE_COUNT, FEATURE_NAMES, TractModel};
 
 use crate::files::MergedEvents;
@@ -18,6 +20,17 @@ pub struct PredictSummary {
     pub events: u64,
     pub carts: usize,
     pub invalid: u64,
+    /// With a LightGBM reference: the largest |TreeSHAP - LightGBM| over
+    /// every contribution and base value written.
+    pub lightgbm_max_diff: Option<f64>,
+}
+
+/// Contributions beside each score.
+#[derive(Debug, Default, Clone)]
+pub struct Explain {
+    pub enabled: bool,
+    /// LightGBM's model text of the bundle, to check every row against.
+    pub lightgbm: Option<PathBuf>,
 }
 
 pub fn run(
@@ -25,6 +38,7 @@ pub fn run(
     model_path: &Path,
     out: &Path,
     error_budget: f64,
+    explain: &Explain,
 ) -> Result<PredictSummary> {
     let model = TractModel::load(model_path)
         .with_context(|| format!("failed to load bundle {}", model_path.display()))?;
@@ -38,7 +52,8 @@ pub fn run(
     for example in &replay.examples {
         rows.extend_from_slice(&example.encoded(&replay.interner, tables).0);
     }
-    let probabilities = match CompiledEnsemble::compile(&model.proto) {
+    let compiled = CompiledEnsemble::compile(&model.proto);
+    let probabilities = match &compiled {
         Ok(compiled) => compiled.predict_rows(&rows),
         Err(reason) => {
             tracing::warn!(%reason, "not a plain tree ensemble; scoring with tract");
@@ -46,12 +61,47 @@ pub fn run(
             crate::train::predict_parallel(&model, &rows, threads)?
         }
     };
+    let contributions = if explain.enabled {
+        let compiled = match &compiled {
+            Ok(compiled) => compiled,
+            Err(reason) => bail!("only a plain tree ensemble can be explained: {reason}"),
+        };
+        let explainer = Explainer::verified(compiled, &model.metadata)
+            .with_context(|| format!("{} cannot explain its scores", model_path.display()))?;
+        let explained: Vec<Vec<f64>> = rows
+            .as_chunks::<FEATURE_COUNT>()
+            .0
+            .iter()
+            .map(|row| {
+                let e = explainer.explain(row);
+                let mut values = e.contributions;
+                values.push(e.base_value);
+                values
+            })
+            .collect();
+        Some(explained)
+    } else {
+        None
+    };
+    let lightgbm_max_diff = match (&contributions, &explain.lightgbm) {
+        (Some(ours), Some(path)) => Some(check_against_lightgbm(path, &rows, ours)?),
+        (None, Some(_)) => bail!("--lightgbm checks the contributions: it needs --explain"),
+        _ => None,
+    };
 
     let mut writer = csv::Writer::from_path(out)
         .with_context(|| format!("failed to create {}", out.display()))?;
     let mut header = vec!["event_time", "user_session", "product_id"];
     header.extend(FEATURE_NAMES);
     header.extend(["label", "probability", "model_version"]);
+    let shap_columns: Vec<String> = FEATURE_NAMES
+        .iter()
+        .map(|name| format!("shap_{name}"))
+        .chain(["shap_base_value".to_owned()])
+        .collect();
+    if contributions.is_some() {
+        header.extend(shap_columns.iter().map(String::as_str));
+    }
     writer.write_record(&header)?;
     for (i, example) in replay.examples.iter().enumerate() {
         let mut record = vec![
@@ -68,6 +118,10 @@ pub fn run(
         record.push(u8::from(example.label).to_string());
         record.push(probabilities[i].to_string());
         record.push(model.metadata.model_version.clone());
+        if let Some(contributions) = &contributions {
+            // f64 in its shortest round-trip text.
+            record.extend(contributions[i].iter().map(|v| v.to_string()));
+        }
         writer.write_record(&record)?;
     }
     writer
@@ -77,5 +131,41 @@ pub fn run(
         events: replay.events,
         carts: replay.examples.len(),
         invalid: source.stats.invalid,
+        lightgbm_max_diff,
     })
+}
+
+/// LightGBM's own contributions of `rows` against `ours` (per row: one per
+/// feature, then the base value); the largest difference, or an error past
+/// the bundle tolerance.
+fn check_against_lightgbm(path: &Path, rows: &[f32], ours: &[Vec<f64>]) -> Result<f64> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read the LightGBM model {}", path.display()))?;
+    let booster = crate::gbdt::load(&text)?;
+    let theirs = booster
+        .predict_contrib(rows, FEATURE_COUNT as i32, true)
+        .map_err(|e| anyhow::anyhow!("LightGBM contributions failed: {e}"))?;
+    ensure!(
+        theirs.len() == ours.len() * (FEATURE_COUNT + 1),
+        "LightGBM gave {} contributions for {} rows",
+        theirs.len(),
+        ours.len()
+    );
+    let mut worst = 0f64;
+    for (row, (ours, theirs)) in ours
+        .iter()
+        .zip(theirs.chunks(FEATURE_COUNT + 1))
+        .enumerate()
+    {
+        for (column, (a, b)) in ours.iter().zip(theirs).enumerate() {
+            let diff = (a - b).abs();
+            ensure!(
+                diff <= GOLDEN_TOLERANCE,
+                "row {row}, {}: TreeSHAP {a}, LightGBM {b} (|diff| {diff:e} > {GOLDEN_TOLERANCE:e})",
+                FEATURE_NAMES.get(column).copied().unwrap_or("base_value")
+            );
+            worst = worst.max(diff);
+        }
+    }
+    Ok(worst)
 }

@@ -1,19 +1,22 @@
-//! Hot reload: the newest valid bundle in the model folder serves. Loading
-//! and verification happen on the reload thread, never on a serving core;
-//! the result is swapped in atomically (arc-swap) and each core picks it up
-//! between two requests. A bad file is rejected with its reason and the old
-//! model keeps serving.
+//! Hot reload: the newest valid bundle in each slot's folder takes the slot
+//! (the primary's, the challenger's, the rollback's; see [`super::set`]).
+//! Loading and verification happen on the reload thread, never on a serving
+//! core; the new set is swapped in atomically (arc-swap) and each core picks
+//! it up between two requests. A bad file is rejected with its reason and
+//! the old model keeps its place.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::{ArcSwapOption, Cache};
+use arc_swap::{ArcSwap, Cache};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
 
+use crate::config::ModelConfig;
 use crate::model::serving::{FileIdentity, ServingModel};
+use crate::model::set::{Loaded, ModelSet, Slot};
 use crate::ops::metrics::{Metrics, ModelLabels, OutcomeLabels, VersionLabels};
 use crate::ops::telemetry;
 
@@ -54,6 +57,8 @@ impl ReloadResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Rejection {
+    /// The folder the file was in.
+    pub slot: Slot,
     pub file: FileIdentity,
     pub reason: String,
     pub at_unix_seconds: f64,
@@ -67,6 +72,10 @@ pub struct ReloadReport {
     pub duration_ms: f64,
     /// The version serving after this reload.
     pub serving_version: Option<String>,
+    /// The challenger scoring beside it, and the version a rollback would
+    /// return to.
+    pub challenger_version: Option<String>,
+    pub rollback_version: Option<String>,
     pub loaded_path: Option<PathBuf>,
     /// Files refused by this reload, newest first.
     pub rejected: Vec<Rejection>,
@@ -110,20 +119,67 @@ struct ReloadHistory {
     rejected: Vec<Rejection>,
 }
 
-pub type ModelCache = Cache<Arc<ArcSwapOption<ServingModel>>, Option<Arc<ServingModel>>>;
+/// The folders of the three slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelDirs {
+    pub primary: PathBuf,
+    pub challenger: PathBuf,
+    pub rollback: PathBuf,
+}
+
+impl ModelDirs {
+    /// `model.dir`, `model.shadow_dir` (default `<dir>/shadow`) and
+    /// `<dir>/previous`.
+    pub fn of(config: &ModelConfig) -> Self {
+        Self {
+            primary: config.dir.clone(),
+            challenger: config.shadow_dir(),
+            rollback: config.dir.join(ROLLBACK_DIR),
+        }
+    }
+
+    pub fn get(&self, slot: Slot) -> &Path {
+        match slot {
+            Slot::Primary => &self.primary,
+            Slot::Challenger => &self.challenger,
+            Slot::Rollback => &self.rollback,
+        }
+    }
+}
+
+/// The rollback slot's folder, inside the model folder.
+pub const ROLLBACK_DIR: &str = "previous";
+
+pub type ModelCache = Cache<Arc<ArcSwap<ModelSet>>, Arc<ModelSet>>;
 
 #[derive(Debug)]
 pub struct ModelRegistry {
-    dir: PathBuf,
+    dirs: ModelDirs,
     verify_rows: usize,
-    active: Arc<ArcSwapOption<ServingModel>>,
+    set: Arc<ArcSwap<ModelSet>>,
     history: Mutex<ReloadHistory>,
-    reloading: Mutex<()>,
-    metrics: Arc<Metrics>,
+    /// One reload, promote or rollback at a time: each reads the set,
+    /// changes files and swaps a new set in.
+    pub(super) changing: Mutex<()>,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+/// What a reload did to one slot.
+enum SlotChange {
+    Unchanged,
+    Loaded(Loaded),
+    /// Its folder holds no bundle any more (challenger and rollback only:
+    /// the primary keeps serving until another verifies).
+    Emptied,
 }
 
 impl ModelRegistry {
-    pub fn new(dir: PathBuf, verify_rows: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        dirs: ModelDirs,
+        verify_rows: usize,
+        canary_share: f64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         // Known before the first reload, so `increase()` alerts work at once.
         for outcome in ReloadResult::LABELS {
             let _ = metrics
@@ -131,27 +187,45 @@ impl ModelRegistry {
                 .get_or_create(&OutcomeLabels { outcome });
         }
         Self {
-            dir,
+            dirs,
             verify_rows,
-            active: Arc::new(ArcSwapOption::empty()),
+            set: Arc::new(ArcSwap::from_pointee(ModelSet {
+                canary_share,
+                ..ModelSet::default()
+            })),
             history: Mutex::new(ReloadHistory::default()),
-            reloading: Mutex::new(()),
+            changing: Mutex::new(()),
             metrics,
         }
     }
 
+    /// The primary's folder.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.dirs.primary
     }
 
+    pub fn dirs(&self) -> &ModelDirs {
+        &self.dirs
+    }
+
+    /// The primary.
     pub fn current(&self) -> Option<Arc<ServingModel>> {
-        self.active.load_full()
+        self.set
+            .load()
+            .primary
+            .as_ref()
+            .map(|l| Arc::clone(&l.model))
+    }
+
+    /// Everything that serves, as one snapshot.
+    pub fn set(&self) -> Arc<ModelSet> {
+        self.set.load_full()
     }
 
     /// A per-core view that costs one atomic load per request while the
-    /// model is unchanged and follows a swap at the next request.
+    /// set is unchanged and follows a swap at the next request.
     pub fn cache(&self) -> ModelCache {
-        Cache::new(Arc::clone(&self.active))
+        Cache::new(Arc::clone(&self.set))
     }
 
     pub fn last_report(&self) -> Option<ReloadReport> {
@@ -172,69 +246,47 @@ impl ModelRegistry {
             .unwrap_or(false)
     }
 
-    /// Loads the newest valid bundle if it is not the one serving.
-    pub fn reload(&self, trigger: ReloadTrigger) -> ReloadReport {
-        let _one_at_a_time = self.reloading.lock();
-        let mut span = telemetry::span("model.reload");
-        let started = Instant::now();
-        let serving_file = self.current().map(|m| m.file.clone());
-        let mut rejected = Vec::new();
-        let mut loaded: Option<Arc<ServingModel>> = None;
-        match candidates(&self.dir) {
-            Ok(files) => {
-                for file in files {
-                    // Older files than the serving one are not candidates.
-                    if Some(&file) == serving_file.as_ref() {
-                        break;
-                    }
-                    if self.known_bad(&file) {
-                        continue;
-                    }
-                    match ServingModel::load(&file.path, self.verify_rows) {
-                        Ok(model) => {
-                            loaded = Some(Arc::new(model));
-                            break;
-                        }
-                        Err(error) => {
-                            tracing::error!(path = %file.path.display(), %error, "model bundle rejected; the previous model keeps serving");
-                            rejected.push(Rejection {
-                                file,
-                                reason: error.to_string(),
-                                at_unix_seconds: unix_now(),
-                            });
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::error!(dir = %self.dir.display(), %error, "cannot list the model folder");
-                rejected.push(Rejection {
-                    file: FileIdentity {
-                        path: self.dir.clone(),
-                        size: 0,
-                        modified_unix_nanos: 0,
-                    },
-                    reason: format!("cannot list {}: {error}", self.dir.display()),
-                    at_unix_seconds: unix_now(),
-                });
+    /// Swaps `set` in (one atomic store: a core sees the old set or the new
+    /// one, never a mix) and publishes what serves.
+    pub(super) fn swap(&self, set: ModelSet) {
+        let old = self.set.swap(Arc::new(set));
+        let new = self.set.load();
+        let changed = |a: Option<&Loaded>, b: Option<&Loaded>| match (a, b) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(&a.model, &b.model),
+            (None, None) => false,
+            _ => true,
+        };
+        let metrics = &self.metrics;
+        if changed(old.primary.as_ref(), new.primary.as_ref()) {
+            metrics.model_info.clear();
+            if let Some(model) = new.primary() {
+                metrics
+                    .model_info
+                    .get_or_create(&ModelLabels {
+                        version: model.version().to_owned(),
+                        contract: model.metadata.contract_version.to_string(),
+                        evaluator: model.evaluator_name(),
+                    })
+                    .set(1);
+                metrics.model_loaded_timestamp.set(unix_now());
             }
         }
-        if let Some(model) = &loaded {
-            self.active.store(Some(Arc::clone(model)));
-            self.metrics.model_info.clear();
-            self.metrics
-                .model_info
-                .get_or_create(&ModelLabels {
-                    version: model.version().to_owned(),
-                    contract: model.metadata.contract_version.to_string(),
-                    evaluator: model.evaluator_name(),
+        metrics.challenger.info.clear();
+        if let Some(model) = new.challenger() {
+            metrics
+                .challenger
+                .info
+                .get_or_create(&VersionLabels {
+                    model_version: model.version().to_owned(),
                 })
                 .set(1);
-            self.metrics.model_loaded_timestamp.set(unix_now());
-            // What the live ROC-AUC is held against (the bundle's test window).
-            self.metrics.live.test_roc_auc.clear();
+        }
+        // What each serving version's live ROC-AUC is held against (its
+        // bundle's test window): the challenger's too, for canary traffic.
+        metrics.live.test_roc_auc.clear();
+        for model in [new.primary(), new.challenger()].into_iter().flatten() {
             if let Some(auc) = model.metadata.metrics.get("test_roc_auc") {
-                self.metrics
+                metrics
                     .live
                     .test_roc_auc
                     .get_or_create(&VersionLabels {
@@ -242,23 +294,123 @@ impl ModelRegistry {
                     })
                     .set(*auc);
             }
-            tracing::info!(
-                version = model.version(),
-                path = %model.file.path.display(),
-                evaluator = model.evaluator_name(),
-                trees = model.trees,
-                check_rows = model.verified_rows,
-                max_diff = model.verified_max_diff,
-                load_ms = model.load_time.as_secs_f64() * 1e3,
-                "model loaded and serving"
-            );
         }
-        let now_serving = self.current();
-        let result = if loaded.is_some() {
+    }
+
+    /// The newest valid bundle of `slot`'s folder, unless it is `serving`.
+    fn reload_slot(
+        &self,
+        slot: Slot,
+        serving: Option<&Loaded>,
+        rejected: &mut Vec<Rejection>,
+    ) -> SlotChange {
+        let dir = self.dirs.get(slot);
+        let files = match candidates(dir) {
+            Ok(files) => files,
+            // The challenger's and the rollback's folders are optional.
+            Err(error) if slot != Slot::Primary && error.kind() == std::io::ErrorKind::NotFound => {
+                Vec::new()
+            }
+            Err(error) => {
+                tracing::error!(dir = %dir.display(), %error, "cannot list the model folder");
+                rejected.push(Rejection {
+                    slot,
+                    file: FileIdentity {
+                        path: dir.to_path_buf(),
+                        size: 0,
+                        modified_unix_nanos: 0,
+                    },
+                    reason: format!("cannot list {}: {error}", dir.display()),
+                    at_unix_seconds: unix_now(),
+                });
+                return SlotChange::Unchanged;
+            }
+        };
+        if files.is_empty() && slot != Slot::Primary {
+            return if serving.is_some() {
+                SlotChange::Emptied
+            } else {
+                SlotChange::Unchanged
+            };
+        }
+        for file in files {
+            // Older files than the serving one are not candidates.
+            if Some(&file) == serving.map(|l| &l.file) {
+                break;
+            }
+            if self.known_bad(&file) {
+                continue;
+            }
+            match ServingModel::load(&file.path, self.verify_rows) {
+                Ok((model, file)) => {
+                    tracing::info!(
+                        slot = slot.label(),
+                        version = model.version(),
+                        path = %file.path.display(),
+                        evaluator = model.evaluator_name(),
+                        trees = model.trees,
+                        check_rows = model.verified_rows,
+                        max_diff = model.verified_max_diff,
+                        explains = model.explainer.is_ok(),
+                        load_ms = model.load_time.as_secs_f64() * 1e3,
+                        "model loaded"
+                    );
+                    return SlotChange::Loaded(Loaded {
+                        model: Arc::new(model),
+                        file,
+                    });
+                }
+                Err(error) => {
+                    tracing::error!(slot = slot.label(), path = %file.path.display(), %error, "model bundle rejected; the previous model keeps its place");
+                    rejected.push(Rejection {
+                        slot,
+                        file,
+                        reason: error.to_string(),
+                        at_unix_seconds: unix_now(),
+                    });
+                }
+            }
+        }
+        SlotChange::Unchanged
+    }
+
+    /// Loads the newest valid bundle of each slot's folder that is not the
+    /// one in place, and swaps the changed set in at once.
+    pub fn reload(&self, trigger: ReloadTrigger) -> ReloadReport {
+        let _one_at_a_time = self.changing.lock();
+        let mut span = telemetry::span("model.reload");
+        let started = Instant::now();
+        let before = self.set();
+        let mut next = (*before).clone();
+        let mut rejected = Vec::new();
+        let mut primary_loaded = None;
+        let mut changed = false;
+        for slot in Slot::ALL {
+            match self.reload_slot(slot, before.slot(slot), &mut rejected) {
+                SlotChange::Unchanged => {}
+                SlotChange::Loaded(loaded) => {
+                    if slot == Slot::Primary {
+                        primary_loaded = Some(loaded.file.path.clone());
+                    }
+                    *next.slot_mut(slot) = Some(loaded);
+                    changed = true;
+                }
+                SlotChange::Emptied => {
+                    tracing::info!(slot = slot.label(), dir = %self.dirs.get(slot).display(), "the folder holds no bundle any more; the slot is empty");
+                    *next.slot_mut(slot) = None;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.swap(next);
+        }
+        let now = self.set();
+        let result = if primary_loaded.is_some() {
             ReloadResult::Loaded
         } else if !rejected.is_empty() {
             ReloadResult::Rejected
-        } else if now_serving.is_none() {
+        } else if now.primary.is_none() {
             ReloadResult::NoModel
         } else {
             ReloadResult::Unchanged
@@ -269,13 +421,16 @@ impl ModelRegistry {
                 outcome: result.label(),
             })
             .inc();
+        let version = |slot: Slot| now.slot(slot).map(|l| l.model.version().to_owned());
         let report = ReloadReport {
             trigger,
             result,
             at_unix_seconds: unix_now(),
             duration_ms: started.elapsed().as_secs_f64() * 1e3,
-            serving_version: now_serving.map(|m| m.version().to_owned()),
-            loaded_path: loaded.map(|m| m.file.path.clone()),
+            serving_version: version(Slot::Primary),
+            challenger_version: version(Slot::Challenger),
+            rollback_version: version(Slot::Rollback),
+            loaded_path: primary_loaded,
             rejected: rejected.clone(),
         };
         if let Some(span) = &mut span {
@@ -289,14 +444,18 @@ impl ModelRegistry {
                 span.attr("cartscore.model.version", version.clone());
             }
         }
+        self.remember(report.clone());
+        report
+    }
+
+    fn remember(&self, report: ReloadReport) {
         if let Ok(mut history) = self.history.lock() {
-            for r in rejected {
+            for r in report.rejected.iter().cloned() {
                 history.rejected.insert(0, r);
             }
             history.rejected.truncate(REMEMBERED_REJECTIONS);
-            history.last = Some(report.clone());
+            history.last = Some(report);
         }
-        report
     }
 }
 
@@ -340,8 +499,13 @@ pub fn spawn_reloader(
         })
 }
 
-/// Watches the model folder and asks for a reload on every change in it.
-pub fn watch(dir: &Path, requests: Sender<ReloadRequest>) -> notify::Result<RecommendedWatcher> {
+/// Watches the slots' folders and asks for a reload on every change in
+/// them. The challenger's and the rollback's are created if missing, so a
+/// bundle dropped into them later is seen.
+pub fn watch(
+    dirs: &ModelDirs,
+    requests: Sender<ReloadRequest>,
+) -> notify::Result<RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {
             Ok(e) => !matches!(e.kind, EventKind::Access(_)),
@@ -354,7 +518,17 @@ pub fn watch(dir: &Path, requests: Sender<ReloadRequest>) -> notify::Result<Reco
             });
         }
     })?;
-    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    watcher.watch(&dirs.primary, RecursiveMode::NonRecursive)?;
+    for dir in [&dirs.challenger, &dirs.rollback] {
+        // A read-only model folder still serves; its slots are then only
+        // read at start, on SIGHUP and on /admin/reload.
+        match std::fs::create_dir_all(dir) {
+            Ok(()) => watcher.watch(dir, RecursiveMode::NonRecursive)?,
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "cannot create the folder to watch it");
+            }
+        }
+    }
     Ok(watcher)
 }
 

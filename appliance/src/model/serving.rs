@@ -1,14 +1,19 @@
 //! A bundle made ready to serve: tract loads and checks it (contract, golden
 //! vectors), then a plain tree ensemble is compiled into the flat evaluator
 //! and must agree with tract on the golden vectors and on random rows before
-//! it may serve. Any other graph is served by tract itself.
+//! it may serve. Any other graph is served by tract itself. A compiled
+//! ensemble whose bundle carries node covers also gets an explainer, once it
+//! reproduces LightGBM's own contributions of the golden vectors; a bundle
+//! without them serves, and says so when asked to explain.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use cartscore_core::bundle::GOLDEN_TOLERANCE;
 use cartscore_core::compiled::{CompiledEnsemble, check_rows};
+use cartscore_core::explain::{ExplainError, Explainer};
 use cartscore_core::features::CategoricalKeys;
+use cartscore_core::shap::Explanation;
 use cartscore_core::{BundleMetadata, FeatureRow, ModelError, TractModel};
 use thiserror::Error;
 
@@ -56,6 +61,20 @@ impl ErrorCode for ModelError {
     }
 }
 
+/// A request to explain a score the serving model cannot explain.
+#[derive(Debug, Error)]
+#[error("model {version} cannot explain its scores: {reason}")]
+pub struct CannotExplain {
+    pub version: String,
+    pub reason: String,
+}
+
+impl ErrorCode for CannotExplain {
+    fn error_code(&self) -> Code {
+        Code::ExplainUnavailable
+    }
+}
+
 /// How the serving path evaluates rows.
 #[derive(Debug)]
 pub enum Evaluator {
@@ -90,7 +109,8 @@ impl FileIdentity {
 pub struct ServingModel {
     pub metadata: BundleMetadata,
     pub evaluator: Evaluator,
-    pub file: FileIdentity,
+    /// The bundle's size as loaded.
+    pub size_bytes: u64,
     pub blake3: String,
     pub loaded_at: SystemTime,
     pub load_time: Duration,
@@ -98,12 +118,16 @@ pub struct ServingModel {
     pub verified_max_diff: f64,
     pub verified_rows: usize,
     pub trees: usize,
+    /// Exact TreeSHAP, or why this model cannot explain.
+    pub explainer: Result<Explainer, ExplainError>,
     /// The version, shared: every scored cart's record names it.
     version: std::sync::Arc<str>,
 }
 
 impl ServingModel {
-    pub fn load(path: &Path, random_rows: usize) -> Result<Self, LoadError> {
+    /// Loads and verifies the bundle at `path`; returns it with the identity
+    /// of the file it was read from.
+    pub fn load(path: &Path, random_rows: usize) -> Result<(Self, FileIdentity), LoadError> {
         let started = Instant::now();
         let file = FileIdentity::of(path).map_err(|source| LoadError::Read {
             path: path.into(),
@@ -135,6 +159,7 @@ impl ServingModel {
             });
         }
         let check_count = reference.len();
+        let mut explainer = Err(ExplainError::NotATreeEnsemble);
         let (evaluator, diff, trees) = match CompiledEnsemble::compile(&tract.proto) {
             Ok(compiled) => {
                 let diff = f64::from(compiled.max_difference(&rows, &reference));
@@ -146,6 +171,16 @@ impl ServingModel {
                     });
                 }
                 let trees = compiled.trees();
+                explainer = Explainer::verified(&compiled, &tract.metadata);
+                match &explainer {
+                    Ok(e) => {
+                        tracing::debug!(path = %path.display(), max_diff = e.verified_max_diff, "explainer verified against LightGBM's contributions")
+                    }
+                    Err(ExplainError::NoCovers) => {}
+                    Err(reason) => {
+                        tracing::warn!(path = %path.display(), %reason, "the bundle serves, but its scores cannot be explained")
+                    }
+                }
                 (Evaluator::Compiled(compiled), diff, trees)
             }
             Err(reason) => {
@@ -157,18 +192,37 @@ impl ServingModel {
                 (Evaluator::Tract(Box::new(tract.clone())), 0.0, 0)
             }
         };
-        Ok(Self {
+        let model = Self {
             version: tract.metadata.model_version.as_str().into(),
             metadata: tract.metadata,
             evaluator,
-            file,
+            size_bytes: bytes.len() as u64,
             blake3: hash.to_hex().to_string(),
             loaded_at: SystemTime::now(),
             load_time: started.elapsed(),
             verified_max_diff: diff,
             verified_rows: check_count,
             trees,
-        })
+            explainer,
+        };
+        Ok((model, file))
+    }
+
+    /// The TreeSHAP attribution of `row`'s score.
+    pub fn explain(&self, row: &FeatureRow) -> Result<Explanation, CannotExplain> {
+        match &self.explainer {
+            Ok(explainer) => Ok(explainer.explain(&row.0)),
+            Err(reason) => Err(CannotExplain {
+                version: self.version().to_owned(),
+                reason: reason.to_string(),
+            }),
+        }
+    }
+
+    /// The same contract as `other`: version and feature names.
+    pub fn same_contract(&self, other: &Self) -> bool {
+        self.metadata.contract_version == other.metadata.contract_version
+            && self.metadata.feature_names == other.metadata.feature_names
     }
 
     /// The version as a shared string (a reference count, no copy).

@@ -2,9 +2,11 @@
 //! carts (the store resolves them with the trainer's label, see
 //! `store::outcomes`) over a sliding window of the last `model.live_window`
 //! per model version, as ROC-AUC, log-loss, Brier score, expected
-//! calibration error and a reliability table; [`drift`] compares the
-//! scored rows with the bundle's data profile.
+//! calibration error and a reliability table; [`comparison`] holds champion
+//! and challenger side by side on the carts both scored; [`drift`] compares
+//! the scored rows with the bundle's data profile.
 
+pub mod comparison;
 pub mod drift;
 pub mod records;
 
@@ -15,27 +17,33 @@ use serde::Serialize;
 
 use crate::ops::metrics::{LabelOutcome, Metrics, VersionLabels};
 use crate::store::Outcome;
+use comparison::Comparisons;
 
 /// Probability bins of the reliability table and the calibration error.
 pub const BINS: usize = 10;
 
-/// The windows of every model version that resolved outcomes.
+/// The windows of every model version that resolved outcomes (each on the
+/// carts it answered), and of every champion/challenger pair (both on the
+/// carts both scored).
 #[derive(Debug)]
 pub struct LiveQuality {
     window: usize,
     by_version: Mutex<BTreeMap<String, VecDeque<(f32, bool)>>>,
+    pub comparisons: Comparisons,
 }
 
 impl LiveQuality {
-    pub fn new(window: usize) -> Self {
+    pub fn new(window: usize, flip_threshold: f64) -> Self {
         Self {
             window,
             by_version: Mutex::default(),
+            comparisons: Comparisons::new(window, flip_threshold),
         }
     }
 
     /// Adds resolved outcomes (oldest first); counts them when `metrics`.
     pub fn observe(&self, outcomes: &[Outcome], metrics: Option<&Metrics>) {
+        self.comparisons.observe(outcomes);
         let mut windows = self
             .by_version
             .lock()
@@ -74,8 +82,9 @@ impl LiveQuality {
             .collect()
     }
 
-    /// Sets the live gauges from [`Self::report`].
+    /// Sets the live and the comparison gauges from [`Self::report`].
     pub fn export(&self, metrics: &Metrics) -> BTreeMap<String, QualityReport> {
+        self.comparisons.export(metrics);
         let report = self.report();
         for (version, quality) in &report {
             let labels = VersionLabels {

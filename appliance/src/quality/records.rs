@@ -7,7 +7,7 @@ use cartscore_core::{FEATURE_NAMES, Timestamp};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-use crate::store::{Outcome, Prediction};
+use crate::store::{Outcome, PairedScore, Prediction};
 
 /// What both records say of their cart and its score.
 #[derive(Debug, Serialize)]
@@ -20,6 +20,12 @@ pub struct ScoredCart {
     pub model_version: String,
     pub probability: f32,
     pub scored_at_unix_ms: i64,
+    /// The challenger answered (a canary session).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
+    /// The other model's score, when two models scored the cart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paired: Option<PairedScore>,
 }
 
 /// One resolved cart.
@@ -48,6 +54,8 @@ impl OutcomeView {
                 model_version: o.model_version,
                 probability: o.probability,
                 scored_at_unix_ms: o.scored_at_ms,
+                canary: o.canary,
+                paired: o.paired,
             },
         }
     }
@@ -75,6 +83,8 @@ impl PredictionView {
                 model_version: p.model_version,
                 probability: p.probability,
                 scored_at_unix_ms: p.scored_at_ms,
+                canary: p.canary,
+                paired: p.paired,
             },
         }
     }
@@ -112,6 +122,8 @@ mod tests {
                 probability: 0.25,
                 features,
                 scored_at_ms: 3,
+                paired: None,
+                canary: false,
             },
         );
         let text = serde_json::to_string(&view).unwrap();

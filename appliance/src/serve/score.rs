@@ -1,6 +1,12 @@
 //! The scoring path: state lookup, the shared feature code, the model. It
 //! only reads the store; the event stream (or /v1/events) is the single
 //! writer, so scoring a cart never changes what the next score sees.
+//!
+//! With a challenger in place, [`answer`] scores every cart with both
+//! models: the one that answers (the primary, or the challenger for a canary
+//! session) first, then the other from the same state, its own encodings
+//! applied to a copy of the row. The second score never changes the answer
+//! and its failure never fails the request.
 
 use cartscore_core::features::CategoricalKeys;
 use cartscore_core::{Event, EventType, FeatureRow, ModelError, SessionKey};
@@ -9,9 +15,10 @@ use thiserror::Error;
 use crate::error::{Code, ErrorCode};
 use cartscore_protocol::Redirect;
 
-use crate::model::ServingModel;
+use crate::model::{ModelSet, ServingModel};
+use crate::ops::metrics::ChallengerMetrics;
 use crate::shard::{Owner, Ownership};
-use crate::store::{CartRecord, StoreError, StoreReader};
+use crate::store::{CartRecord, PairedRecord, StoreError, StoreReader};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
@@ -34,6 +41,8 @@ pub enum ScoreError {
         "no shard has claimed the partition of user {user_id} yet (the group is rebalancing); retry shortly"
     )]
     OwnerUnknown { user_id: u64 },
+    #[error("no model is loaded; see GET /v1/model")]
+    NoModel,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the model failed: {0}")]
@@ -46,6 +55,7 @@ impl ErrorCode for ScoreError {
             Self::NotACart(_) => Code::NotACart,
             Self::NotOwner { .. } => Code::NotOwner,
             Self::OwnerUnknown { .. } => Code::OwnerUnknown,
+            Self::NoModel => Code::ModelUnavailable,
             Self::Store(error) => error.error_code(),
             Self::Model(error) => error.error_code(),
         }
@@ -120,18 +130,73 @@ pub fn score(
     })
 }
 
+/// A cart scored by the model that answers it, and by the other one.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'m> {
+    pub scored: Scored,
+    pub served: &'m ServingModel,
+    /// The challenger answered (a canary session).
+    pub canary: bool,
+    /// The other model of the pair and its probability; `None` with one
+    /// model, or when the second score failed (counted).
+    pub paired: Option<(&'m ServingModel, f32)>,
+}
+
+/// Scores `cart` with the model its session is routed to, then with the
+/// other model of the pair, if any.
+pub fn answer<'m>(
+    set: &'m ModelSet,
+    reader: &StoreReader<'_>,
+    ownership: Option<&Ownership>,
+    cart: &Event,
+    metrics: &ChallengerMetrics,
+) -> Result<Answer<'m>, ScoreError> {
+    let route = set.route(&cart.user_session).ok_or(ScoreError::NoModel)?;
+    let scored = score(route.served, reader, ownership, cart)?;
+    let paired = route.paired.and_then(|other| {
+        let mut row = scored.row;
+        other.encode(&mut row, CategoricalKeys::of(cart));
+        match other.predict(&row) {
+            Ok(probability) => {
+                if route.canary {
+                    metrics.canary_scored.inc();
+                } else {
+                    metrics.shadow_scored.inc();
+                }
+                Some((other, probability))
+            }
+            Err(error) => {
+                metrics.pair_failed.inc();
+                tracing::debug!(%error, version = other.version(), "the second model failed; the answer stands");
+                None
+            }
+        }
+    });
+    Ok(Answer {
+        scored,
+        served: route.served,
+        canary: route.canary,
+        paired,
+    })
+}
+
 /// The record of a scored cart, for the closed loop (`store::outcomes`).
-pub fn record_of(cart: &Event, scored: &Scored, model: &ServingModel) -> CartRecord {
+pub fn record_of(cart: &Event, answer: &Answer<'_>) -> CartRecord {
     CartRecord {
         user_id: cart.user_id,
         user_session: cart.user_session.clone(),
         product_id: cart.product_id,
         cart_time: cart.event_time,
-        model_version: model.shared_version(),
-        probability: scored.probability,
-        features: scored.row.0,
+        model_version: answer.served.shared_version(),
+        probability: answer.scored.probability,
+        features: answer.scored.row.0,
         scored_at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
+        paired: answer.paired.map(|(model, probability)| PairedRecord {
+            model_version: model.shared_version(),
+            probability,
+        }),
+        canary: answer.canary,
     }
 }

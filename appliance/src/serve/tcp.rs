@@ -18,18 +18,19 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-use cartscore_protocol::{self as protocol, Redirect, ScoreFrame, Status};
+use cartscore_protocol::{self as protocol, Kind, Redirect, ScoreFrame, Status};
 
 use crate::config::{IoDriver, TcpConfig};
 use crate::error::{Code, ErrorCode};
 use crate::ingest::Recorder;
-use crate::model::ServingModel;
+use crate::model::ModelSet;
 use crate::model::reload::{ModelCache, ModelRegistry};
 use crate::ops::heartbeat::{HEARTBEAT_EVERY, Heartbeats};
 use crate::ops::metrics::{ApiLabels, Metrics, OutcomeLabels, ReasonLabels};
 use crate::serve::score;
 use crate::shard::Ownership;
 use crate::store::{Store, StoreReader};
+use cartscore_core::shap::Explanation;
 
 const READ_CHUNK: usize = 16 * 1024;
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -51,9 +52,9 @@ pub struct Shared {
     pub recorder: Recorder,
 }
 
-/// Per-core state: this core's model handle (it follows a swap at the next
-/// batch of requests) and metric handles resolved once, so a request touches
-/// no shared map and no lock.
+/// Per-core state: this core's handle on the model set (it follows a swap at
+/// the next batch of requests) and metric handles resolved once, so a
+/// request touches no shared map and no lock.
 struct Core {
     shared: Arc<Shared>,
     model: RefCell<ModelCache>,
@@ -297,7 +298,7 @@ async fn serve_connection(mut stream: TcpStream, core: Rc<Core>) {
 /// Answers every complete frame in `input` and removes them from it.
 /// Returns true when the connection must close (a malformed frame).
 fn answer_frames(core: &Core, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool {
-    let model = core.model.borrow_mut().load().clone();
+    let set = core.model.borrow_mut().load().clone();
     let shared = &core.shared;
     let mut reader: Option<StoreReader<'_>> = None;
     let mut consumed = 0;
@@ -306,7 +307,7 @@ fn answer_frames(core: &Core, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool
         let started = Instant::now();
         match protocol::parse_request(&input[consumed..], shared.max_frame) {
             Ok(Some((frame, used))) => {
-                let status = answer(core, model.as_deref(), &mut reader, &frame, output);
+                let status = answer(core, &set, &mut reader, &frame, output);
                 core.outcomes[status as usize].inc();
                 if status == Status::NotOwner {
                     core.redirects.inc();
@@ -316,15 +317,18 @@ fn answer_frames(core: &Core, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool
             }
             Ok(None) => break,
             Err(error) => {
-                let version = model.as_deref().map_or("", ServingModel::version);
+                let version = set.primary().map_or("", |m| m.version());
                 protocol::encode_response(
                     output,
-                    0,
-                    error.status(),
-                    false,
-                    f32::NAN,
-                    version,
-                    &error.to_string(),
+                    &protocol::Answer {
+                        request_id: 0,
+                        status: error.status(),
+                        session_known: false,
+                        probability: f32::NAN,
+                        model_version: version,
+                        message: &error.to_string(),
+                        explanation: None,
+                    },
                 );
                 core.outcomes[error.status() as usize].inc();
                 shared
@@ -361,45 +365,58 @@ fn refuse(error: &dyn ErrorCode) -> Refusal {
 
 fn answer<'s>(
     core: &'s Core,
-    model: Option<&ServingModel>,
+    set: &ModelSet,
     reader: &mut Option<StoreReader<'s>>,
     frame: &ScoreFrame<'_>,
     output: &mut Vec<u8>,
 ) -> Status {
-    let (status, known, probability, message) = match score_frame(core, model, reader, frame) {
-        Ok(scored) => (
-            Status::Ok,
-            scored.session_known,
-            scored.probability,
-            String::new(),
-        ),
-        Err(refusal) => (refusal.status, false, f32::NAN, refusal.message),
+    let mut reply = protocol::Answer {
+        request_id: frame.request_id,
+        status: Status::Ok,
+        session_known: false,
+        probability: f32::NAN,
+        model_version: set.primary().map_or("", |m| m.version()),
+        message: "",
+        explanation: None,
     };
-    protocol::encode_response(
-        output,
-        frame.request_id,
-        status,
-        known,
-        probability,
-        model.map_or("", ServingModel::version),
-        &message,
-    );
-    status
+    let refusal;
+    let explained;
+    match score_frame(core, set, reader, frame) {
+        Ok((answer, explanation)) => {
+            reply.session_known = answer.scored.session_known;
+            reply.probability = answer.scored.probability;
+            reply.model_version = answer.served.version();
+            explained = explanation;
+            reply.explanation = explained
+                .as_ref()
+                .map(|e| (e.base_value, e.contributions.as_slice()));
+        }
+        Err(refused) => {
+            refusal = refused;
+            reply.status = refusal.status;
+            reply.message = &refusal.message;
+        }
+    }
+    protocol::encode_response(output, &reply);
+    reply.status
 }
 
-/// The frame's cart scored from one snapshot (opened by the first request
-/// of a read and shared by the rest).
-fn score_frame<'s>(
+/// The frame's cart scored (and explained, for an explain request) from
+/// one snapshot (opened by the first request of a read and shared by the
+/// rest).
+fn score_frame<'s, 'm>(
     core: &'s Core,
-    model: Option<&ServingModel>,
+    set: &'m ModelSet,
     reader: &mut Option<StoreReader<'s>>,
     frame: &ScoreFrame<'_>,
-) -> Result<score::Scored, Refusal> {
+) -> Result<(score::Answer<'m>, Option<Explanation>), Refusal> {
     let event = frame.to_event().map_err(|e| refuse(&e))?;
-    let model = model.ok_or_else(|| Refusal {
-        status: Code::ModelUnavailable.tcp(),
-        message: "no model is loaded".into(),
-    })?;
+    if set.primary().is_none() {
+        return Err(Refusal {
+            status: Code::ModelUnavailable.tcp(),
+            message: "no model is loaded".into(),
+        });
+    }
     if reader.is_none() {
         *reader = Some(core.shared.store.reader().map_err(|e| refuse(&e))?);
     }
@@ -409,10 +426,26 @@ fn score_frame<'s>(
             message: "no store snapshot".into(),
         });
     };
-    let scored = score::score(model, snapshot, core.shared.ownership.as_deref(), &event)
-        .map_err(|e| refuse(&e))?;
-    core.shared
-        .recorder
-        .record(|| score::record_of(&event, &scored, model));
-    Ok(scored)
+    let shared = &core.shared;
+    let answer = score::answer(
+        set,
+        snapshot,
+        shared.ownership.as_deref(),
+        &event,
+        &shared.metrics.challenger,
+    )
+    .map_err(|e| refuse(&e))?;
+    shared.recorder.record(|| score::record_of(&event, &answer));
+    let explanation = match frame.kind {
+        Kind::Score => None,
+        Kind::Explain => {
+            let explanation = answer
+                .served
+                .explain(&answer.scored.row)
+                .map_err(|e| refuse(&e))?;
+            shared.metrics.challenger.explanations.inc();
+            Some(explanation)
+        }
+    };
+    Ok((answer, explanation))
 }

@@ -9,7 +9,6 @@ use std::sync::Mutex;
 use cartscore_core::state::{ArchivedSessionState, ArchivedUserState, apply};
 use cartscore_core::{Event, SessionKey};
 use cartscore_core::{SessionState, Timestamp, UserState};
-use heed::RwTxn;
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, I64, Str, U64};
 use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
@@ -25,11 +24,6 @@ use crate::config::StoreConfig;
 
 const MIB: u64 = 1024 * 1024;
 const WATERMARK: &str = "watermark";
-const LAYOUT: &str = "layout";
-/// The keys' layout: 2 since sessions are keyed by session id and user.
-/// A store of another layout is refused at open (its stream offsets would
-/// resume past events whose state it cannot read).
-pub const LAYOUT_VERSION: i64 = 2;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AppliedBatch {
@@ -139,8 +133,7 @@ impl Store {
             })
             .map_err(open_error)?
             .unwrap_commit();
-        check_layout(&env, sessions, meta, &path)?;
-        Ok(Self {
+        let store = Self {
             env,
             path,
             map_size_mib: config.map_size_mib.get(),
@@ -167,7 +160,11 @@ impl Store {
             },
             predictions,
             log_predictions: false,
-        })
+        };
+        // A store of a layout this build cannot read is refused (its stream
+        // offsets would resume past events whose state it cannot read).
+        store.check_layout()?;
+        Ok(store)
     }
 
     /// Keeps every new scored-cart record in the prediction log's outbox
@@ -481,39 +478,8 @@ impl Store {
     pub(super) fn set_layout(&self, version: i64) -> Result<(), StoreError> {
         let mut wtxn = self.env.write_txn().map_err(self.err("write_txn"))?;
         self.meta
-            .put(&mut wtxn, LAYOUT, &version)
+            .put(&mut wtxn, super::migrate::LAYOUT, &version)
             .map_err(self.err("put layout"))?;
         wtxn.commit().map_err(self.err("commit"))
-    }
-}
-
-/// Refuses a store written with another key layout; stamps a new one.
-fn check_layout(
-    env: &Env<WithoutTls>,
-    sessions: Database<'static, Bytes, Bytes>,
-    meta: Database<'static, Str, I64<BigEndian>>,
-    path: &Path,
-) -> Result<(), StoreError> {
-    let open_error = |source| StoreError::Open {
-        path: path.to_owned(),
-        source,
-    };
-    let mut wtxn: RwTxn = env.write_txn().map_err(open_error)?;
-    let found = meta.get(&wtxn, LAYOUT).map_err(open_error)?;
-    match found {
-        Some(LAYOUT_VERSION) => Ok(()),
-        Some(other) => Err(StoreError::Layout {
-            path: path.to_owned(),
-            found: other,
-        }),
-        None if !sessions.is_empty(&wtxn).map_err(open_error)? => Err(StoreError::Layout {
-            path: path.to_owned(),
-            found: 1,
-        }),
-        None => {
-            meta.put(&mut wtxn, LAYOUT, &LAYOUT_VERSION)
-                .map_err(open_error)?;
-            wtxn.commit().map_err(open_error)
-        }
     }
 }

@@ -35,7 +35,7 @@ pub enum StoreError {
         source: rancor::Error,
     },
     #[error(
-        "the store at {path} has key layout {found}, this build reads layout 2: move it aside and let the stream rebuild it (the offsets go with it)"
+        "the store at {path} has layout {found}, this build reads layouts 2 and 3: move it aside and let the stream rebuild it (the offsets go with it)"
     )]
     Layout { path: PathBuf, found: i64 },
     #[error("failed to encode {what}: {source}")]

@@ -16,7 +16,7 @@ use rkyv::rancor;
 use super::codec::Archiver;
 use super::db::Store;
 use super::error::StoreError;
-use super::outcomes::{CartRecord, Outcome};
+use super::outcomes::{CartRecord, Outcome, PairedScore};
 
 const PREDICTION_SEQ: &str = "prediction_seq";
 const DELIVERED_PREDICTIONS: &str = "log_delivered_predictions";
@@ -41,6 +41,8 @@ pub struct Prediction {
     pub probability: f32,
     pub features: Vec<f32>,
     pub scored_at_ms: i64,
+    pub paired: Option<PairedScore>,
+    pub canary: bool,
 }
 
 impl Prediction {
@@ -73,6 +75,8 @@ impl Store {
                 probability: record.probability,
                 features: record.features.to_vec(),
                 scored_at_ms: record.scored_at_ms,
+                paired: PairedScore::of(record),
+                canary: record.canary,
             };
             let bytes = archiver.archive(&prediction, "prediction")?;
             self.predictions

@@ -10,7 +10,8 @@
 //! - `offsets`: `topic/partition` -> next offset to consume (i64 BE); see
 //!   [`offsets`]
 //! - `meta`: `watermark` -> latest event time applied (µs, i64 BE);
-//!   `layout` -> the key layout version; `outcome_seq` -> the next outcome's
+//!   `layout` -> the layout version (see [`migrate`]); `outcome_seq` -> the
+//!   next outcome's
 //! - `scored`: session key, product, cart time -> a scored cart's record;
 //!   `outcomes`: sequence (u64 BE) -> a resolved outcome; see [`outcomes`]
 //! - `predictions`: sequence (u64 BE) -> a scored cart the prediction log
@@ -32,6 +33,7 @@ mod db;
 mod error;
 mod keys;
 mod log;
+mod migrate;
 mod offsets;
 mod outcomes;
 mod sweep;
@@ -40,7 +42,7 @@ pub use db::{AppliedBatch, Store, StoreReader};
 pub use error::StoreError;
 pub use log::{LogPositions, Prediction};
 pub use offsets::{OffsetKind, StreamOffset};
-pub use outcomes::{CartRecord, Outcome};
+pub use outcomes::{CartRecord, Outcome, PairedRecord, PairedScore};
 pub use sweep::{PurgeOutcome, StoreDigest, StoreStats, SweepOutcome};
 
 #[cfg(test)]
@@ -309,6 +311,8 @@ mod tests {
             probability,
             features: [0.0; 25],
             scored_at_ms: 0,
+            paired: None,
+            canary: false,
         }
     }
 

@@ -31,14 +31,46 @@ pub struct CartRecord {
     pub user_session: String,
     pub product_id: u64,
     pub cart_time: Timestamp,
-    /// Shared with the model: recording a score allocates once (the session).
+    /// The model that answered. Shared with the model: recording a score
+    /// allocates once (the session).
     pub model_version: std::sync::Arc<str>,
     pub probability: f32,
+    /// The row the answering model saw.
     pub features: [f32; FEATURE_COUNT],
     pub scored_at_ms: i64,
+    /// The other model's score of the same cart, when two serve.
+    pub paired: Option<PairedRecord>,
+    /// The challenger answered (a canary session).
+    pub canary: bool,
 }
 
-/// A scored cart as stored.
+/// The second model's score, as the scorer hands it over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairedRecord {
+    pub model_version: std::sync::Arc<str>,
+    pub probability: f32,
+}
+
+/// The other model's score of a cart, as stored: the challenger's when the
+/// primary answered, the primary's when the challenger did (canary).
+#[derive(
+    Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize,
+)]
+pub struct PairedScore {
+    pub model_version: String,
+    pub probability: f32,
+}
+
+impl PairedScore {
+    pub(super) fn of(record: &CartRecord) -> Option<Self> {
+        record.paired.as_ref().map(|p| Self {
+            model_version: p.model_version.to_string(),
+            probability: p.probability,
+        })
+    }
+}
+
+/// A scored cart as stored (layout 3; [`super::migrate`] has layout 2's).
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct StoredRecord {
     pub model_version: String,
@@ -46,6 +78,8 @@ pub struct StoredRecord {
     pub features: Vec<f32>,
     pub scored_at_ms: i64,
     pub resolved: bool,
+    pub paired: Option<PairedScore>,
+    pub canary: bool,
 }
 
 /// A resolved cart.
@@ -55,6 +89,7 @@ pub struct Outcome {
     pub user_session: String,
     pub product_id: u64,
     pub cart_time_micros: i64,
+    /// The model that answered, and its probability.
     pub model_version: String,
     pub probability: f32,
     pub label: bool,
@@ -62,6 +97,26 @@ pub struct Outcome {
     /// watermark that expired the session).
     pub resolved_at_micros: i64,
     pub scored_at_ms: i64,
+    pub paired: Option<PairedScore>,
+    pub canary: bool,
+}
+
+/// A model's version and its probability of a cart.
+pub type VersionedScore<'a> = (&'a str, f32);
+
+impl Outcome {
+    /// (champion, challenger) versions and probabilities, when two models
+    /// scored the cart.
+    pub fn pair(&self) -> Option<(VersionedScore<'_>, VersionedScore<'_>)> {
+        let paired = self.paired.as_ref()?;
+        let answered = (self.model_version.as_str(), self.probability);
+        let other = (paired.model_version.as_str(), paired.probability);
+        Some(if self.canary {
+            (other, answered)
+        } else {
+            (answered, other)
+        })
+    }
 }
 
 /// `scored` key: the session key, the product and the cart time (both
@@ -163,6 +218,8 @@ impl Store {
                 features: record.features.to_vec(),
                 scored_at_ms: record.scored_at_ms,
                 resolved: false,
+                paired: PairedScore::of(record),
+                canary: record.canary,
             };
             let bytes = archiver.archive(&value, "scored record")?;
             self.scored
@@ -242,6 +299,8 @@ impl Store {
             label,
             resolved_at_micros: at,
             scored_at_ms: record.scored_at_ms,
+            paired: record.paired.clone(),
+            canary: record.canary,
         };
         record.resolved = true;
         let bytes = resolver.archiver.archive(&record, "scored record")?;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use cartscore_core::{
     BundleMetadata, CONTRACT_VERSION, DataProfile, FEATURE_COUNT, FEATURE_NAMES, GoldenVector,
-    TractModel,
+    ShapMetadata, TractModel,
 };
 use lightgbm3::Booster;
 use serde::Serialize;
@@ -70,6 +70,7 @@ pub(super) fn export(
             probability: p,
         })
         .collect();
+    let shap = shap_metadata(booster, &trees, &golden_rows)?;
     let fingerprint = replay.fingerprint();
     let model_hash = blake3::hash(tuned.model_text.as_bytes()).to_hex()[..8].to_string();
     let model_version = request
@@ -106,6 +107,7 @@ pub(super) fn export(
             &served_rows(replay, data),
             &evaluated.validation_p,
         )),
+        shap,
     };
     let bytes = onnx::encode(&onnx::onnx_model(&trees, &metadata));
     Ok(Bundle {
@@ -124,6 +126,30 @@ fn served_rows(replay: &Replay, data: &Windows) -> Vec<f32> {
         .iter()
         .flat_map(|&i| replay.examples[i].encoded(&replay.interner, &data.tables).0)
         .collect()
+}
+
+/// The covers TreeSHAP needs and LightGBM's own contributions of the golden
+/// rows, which the appliance must reproduce before it explains a score.
+/// `None` (the bundle serves, unexplained) when the model text has no counts.
+pub fn shap_metadata(
+    booster: &Booster,
+    trees: &[Tree],
+    golden_rows: &[f32],
+) -> Result<Option<ShapMetadata>> {
+    let Some(covers) = onnx::covers(trees) else {
+        tracing::warn!("the LightGBM model has no node counts: the bundle cannot explain scores");
+        return Ok(None);
+    };
+    let contributions = booster
+        .predict_contrib(golden_rows, FEATURE_COUNT as i32, true)
+        .map_err(|e| anyhow::anyhow!("LightGBM contributions failed: {e}"))?;
+    Ok(Some(ShapMetadata {
+        covers,
+        golden_contributions: contributions
+            .chunks(FEATURE_COUNT + 1)
+            .map(<[f64]>::to_vec)
+            .collect(),
+    }))
 }
 
 fn lightgbm_predict(booster: &Booster, rows: &[f32]) -> Result<Vec<f64>> {

@@ -26,6 +26,8 @@ use evaluate::evaluate;
 use windows::{Window, Windows};
 
 pub use bundle::predict_parallel;
+#[cfg(test)]
+pub(crate) use bundle::shap_metadata;
 pub use config::{TrainConfig, TrainRequest};
 
 /// Trains, exports and verifies a bundle; writes `model.onnx` and the
@@ -92,6 +94,7 @@ pub fn run(request: &TrainRequest) -> Result<TrainReport> {
     write_outputs(
         request,
         &bundle.bytes,
+        &tuned.model_text,
         &report,
         &data.test,
         &evaluation.test_p,
@@ -166,6 +169,7 @@ fn tune(data: &Windows, config: &TrainConfig) -> Result<(Tuned, Tuning)> {
 fn write_outputs(
     request: &TrainRequest,
     bytes: &[u8],
+    model_text: &str,
     report: &TrainReport,
     test: &Window,
     test_p: &[f64],
@@ -173,6 +177,9 @@ fn write_outputs(
     std::fs::create_dir_all(&request.out)
         .with_context(|| format!("failed to create {}", request.out.display()))?;
     write_atomically(&request.out.join("model.onnx"), bytes)?;
+    // LightGBM's own text of the model: the reference for predict
+    // --lightgbm and for engines that read it (the bench's comparison).
+    write_atomically(&request.out.join("lightgbm.txt"), model_text.as_bytes())?;
     write_report_json(&request.out, report)?;
     write_atomically(&request.out.join("report.txt"), report.text().as_bytes())?;
     if request.write_test_rows {

@@ -20,8 +20,10 @@ use cartscore_protocol::Status;
 
 use crate::error::Code;
 
+mod challenger;
 mod quality;
 
+pub use challenger::{ChallengerMetrics, ChangeLabels, PairLabels, RoleLabels};
 pub use quality::{ClosedLoopMetrics, DriftMetrics, FeatureLabels, LabelOutcome, LiveMetrics};
 
 /// Latency buckets in seconds, from 10 µs: the appliance answers in
@@ -128,6 +130,7 @@ pub struct Metrics {
     pub live: LiveMetrics,
     pub drift: DriftMetrics,
     pub closed_loop: ClosedLoopMetrics,
+    pub challenger: ChallengerMetrics,
 }
 
 /// The Kafka consumer's view: consumed, routed, lag and health.
@@ -441,6 +444,7 @@ impl Metrics {
         let live = LiveMetrics::register(&mut registry);
         let drift = DriftMetrics::register(&mut registry);
         let closed_loop = ClosedLoopMetrics::register(&mut registry);
+        let challenger = ChallengerMetrics::register(&mut registry);
         // Known label sets start at 0, so dashboards and `increase()`
         // alerts have a series from the first scrape, not the first event.
         for outcome in Status::ALL.map(Status::label) {
@@ -477,6 +481,7 @@ impl Metrics {
             live,
             drift,
             closed_loop,
+            challenger,
         }
     }
 

@@ -1,12 +1,14 @@
 //! The JSON API (axum), one file per API: [`v1`] (scoring, ingest, the
-//! feature service, model status, the shard map), [`kserve`] (the Open Inference Protocol,
-//! V2), [`ops`] (health, readiness, metrics, admin) and [`error`] (the error
+//! feature service, the shard map, the outcomes), [`model`] (the models'
+//! status), [`kserve`] (the Open Inference Protocol, V2), [`ops`] (health,
+//! readiness, metrics, admin) and [`error`] (the error
 //! answers of both APIs, from the code table). This file builds the router
 //! and times every request once, for Prometheus and, when export is on,
 //! OpenTelemetry.
 
 pub mod error;
 pub mod kserve;
+pub mod model;
 pub mod ops;
 pub mod state;
 pub mod v1;
@@ -28,7 +30,7 @@ use state::App;
 pub use state::AppState;
 
 /// Every route, as its pattern: the bounded label set of the request metrics.
-const ROUTES: [&str; 16] = [
+const ROUTES: [&str; 18] = [
     "/v1/score",
     "/v1/events",
     "/v1/sessions/{id}",
@@ -45,6 +47,8 @@ const ROUTES: [&str; 16] = [
     "/metrics",
     "/admin/reload",
     "/v1/outcomes",
+    "/admin/promote",
+    "/admin/rollback",
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -53,7 +57,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(ROUTES[0], post(v1::score))
         .route(ROUTES[1], post(v1::events))
         .route(ROUTES[2], get(v1::session))
-        .route(ROUTES[3], get(v1::model))
+        .route(ROUTES[3], get(model::model))
         .route(ROUTES[4], get(v1::shards))
         .route(ROUTES[5], get(kserve::server))
         .route(ROUTES[6], get(kserve::live))
@@ -66,6 +70,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(ROUTES[13], get(ops::metrics))
         .route(ROUTES[14], post(ops::admin_reload))
         .route(ROUTES[15], get(v1::outcomes))
+        .route(ROUTES[16], post(ops::admin_promote))
+        .route(ROUTES[17], post(ops::admin_rollback))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -1,5 +1,5 @@
 //! Operating endpoints: liveness, readiness, Prometheus metrics and the
-//! admin reload.
+//! admin actions (reload, promote, rollback).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,7 +14,9 @@ use super::error::{ApiError, ErrorBody};
 use super::state::{App, AppState};
 use crate::error::Code;
 use crate::ingest::kafka::StreamStatus;
-use crate::model::{ReloadReport, ReloadRequest, ReloadResult, ReloadTrigger};
+use crate::model::{
+    Change, ChangeReport, ReloadReport, ReloadRequest, ReloadResult, ReloadTrigger,
+};
 
 const ADMIN_RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -112,6 +114,16 @@ fn authorized(app: &AppState, headers: &HeaderMap) -> bool {
         .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
 }
 
+fn require_admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if authorized(app, headers) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        Code::Unauthorized,
+        "a valid `Authorization: Bearer <token>` header is required",
+    ))
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -130,12 +142,7 @@ pub struct ReloadAnswer {
 /// `POST /admin/reload`: reload now and answer with the report (200 loaded
 /// or unchanged; a rejected bundle or an empty folder is an error).
 pub async fn admin_reload(State(app): App, headers: HeaderMap) -> Result<Response, ApiError> {
-    if !authorized(&app, &headers) {
-        return Err(ApiError::new(
-            Code::Unauthorized,
-            "a valid `Authorization: Bearer <token>` header is required",
-        ));
-    }
+    require_admin(&app, &headers)?;
     let (reply, done) = tokio::sync::oneshot::channel();
     app.reload
         .send(ReloadRequest {
@@ -161,4 +168,33 @@ pub async fn admin_reload(State(app): App, headers: HeaderMap) -> Result<Respons
     });
     let status = failure.map_or(StatusCode::OK, Code::status);
     Ok((status, Json(ReloadAnswer { report, error })).into_response())
+}
+
+/// `POST /admin/promote`: the challenger becomes the primary, the primary
+/// the rollback (409 without a challenger or with another contract).
+pub async fn admin_promote(app: App, headers: HeaderMap) -> Result<Json<ChangeReport>, ApiError> {
+    change_models(app.0, &headers, Change::Promote).await
+}
+
+/// `POST /admin/rollback`: the previous primary serves again, the primary
+/// becomes the rollback (409 when there is none).
+pub async fn admin_rollback(app: App, headers: HeaderMap) -> Result<Json<ChangeReport>, ApiError> {
+    change_models(app.0, &headers, Change::Rollback).await
+}
+
+async fn change_models(
+    app: std::sync::Arc<AppState>,
+    headers: &HeaderMap,
+    action: Change,
+) -> Result<Json<ChangeReport>, ApiError> {
+    require_admin(&app, headers)?;
+    let models = std::sync::Arc::clone(&app.models);
+    // File moves and syncs: off the async workers.
+    let report = tokio::task::spawn_blocking(move || match action {
+        Change::Promote => models.promote(),
+        Change::Rollback => models.rollback(),
+    })
+    .await
+    .map_err(|_| ApiError::new(Code::ShuttingDown, "the model change was interrupted"))??;
+    Ok(Json(report))
 }

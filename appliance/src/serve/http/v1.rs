@@ -2,14 +2,14 @@
 //! (a session's state and the features a cart would get) and the serving
 //! model's status.
 
-use std::path::PathBuf;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use cartscore_core::explain::{Reason, reasons};
 use cartscore_core::features::col;
+use cartscore_core::shap::Explanation;
 use cartscore_core::state::{ArchivedSessionState, ArchivedUserState};
 use cartscore_core::validate::MAX_SESSION_BYTES;
 use cartscore_core::{
@@ -22,20 +22,21 @@ use super::error::{ApiError, ErrorBody};
 use super::state::App;
 use crate::error::{Code, ErrorCode};
 use crate::ingest::EventSource;
-use crate::model::reload::Rejection;
-use crate::model::{ReloadReport, ServingModel};
+use crate::model::CannotExplain;
 use crate::ops::metrics::ApiLabels;
-use crate::quality::QualityReport;
-use crate::quality::drift::DriftReport;
 use crate::quality::records::OutcomeView;
-use crate::serve::score::{self, Scored};
+use crate::serve::score;
 use crate::shard::ShardMap;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreQuery {
+    /// Add the feature values and each feature's TreeSHAP contribution.
     #[serde(default)]
     explain: bool,
+    /// Add the other model's probability (with a challenger in place).
+    #[serde(default)]
+    shadow: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,44 +61,118 @@ impl Serialize for Named {
     }
 }
 
+/// Log-odds contributions by feature name, in the contract's order.
+#[derive(Debug)]
+pub struct Contributions(Vec<f64>);
+
+impl Serialize for Contributions {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in FEATURE_NAMES.iter().zip(&self.0) {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+/// Why the model gave this score: exact TreeSHAP in log-odds. The base
+/// value plus every contribution is the raw score, the logit of the
+/// probability.
 #[derive(Debug, Serialize)]
-pub struct ScoreResult {
+pub struct ExplanationView {
+    base_value: f64,
+    raw_score: f64,
+    contributions: Contributions,
+    /// The features by |contribution|, largest first.
+    reasons: Vec<Reason>,
+}
+
+impl ExplanationView {
+    fn of(row: &FeatureRow, explanation: Explanation) -> Self {
+        Self {
+            base_value: explanation.base_value,
+            raw_score: explanation.total(),
+            reasons: reasons(&row.0, &explanation),
+            contributions: Contributions(explanation.contributions),
+        }
+    }
+}
+
+/// The other model's score of the cart (`shadow=true`).
+#[derive(Debug, Serialize)]
+pub struct PairedView<'a> {
+    model_version: &'a str,
+    probability: f32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScoreResult<'a> {
     probability: f32,
     session_known: bool,
+    /// The model that answered.
+    model_version: &'a str,
+    /// The challenger answered (a canary session).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    canary: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     features: Option<Named>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    explanation: Option<ExplanationView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<PairedView<'a>>,
 }
 
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
-pub enum BatchItem {
-    Scored(ScoreResult),
+pub enum BatchItem<'a> {
+    Scored(ScoreResult<'a>),
     Failed { error: ErrorBody },
 }
 
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum ScoreAnswer<'a> {
-    Single {
-        #[serde(flatten)]
-        result: ScoreResult,
-        model_version: &'a str,
-    },
+    Single(ScoreResult<'a>),
     Batch {
+        /// The primary's version (each result names the model that answered).
         model_version: &'a str,
-        results: Vec<BatchItem>,
+        results: Vec<BatchItem<'a>>,
     },
 }
 
-fn score_result(scored: &Scored, explain: bool) -> ScoreResult {
-    ScoreResult {
+fn score_result<'a>(
+    answer: &score::Answer<'a>,
+    query: &ScoreQuery,
+    metrics: &crate::ops::metrics::Metrics,
+) -> Result<ScoreResult<'a>, CannotExplain> {
+    let scored = &answer.scored;
+    let explanation = if query.explain {
+        let explanation = answer.served.explain(&scored.row)?;
+        metrics.challenger.explanations.inc();
+        Some(ExplanationView::of(&scored.row, explanation))
+    } else {
+        None
+    };
+    Ok(ScoreResult {
         probability: scored.probability,
         session_known: scored.session_known,
-        features: explain.then(|| Named(scored.row.named().collect())),
-    }
+        model_version: answer.served.version(),
+        canary: answer.canary,
+        features: query.explain.then(|| Named(scored.row.named().collect())),
+        explanation,
+        shadow: query
+            .shadow
+            .then_some(answer.paired)
+            .flatten()
+            .map(|(model, probability)| PairedView {
+                model_version: model.version(),
+                probability,
+            }),
+    })
 }
 
-fn failed(error: &dyn ErrorCode) -> BatchItem {
+fn failed(error: &dyn ErrorCode) -> BatchItem<'static> {
     BatchItem::Failed {
         error: ErrorBody::of(error),
     }
@@ -112,10 +187,10 @@ pub async fn score(
     let Query(query) = query.map_err(|e| ApiError::query(&e))?;
     let body = body.map_err(|e| ApiError::body(&e))?;
     let probe: BatchProbe<'_> = serde_json::from_slice(&body).map_err(|e| ApiError::json(&e))?;
-    let model = app.models.current().ok_or_else(ApiError::no_model)?;
+    let set = app.models.set();
+    let primary = set.primary().ok_or_else(ApiError::no_model)?;
     let reader = app.store.reader()?;
-    // The answer is encoded while this handler holds the model that scored it.
-    let model_version = model.version();
+    // The answer is encoded while this handler holds the models that scored it.
     let redirected = |error: &score::ScoreError| {
         if error.error_code() == Code::NotOwner {
             app.metrics
@@ -125,17 +200,14 @@ pub async fn score(
                 .inc();
         }
     };
+    let challenger = &app.metrics.challenger;
     let answer = match probe.events {
         None => {
             let event = Event::from_json(&body)?;
-            let scored = score::score(&model, &reader, app.ownership.as_deref(), &event)
+            let answer = score::answer(&set, &reader, app.ownership.as_deref(), &event, challenger)
                 .inspect_err(redirected)?;
-            app.recorder
-                .record(|| score::record_of(&event, &scored, &model));
-            ScoreAnswer::Single {
-                result: score_result(&scored, query.explain),
-                model_version,
-            }
+            app.recorder.record(|| score::record_of(&event, &answer));
+            ScoreAnswer::Single(score_result(&answer, &query, &app.metrics)?)
         }
         Some(items) => {
             ApiError::check_batch(items.len(), app.config.max_batch.get())?;
@@ -144,11 +216,17 @@ pub async fn score(
                 .map(|raw| match Event::from_json(raw.get().as_bytes()) {
                     Err(e) => failed(&e),
                     Ok(event) => {
-                        match score::score(&model, &reader, app.ownership.as_deref(), &event) {
-                            Ok(scored) => {
-                                app.recorder
-                                    .record(|| score::record_of(&event, &scored, &model));
-                                BatchItem::Scored(score_result(&scored, query.explain))
+                        match score::answer(
+                            &set,
+                            &reader,
+                            app.ownership.as_deref(),
+                            &event,
+                            challenger,
+                        ) {
+                            Ok(answer) => {
+                                app.recorder.record(|| score::record_of(&event, &answer));
+                                score_result(&answer, &query, &app.metrics)
+                                    .map_or_else(|e| failed(&e), BatchItem::Scored)
                             }
                             Err(e) => {
                                 redirected(&e);
@@ -159,7 +237,7 @@ pub async fn score(
                 })
                 .collect();
             ScoreAnswer::Batch {
-                model_version,
+                model_version: primary.version(),
                 results,
             }
         }
@@ -425,80 +503,6 @@ pub async fn session(
         features_note: "values a cart of product_id at as_of would get; brand and category encodings depend on the cart and are left out",
         session_id: id,
     }))
-}
-
-/// The serving bundle as `GET /v1/model` describes it.
-#[derive(Debug, Serialize)]
-pub struct ModelView<'a> {
-    model_version: &'a str,
-    contract_version: u32,
-    evaluator: &'static str,
-    trees: usize,
-    path: &'a std::path::Path,
-    size_bytes: u64,
-    blake3: &'a str,
-    loaded_at_unix_seconds: f64,
-    load_ms: f64,
-    verified_rows: usize,
-    verified_max_diff: f64,
-    feature_names: &'a [String],
-    data_fingerprint: &'a str,
-    metrics: &'a std::collections::BTreeMap<String, f64>,
-}
-
-impl<'a> ModelView<'a> {
-    fn of(model: &'a ServingModel) -> Self {
-        Self {
-            model_version: model.version(),
-            contract_version: model.metadata.contract_version,
-            evaluator: model.evaluator_name(),
-            trees: model.trees,
-            path: &model.file.path,
-            size_bytes: model.file.size,
-            blake3: &model.blake3,
-            loaded_at_unix_seconds: model
-                .loaded_at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-            load_ms: model.load_time.as_secs_f64() * 1e3,
-            verified_rows: model.verified_rows,
-            verified_max_diff: model.verified_max_diff,
-            feature_names: &model.metadata.feature_names,
-            data_fingerprint: &model.metadata.data_fingerprint,
-            metrics: &model.metadata.metrics,
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-pub struct ModelAnswer<'a> {
-    model: Option<ModelView<'a>>,
-    model_dir: PathBuf,
-    last_reload: Option<ReloadReport>,
-    recent_rejections: Vec<Rejection>,
-    /// The live quality of every model version that resolved outcomes,
-    /// over its window (`model.live_window`); the bundle's own test
-    /// metrics are under `model.metrics`.
-    live: std::collections::BTreeMap<String, QualityReport>,
-    outcomes_pending: i64,
-    /// The serving model's inputs and scores against its bundle's profile
-    /// (population stability index); null for a bundle without a profile.
-    drift: Option<DriftReport>,
-}
-
-/// `GET /v1/model`: the serving bundle, the last reload, recent rejections.
-pub async fn model(State(app): App) -> Response {
-    let model = app.models.current();
-    Json(ModelAnswer {
-        model: model.as_deref().map(ModelView::of),
-        model_dir: app.models.dir().to_path_buf(),
-        last_reload: app.models.last_report(),
-        recent_rejections: app.models.recent_rejections(),
-        live: app.live.report(),
-        outcomes_pending: app.metrics.closed_loop.outcomes_pending.get(),
-        drift: app.drift.report(),
-    })
-    .into_response()
 }
 
 /// `GET /v1/shards`: the group's members and their partitions, as this
