@@ -518,16 +518,22 @@ pub fn watch(
             });
         }
     })?;
-    watcher.watch(&dirs.primary, RecursiveMode::NonRecursive)?;
+    // The slots' folders first: creating them inside the primary's folder
+    // after it is watched would set off a reload.
+    let mut extra = Vec::new();
     for dir in [&dirs.challenger, &dirs.rollback] {
         // A read-only model folder still serves; its slots are then only
         // read at start, on SIGHUP and on /admin/reload.
         match std::fs::create_dir_all(dir) {
-            Ok(()) => watcher.watch(dir, RecursiveMode::NonRecursive)?,
+            Ok(()) => extra.push(dir),
             Err(error) => {
                 tracing::warn!(dir = %dir.display(), %error, "cannot create the folder to watch it");
             }
         }
+    }
+    watcher.watch(&dirs.primary, RecursiveMode::NonRecursive)?;
+    for dir in extra {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
     Ok(watcher)
 }
