@@ -617,17 +617,22 @@ fn stream_applies_each_event_exactly_once_across_sigkill() {
     // live quality is the clean run's.
     assert_eq!(killed_outcomes.len(), distinct);
     assert_eq!(killed_outcomes, clean_outcomes, "after {kills} kills");
-    for field in [
-        "count",
-        "positives",
-        "roc_auc",
-        "log_loss",
-        "brier",
-        "calibration_error",
-    ] {
+    for field in ["count", "positives", "roc_auc"] {
         assert_eq!(
             killed_live[field], clean_live[field],
             "{field} after {kills} kills"
+        );
+    }
+    // Sums over the window: the kills change the order outcomes resolve
+    // in (not which), and with it the last bits of a float sum.
+    for field in ["log_loss", "brier", "expected_calibration_error"] {
+        let (a, b) = (
+            killed_live[field].as_f64().unwrap(),
+            clean_live[field].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-12,
+            "{field} after {kills} kills: {a} vs {b}"
         );
     }
     assert!(
