@@ -15,9 +15,8 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
 use cartscore_appliance::config::StoreConfig;
-use std::sync::Arc;
 
-use cartscore_appliance::store::{CartRecord, OffsetKind, Store, StreamOffset};
+use cartscore_appliance::store::{CartRecord, OffsetKind, SessionText, Store, StreamOffset};
 use cartscore_core::{Event, EventType, FEATURE_COUNT};
 use criterion::{Criterion, Throughput};
 
@@ -45,7 +44,7 @@ fn messages() -> Vec<Vec<u8>> {
 /// each cart recorded in its batch's transaction when `record`.
 fn round(store: &Store, messages: &[Vec<u8>], round: u64, offset: &mut i64, record: bool) {
     let prefix = format!("r{round}-");
-    let version: Arc<str> = Arc::from("bench");
+    let version: &'static str = "bench";
     for chunk in messages.chunks(BATCH) {
         let events: Vec<Event> = chunk
             .iter()
@@ -61,10 +60,10 @@ fn round(store: &Store, messages: &[Vec<u8>], round: u64, offset: &mut i64, reco
                 .filter(|e| e.event_type == EventType::Cart)
                 .map(|e| CartRecord {
                     user_id: e.user_id,
-                    user_session: e.user_session.clone(),
+                    user_session: SessionText::new(&e.user_session),
                     product_id: e.product_id,
                     cart_time: e.event_time,
-                    model_version: Arc::clone(&version),
+                    model_version: version,
                     probability: 0.5,
                     features: [0.0; FEATURE_COUNT],
                     scored_at_ms: 0,

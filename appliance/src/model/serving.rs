@@ -120,8 +120,25 @@ pub struct ServingModel {
     pub trees: usize,
     /// Exact TreeSHAP, or why this model cannot explain.
     pub explainer: Result<Explainer, ExplainError>,
-    /// The version, shared: every scored cart's record names it.
-    version: std::sync::Arc<str>,
+    /// The version, interned: every scored cart's record names it.
+    version: &'static str,
+}
+
+/// Model versions seen by this process, each kept once for its lifetime, so
+/// that a scored cart's record names its model with a plain pointer: no
+/// allocation, and no reference count bounced between the scoring cores
+/// and the writer. A process holds a few (one per bundle loaded).
+fn intern(version: &str) -> &'static str {
+    static VERSIONS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut versions = VERSIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = versions.iter().find(|v| **v == version) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(version.into());
+    versions.push(leaked);
+    leaked
 }
 
 impl ServingModel {
@@ -193,7 +210,7 @@ impl ServingModel {
             }
         };
         let model = Self {
-            version: tract.metadata.model_version.as_str().into(),
+            version: intern(&tract.metadata.model_version),
             metadata: tract.metadata,
             evaluator,
             size_bytes: bytes.len() as u64,
@@ -225,9 +242,9 @@ impl ServingModel {
             && self.metadata.feature_names == other.metadata.feature_names
     }
 
-    /// The version as a shared string (a reference count, no copy).
-    pub fn shared_version(&self) -> std::sync::Arc<str> {
-        std::sync::Arc::clone(&self.version)
+    /// The version, for as long as the process runs.
+    pub fn static_version(&self) -> &'static str {
+        self.version
     }
 
     pub fn version(&self) -> &str {

@@ -18,7 +18,7 @@ use cartscore_protocol::Redirect;
 use crate::model::{ModelSet, ServingModel};
 use crate::ops::metrics::ChallengerMetrics;
 use crate::shard::{Owner, Ownership};
-use crate::store::{CartRecord, PairedRecord, StoreError, StoreReader};
+use crate::store::{CartRecord, PairedRecord, SessionText, StoreError, StoreReader};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
@@ -184,17 +184,17 @@ pub fn answer<'m>(
 pub fn record_of(cart: &Event, answer: &Answer<'_>) -> CartRecord {
     CartRecord {
         user_id: cart.user_id,
-        user_session: cart.user_session.clone(),
+        user_session: SessionText::new(&cart.user_session),
         product_id: cart.product_id,
         cart_time: cart.event_time,
-        model_version: answer.served.shared_version(),
+        model_version: answer.served.static_version(),
         probability: answer.scored.probability,
         features: answer.scored.row.0,
         scored_at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
         paired: answer.paired.map(|(model, probability)| PairedRecord {
-            model_version: model.shared_version(),
+            model_version: model.static_version(),
             probability,
         }),
         canary: answer.canary,

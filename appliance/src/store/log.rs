@@ -68,7 +68,7 @@ impl Store {
         for record in stored {
             let prediction = Prediction {
                 user_id: record.user_id,
-                user_session: record.user_session.clone(),
+                user_session: record.user_session.to_string(),
                 product_id: record.product_id,
                 cart_time_micros: record.cart_time.micros(),
                 model_version: record.model_version.to_string(),

@@ -31,6 +31,7 @@
 mod codec;
 mod db;
 mod error;
+mod inline;
 mod keys;
 mod log;
 mod migrate;
@@ -40,6 +41,7 @@ mod sweep;
 
 pub use db::{AppliedBatch, Store, StoreReader};
 pub use error::StoreError;
+pub use inline::SessionText;
 pub use log::{LogPositions, Prediction};
 pub use offsets::{OffsetKind, StreamOffset};
 pub use outcomes::{CartRecord, Outcome, PairedRecord, PairedScore};

@@ -20,6 +20,7 @@ use heed::types::{Bytes, U64};
 use rkyv::rancor;
 
 use super::codec::Archiver;
+use super::inline::SessionText;
 use super::db::Store;
 use super::error::StoreError;
 use super::keys::{SessionKeyBytes, describe_session_key};
@@ -28,12 +29,11 @@ use super::keys::{SessionKeyBytes, describe_session_key};
 #[derive(Debug, Clone, PartialEq)]
 pub struct CartRecord {
     pub user_id: u64,
-    pub user_session: String,
+    pub user_session: SessionText,
     pub product_id: u64,
     pub cart_time: Timestamp,
-    /// The model that answered. Shared with the model: recording a score
-    /// allocates once (the session).
-    pub model_version: std::sync::Arc<str>,
+    /// The model that answered (interned by the model: no allocation).
+    pub model_version: &'static str,
     pub probability: f32,
     /// The row the answering model saw.
     pub features: [f32; FEATURE_COUNT],
@@ -47,7 +47,7 @@ pub struct CartRecord {
 /// The second model's score, as the scorer hands it over.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PairedRecord {
-    pub model_version: std::sync::Arc<str>,
+    pub model_version: &'static str,
     pub probability: f32,
 }
 
