@@ -32,6 +32,7 @@ pub mod features;
 pub mod model;
 pub mod onnx;
 pub mod profile;
+pub mod rank;
 pub mod shap;
 pub mod shard;
 pub mod state;

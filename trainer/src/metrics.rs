@@ -2,31 +2,10 @@
 
 use serde::Serialize;
 
-/// ROC-AUC by the rank statistic, with ties given half credit.
+/// ROC-AUC by the rank statistic, with ties given half credit (NaN with one
+/// class): `core`'s, which the appliance's live quality uses too.
 pub fn roc_auc(scores: &[f64], labels: &[bool]) -> f64 {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let positives = labels.iter().filter(|&&l| l).count() as f64;
-    let negatives = labels.len() as f64 - positives;
-    if positives == 0.0 || negatives == 0.0 {
-        return f64::NAN;
-    }
-    let mut rank_sum = 0.0;
-    let mut i = 0;
-    while i < order.len() {
-        let mut j = i;
-        while j + 1 < order.len() && scores[order[j + 1]] == scores[order[i]] {
-            j += 1;
-        }
-        let mid_rank = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &order[i..=j] {
-            if labels[k] {
-                rank_sum += mid_rank;
-            }
-        }
-        i = j + 1;
-    }
-    (rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
+    cartscore_core::rank::roc_auc(scores, labels).unwrap_or(f64::NAN)
 }
 
 /// PR-AUC as average precision (the step-wise area, as scikit-learn computes it).

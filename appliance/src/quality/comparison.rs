@@ -11,6 +11,8 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
+use cartscore_core::rank::mid_ranks;
+
 use super::{QualityReport, evaluate};
 use crate::ops::metrics::{Metrics, PairLabels, RoleLabels};
 use crate::store::Outcome;
@@ -135,26 +137,6 @@ impl Comparisons {
     }
 }
 
-/// Ranks from 1, ties given their average rank.
-fn ranks(values: &[f64]) -> Vec<f64> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
-    let mut ranks = vec![0.0; values.len()];
-    let mut i = 0;
-    while i < order.len() {
-        let mut j = i;
-        while j + 1 < order.len() && values[order[j + 1]] == values[order[i]] {
-            j += 1;
-        }
-        let average = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &order[i..=j] {
-            ranks[k] = average;
-        }
-        i = j + 1;
-    }
-    ranks
-}
-
 /// Pearson correlation, `None` when either side is constant.
 fn pearson(a: &[f64], b: &[f64]) -> Option<f64> {
     let n = a.len() as f64;
@@ -186,7 +168,7 @@ fn agreement(window: &Window, threshold: f64) -> Agreement {
         mean_abs_diff: diff / n,
         flip_threshold: threshold,
         flip_share: flips as f64 / n,
-        rank_correlation: pearson(&ranks(&champion), &ranks(&challenger)),
+        rank_correlation: pearson(&mid_ranks(&champion), &mid_ranks(&challenger)),
     }
 }
 
@@ -258,8 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn ranks_share_ties() {
-        assert_eq!(ranks(&[0.2, 0.1, 0.2, 0.3]), vec![2.5, 1.0, 2.5, 4.0]);
+    fn a_constant_side_has_no_correlation() {
         assert_eq!(pearson(&[1.0, 1.0], &[1.0, 2.0]), None);
     }
 }

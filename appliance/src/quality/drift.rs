@@ -104,7 +104,7 @@ impl DriftMonitor {
             return;
         };
         let version = window.model.version();
-        for record in records.iter().filter(|r| &*r.model_version == version) {
+        for record in records.iter().filter(|r| r.model_version == version) {
             let mut slots: Slots = [0; FEATURE_COUNT + 1];
             let histograms = profile.features.iter().map(|f| &f.histogram);
             let values = record.features.iter().chain([&record.probability]);

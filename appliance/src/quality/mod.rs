@@ -138,31 +138,9 @@ pub struct ReliabilityBin {
 pub fn evaluate(pairs: &[(f32, bool)]) -> QualityReport {
     let count = pairs.len();
     let positives = pairs.iter().filter(|(_, y)| *y).count();
-    let negatives = count - positives;
-    let roc_auc = (positives > 0 && negatives > 0).then(|| {
-        let mut order: Vec<f64> = pairs.iter().map(|(p, _)| f64::from(*p)).collect();
-        let mut idx: Vec<usize> = (0..count).collect();
-        idx.sort_by(|&a, &b| order[a].total_cmp(&order[b]));
-        // Average rank (1-based) over each run of equal scores.
-        let mut rank_sum_pos = 0.0;
-        let mut i = 0;
-        while i < count {
-            let mut j = i;
-            while j + 1 < count && order[idx[j + 1]] == order[idx[i]] {
-                j += 1;
-            }
-            let average = (i + j) as f64 / 2.0 + 1.0;
-            for &k in &idx[i..=j] {
-                if pairs[k].1 {
-                    rank_sum_pos += average;
-                }
-            }
-            i = j + 1;
-        }
-        order.clear();
-        let (p, n) = (positives as f64, negatives as f64);
-        (rank_sum_pos - p * (p + 1.0) / 2.0) / (p * n)
-    });
+    let scores: Vec<f64> = pairs.iter().map(|(p, _)| f64::from(*p)).collect();
+    let labels: Vec<bool> = pairs.iter().map(|(_, y)| *y).collect();
+    let roc_auc = cartscore_core::rank::roc_auc(&scores, &labels);
     let mut log_loss = 0.0;
     let mut brier = 0.0;
     let mut bins = vec![(0usize, 0f64, 0usize); BINS];

@@ -73,7 +73,7 @@ pub struct PredictionView {
 impl PredictionView {
     pub fn new(seq: u64, p: Prediction) -> Self {
         Self {
-            features: FeaturesByName(p.features),
+            features: ByName(p.features),
             cart: ScoredCart {
                 seq,
                 user_id: p.user_id,
@@ -90,11 +90,15 @@ impl PredictionView {
     }
 }
 
-/// A feature row as a JSON object keyed by feature name.
+/// One value per feature (a row, or an explanation's contributions) as a
+/// JSON object keyed by feature name, in the contract's order.
 #[derive(Debug)]
-pub struct FeaturesByName(pub Vec<f32>);
+pub struct ByName<T>(pub Vec<T>);
 
-impl Serialize for FeaturesByName {
+/// A feature row, by name.
+pub type FeaturesByName = ByName<f32>;
+
+impl<T: Serialize> Serialize for ByName<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
         for (name, value) in FEATURE_NAMES.iter().zip(&self.0) {

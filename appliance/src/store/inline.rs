@@ -70,7 +70,14 @@ mod tests {
         assert!(matches!(SessionText::new(uuid), SessionText::Inline { .. }));
         let long = "é".repeat(64);
         assert!(matches!(SessionText::new(&long), SessionText::Heap(_)));
-        for text in ["", "s", uuid, &"x".repeat(INLINE), &"x".repeat(INLINE + 1), &long] {
+        for text in [
+            "",
+            "s",
+            uuid,
+            &"x".repeat(INLINE),
+            &"x".repeat(INLINE + 1),
+            &long,
+        ] {
             assert_eq!(&*SessionText::new(text), text);
         }
     }

@@ -309,7 +309,7 @@ mod tests {
             user_session: session.into(),
             product_id: 5,
             cart_time: Timestamp::from_secs(1_569_888_000 + secs),
-            model_version: "v1".into(),
+            model_version: "v1",
             probability,
             features: [0.0; 25],
             scored_at_ms: 0,

@@ -20,9 +20,9 @@ use heed::types::{Bytes, U64};
 use rkyv::rancor;
 
 use super::codec::Archiver;
-use super::inline::SessionText;
 use super::db::Store;
 use super::error::StoreError;
+use super::inline::SessionText;
 use super::keys::{SessionKeyBytes, describe_session_key};
 
 /// What a scorer hands to the writer for one scored cart.

@@ -24,6 +24,7 @@ use crate::error::{Code, ErrorCode};
 use crate::ingest::EventSource;
 use crate::model::CannotExplain;
 use crate::ops::metrics::ApiLabels;
+use crate::quality::records::ByName;
 use crate::quality::records::OutcomeView;
 use crate::serve::score;
 use crate::shard::ShardMap;
@@ -61,21 +62,6 @@ impl Serialize for Named {
     }
 }
 
-/// Log-odds contributions by feature name, in the contract's order.
-#[derive(Debug)]
-pub struct Contributions(Vec<f64>);
-
-impl Serialize for Contributions {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (name, value) in FEATURE_NAMES.iter().zip(&self.0) {
-            map.serialize_entry(name, value)?;
-        }
-        map.end()
-    }
-}
-
 /// Why the model gave this score: exact TreeSHAP in log-odds. The base
 /// value plus every contribution is the raw score, the logit of the
 /// probability.
@@ -83,7 +69,8 @@ impl Serialize for Contributions {
 pub struct ExplanationView {
     base_value: f64,
     raw_score: f64,
-    contributions: Contributions,
+    /// Log-odds, by feature name.
+    contributions: ByName<f64>,
     /// The features by |contribution|, largest first.
     reasons: Vec<Reason>,
 }
@@ -94,7 +81,7 @@ impl ExplanationView {
             base_value: explanation.base_value,
             raw_score: explanation.total(),
             reasons: reasons(&row.0, &explanation),
-            contributions: Contributions(explanation.contributions),
+            contributions: ByName(explanation.contributions),
         }
     }
 }
