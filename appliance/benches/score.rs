@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use cartscore_appliance::config::StoreConfig;
 use cartscore_appliance::ingest::Recorder;
-use cartscore_appliance::model::{Loaded, ModelSet, ServingModel};
+use cartscore_appliance::model::{LoadLimits, Loaded, ModelSet, ServingModel};
 use cartscore_appliance::ops::metrics::Metrics;
 use cartscore_appliance::serve::score;
 use cartscore_appliance::store::Store;
@@ -46,7 +46,11 @@ impl Setup {
 }
 
 fn loaded(bundle: &Path) -> Loaded {
-    let (model, file) = ServingModel::load(bundle, 256).unwrap();
+    let limits = LoadLimits {
+        verify_rows: 256,
+        max_bytes: 1 << 30,
+    };
+    let (model, file) = ServingModel::load(bundle, limits).unwrap();
     Loaded {
         model: std::sync::Arc::new(model),
         file,

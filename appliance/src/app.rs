@@ -20,7 +20,7 @@ use crate::model::ServingModel;
 use crate::model::reload::{
     self, ModelDirs, ModelRegistry, ReloadRequest, ReloadResult, ReloadTrigger,
 };
-use crate::model::serving::FileIdentity;
+use crate::model::serving::{FileIdentity, LoadLimits};
 use crate::ops::heartbeat::Heartbeats;
 use crate::ops::metrics::Metrics;
 use crate::ops::systemd::ServiceManager;
@@ -39,7 +39,7 @@ pub fn newest_valid_model(config: &ApplianceConfig) -> Result<(ServingModel, Fil
         .with_context(|| format!("failed to list the model folder {}", dir.display()))?;
     let mut reasons = Vec::new();
     for file in files {
-        match ServingModel::load(&file.path, config.model.verify_random_rows) {
+        match ServingModel::load(&file.path, LoadLimits::of(&config.model)) {
             Ok(loaded) => return Ok(loaded),
             Err(error) => reasons.push(error.to_string()),
         }
@@ -116,7 +116,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
     let model_dirs = ModelDirs::of(&config.model);
     let models = Arc::new(ModelRegistry::new(
         model_dirs.clone(),
-        config.model.verify_random_rows,
+        LoadLimits::of(&config.model),
         config.model.canary_share,
         Arc::clone(&metrics),
     ));
@@ -271,6 +271,11 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
             heartbeats: Arc::clone(&heartbeats),
             ownership,
             recorder,
+            open: std::sync::atomic::AtomicUsize::new(0),
+            max_connections: config.tcp.max_connections.get(),
+            idle_timeout: (config.tcp.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(config.tcp.idle_timeout_ms)),
+            write_timeout: Duration::from_millis(config.tcp.write_timeout_ms),
         });
         let server = TcpServer::start(&config.tcp, shared)
             .context("failed to start the binary-protocol server")?;
@@ -286,22 +291,18 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         .local_addr()
         .context("failed to read the HTTP address")?;
     tracing::info!(%http_addr, "HTTP API listening");
-    // Without TCP_NODELAY a response written in two segments waits for the
-    // client's delayed ACK: latency then tracks the gap between requests
-    // (up to 40 ms), which the bench's HTTP mode showed.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "failed to set TCP_NODELAY");
-        }
-    });
     let (drain_http, drained) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(
-        axum::serve(listener, router(Arc::clone(&state)))
-            .with_graceful_shutdown(async {
-                let _ = drained.await;
-            })
-            .into_future(),
-    );
+    let http = {
+        let (router, config, metrics) = (
+            router(Arc::clone(&state)),
+            config.http.clone(),
+            Arc::clone(&metrics),
+        );
+        tokio::spawn(async move {
+            crate::serve::http::server::serve(listener, router, &config, metrics, drained).await;
+            Ok(())
+        })
+    };
 
     print_banner(&config, http_addr, tcp.as_ref(), &models);
     let serving = Arc::clone(&models);

@@ -32,6 +32,7 @@ pub enum Code {
     BatchTooLarge,
     NotFound,
     MethodNotAllowed,
+    RequestTimeout,
     Unauthorized,
     UnknownModel,
     /// An event that fails `core`'s validation: the rule's code (such as
@@ -88,6 +89,7 @@ impl Code {
             Code::BatchTooLarge => row("batch_too_large", H::PAYLOAD_TOO_LARGE, "batch_too_large", MalformedFrame),
             Code::NotFound => row("not_found", H::NOT_FOUND, "not_found", MalformedFrame),
             Code::MethodNotAllowed => row("method_not_allowed", H::METHOD_NOT_ALLOWED, "method_not_allowed", MalformedFrame),
+            Code::RequestTimeout => row("request_timeout", H::REQUEST_TIMEOUT, "request_timeout", MalformedFrame),
             Code::Unauthorized => row("unauthorized", H::UNAUTHORIZED, "unauthorized", MalformedFrame),
             Code::UnknownModel => row("unknown_model", H::NOT_FOUND, "unknown_model", MalformedFrame),
             Code::InvalidEvent(rule) => row(rule, H::UNPROCESSABLE_ENTITY, rule, InvalidEvent),

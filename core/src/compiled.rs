@@ -30,6 +30,13 @@ pub enum CompileError {
     Unsupported { what: &'static str, value: String },
     #[error("tree {tree}: {reason}")]
     BadTree { tree: usize, reason: String },
+    #[error("tree {tree} node {node}: {what} {value} is not a number the model can serve")]
+    NonFinite {
+        tree: usize,
+        node: usize,
+        what: &'static str,
+        value: f32,
+    },
 }
 
 const LEAF: u32 = u32::MAX;
@@ -227,6 +234,14 @@ impl CompiledEnsemble {
                             .get(&(tree as i64, id as i64))
                             .copied()
                             .unwrap_or(0.0);
+                        if !value.is_finite() {
+                            return Err(CompileError::NonFinite {
+                                tree,
+                                node: id,
+                                what: "leaf value",
+                                value,
+                            });
+                        }
                         compiled.leaf_values.push(value);
                         Node {
                             feature: LEAF,
@@ -245,6 +260,16 @@ impl CompiledEnsemble {
                                     features[p]
                                 ))
                             })?;
+                        // An infinite threshold is a split every value takes
+                        // one way; NaN compares false with everything.
+                        if values[p].is_nan() {
+                            return Err(CompileError::NonFinite {
+                                tree,
+                                node: id,
+                                what: "threshold",
+                                value: values[p],
+                            });
+                        }
                         // `x < t` on f32 is `x <= largest f32 below t`.
                         let threshold = if mode == "BRANCH_LT" {
                             values[p].next_down()

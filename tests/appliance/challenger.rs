@@ -9,14 +9,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::closed_loop::{
     Offline, first_records, pair_counted_auc, predict_with, replay_scoring, resolve_all, synthetic,
 };
-use crate::common::{Appliance, Options, cart_json, dataset, demo_model, repo_root, trainer};
+use crate::common::{Appliance, Load, Options, cart_json, dataset, demo_model, repo_root, trainer};
 use cartscore_core::{Event, FEATURE_COUNT, FEATURE_NAMES};
 use cartscore_protocol::Status;
 use cartscore_protocol::client::TcpClient;
@@ -278,89 +277,6 @@ fn canary_sessions_stay_on_the_challenger_for_life_and_each_model_is_judged_on_i
     );
     let (status, log) = app.stop();
     assert!(status.success(), "{log}");
-}
-
-/// Scores over TCP (pipelined) and HTTP until `stop`; counts answers by
-/// version and failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    failed: Arc<AtomicU64>,
-    answered: Arc<Mutex<HashMap<String, u64>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(app: &Appliance) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failed = Arc::new(AtomicU64::new(0));
-        let answered: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
-        let cart = Event::from_json(cart_json("load", 30, 11, 100.0).as_bytes()).unwrap();
-        let mut threads = Vec::new();
-        let tcp = app.tcp;
-        {
-            let (stop, failed, answered, cart) =
-                (stop.clone(), failed.clone(), answered.clone(), cart.clone());
-            threads.push(std::thread::spawn(move || {
-                let mut client = TcpClient::connect(tcp).unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    for _ in 0..16 {
-                        client.send(&cart);
-                    }
-                    client.flush().unwrap();
-                    for _ in 0..16 {
-                        match client.recv() {
-                            Ok(r) if r.status == Status::Ok => {
-                                *answered.lock().unwrap().entry(r.model_version).or_default() += 1;
-                            }
-                            _ => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-        {
-            let (stop, failed, answered) = (stop.clone(), failed.clone(), answered.clone());
-            let url = format!("{}/v1/score", app.http);
-            let body = cart_json("load", 30, 11, 100.0);
-            threads.push(std::thread::spawn(move || {
-                let agent = crate::common::agent();
-                while !stop.load(Ordering::Relaxed) {
-                    match agent.post(&url).send(body.as_bytes()) {
-                        Ok(mut r) if r.status() == 200 => {
-                            let answer: Value =
-                                serde_json::from_str(&r.body_mut().read_to_string().unwrap())
-                                    .unwrap();
-                            let version = answer["model_version"]
-                                .as_str()
-                                .unwrap_or_default()
-                                .to_owned();
-                            *answered.lock().unwrap().entry(version).or_default() += 1;
-                        }
-                        _ => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }));
-        }
-        Self {
-            stop,
-            failed,
-            answered,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (u64, HashMap<String, u64>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads {
-            thread.join().unwrap();
-        }
-        let answered = self.answered.lock().unwrap().clone();
-        (self.failed.load(Ordering::Relaxed), answered)
-    }
 }
 
 fn admin(app: &Appliance, action: &str, token: Option<&str>) -> (u16, Value) {

@@ -1,13 +1,18 @@
 //! Starts the real `cartscore` binary on free loopback ports with its own
 //! store and model folder, and talks to it over HTTP and TCP.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cartscore_core::BundleMetadata;
 use cartscore_core::onnx::ModelProto;
+use cartscore_core::{BundleMetadata, Event};
+use cartscore_protocol::Status;
+use cartscore_protocol::client::TcpClient;
 use prost::Message;
 use serde_json::Value;
 
@@ -330,6 +335,14 @@ pub fn deliver(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::rename(&temp, dir.join(name)).unwrap();
 }
 
+/// The demo bundle with its graph changed by `edit` (metadata untouched).
+pub fn demo_graph_variant(edit: impl FnOnce(&mut ModelProto)) -> Vec<u8> {
+    let bytes = std::fs::read(demo_model()).unwrap();
+    let mut proto = ModelProto::decode(bytes.as_slice()).unwrap();
+    edit(&mut proto);
+    proto.encode_to_vec()
+}
+
 /// The demo bundle with its metadata changed by `edit` (still a valid
 /// graph; golden vectors untouched unless `edit` changes them).
 pub fn demo_variant(edit: impl FnOnce(&mut BundleMetadata)) -> Vec<u8> {
@@ -359,4 +372,87 @@ pub fn cart_json(session: &str, secs: i64, product: u64, price: f64) -> String {
 
 pub fn view_json(session: &str, secs: i64, product: u64, price: f64) -> String {
     cart_json(session, secs, product, price).replace("\"cart\"", "\"view\"")
+}
+
+/// Scores over TCP (pipelined) and HTTP until `stop`; counts answers by
+/// version and failures.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicU64>,
+    answered: Arc<Mutex<HashMap<String, u64>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(app: &Appliance) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicU64::new(0));
+        let answered: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        let cart = Event::from_json(cart_json("load", 30, 11, 100.0).as_bytes()).unwrap();
+        let mut threads = Vec::new();
+        let tcp = app.tcp;
+        {
+            let (stop, failed, answered, cart) =
+                (stop.clone(), failed.clone(), answered.clone(), cart.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut client = TcpClient::connect(tcp).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..16 {
+                        client.send(&cart);
+                    }
+                    client.flush().unwrap();
+                    for _ in 0..16 {
+                        match client.recv() {
+                            Ok(r) if r.status == Status::Ok => {
+                                *answered.lock().unwrap().entry(r.model_version).or_default() += 1;
+                            }
+                            _ => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        {
+            let (stop, failed, answered) = (stop.clone(), failed.clone(), answered.clone());
+            let url = format!("{}/v1/score", app.http);
+            let body = cart_json("load", 30, 11, 100.0);
+            threads.push(std::thread::spawn(move || {
+                let agent = agent();
+                while !stop.load(Ordering::Relaxed) {
+                    match agent.post(&url).send(body.as_bytes()) {
+                        Ok(mut r) if r.status() == 200 => {
+                            let answer: Value =
+                                serde_json::from_str(&r.body_mut().read_to_string().unwrap())
+                                    .unwrap();
+                            let version = answer["model_version"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned();
+                            *answered.lock().unwrap().entry(version).or_default() += 1;
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        Self {
+            stop,
+            failed,
+            answered,
+            threads,
+        }
+    }
+
+    pub fn finish(self) -> (u64, HashMap<String, u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+        let answered = self.answered.lock().unwrap().clone();
+        (self.failed.load(Ordering::Relaxed), answered)
+    }
 }

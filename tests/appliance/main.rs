@@ -12,6 +12,7 @@ mod bench;
 mod cdc;
 mod challenger;
 mod closed_loop;
+mod hostile;
 mod lifecycle;
 mod observability;
 mod reload;

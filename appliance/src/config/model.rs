@@ -17,6 +17,8 @@ pub struct ModelConfig {
     /// Random feature rows on which a compiled ensemble must match tract
     /// before it may serve (in addition to the bundle's golden vectors).
     pub verify_random_rows: usize,
+    /// Larger bundle files are refused before they are read.
+    pub max_bundle_bytes: u64,
     /// Resolved outcomes per model version the live quality is computed
     /// over (the newest).
     pub live_window: std::num::NonZeroUsize,
@@ -41,6 +43,7 @@ impl Default for ModelConfig {
             dir: PathBuf::from("models/demo"),
             watch: true,
             verify_random_rows: 256,
+            max_bundle_bytes: 256 * 1024 * 1024,
             live_window: nonzero!(10_000),
             drift_window: nonzero!(10_000),
             shadow_dir: None,
@@ -53,6 +56,8 @@ impl Default for ModelConfig {
 impl ModelConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         ConfigError::non_empty("model.dir", &self.dir)?;
+        // The smallest valid bundle is a few kilobytes.
+        ConfigError::at_least("model.max_bundle_bytes", self.max_bundle_bytes, 1024)?;
         if let Some(shadow) = &self.shadow_dir {
             ConfigError::non_empty("model.shadow_dir", shadow)?;
             if shadow == &self.dir {

@@ -21,6 +21,14 @@ pub struct HttpConfig {
     pub admin_token: String,
     /// Tokio worker threads for the HTTP API.
     pub workers: NonZeroUsize,
+    /// Open connections held at most; one more is closed at once (counted).
+    pub max_connections: NonZeroUsize,
+    /// A connection whose next request's headers have not all arrived this
+    /// long after it started waiting for them (a slow client, or an idle
+    /// keep-alive connection) is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request whose body and answer take longer is answered 408.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -32,13 +40,22 @@ impl Default for HttpConfig {
             max_ingest_events: nonzero!(10_000),
             admin_token: String::new(),
             workers: NonZeroUsize::MIN,
+            max_connections: nonzero!(1_024),
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
         }
     }
 }
 
 impl HttpConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        ConfigError::at_least("http.max_body_bytes", self.max_body_bytes, 1024)
+        ConfigError::at_least("http.max_body_bytes", self.max_body_bytes, 1024)?;
+        ConfigError::at_least(
+            "http.header_read_timeout_ms",
+            self.header_read_timeout_ms,
+            100,
+        )?;
+        ConfigError::at_least("http.request_timeout_ms", self.request_timeout_ms, 100)
     }
 }
 
@@ -61,6 +78,15 @@ pub struct TcpConfig {
     pub driver: IoDriver,
     /// Largest accepted request frame (bytes after the length prefix).
     pub max_frame_bytes: u32,
+    /// Open connections held at most, over all cores; one more is closed
+    /// at once (counted).
+    pub max_connections: NonZeroUsize,
+    /// A connection that sends no complete frame for this long is closed;
+    /// 0 keeps idle connections open.
+    pub idle_timeout_ms: u64,
+    /// A connection whose answers cannot be written for this long (a client
+    /// that does not read) is closed.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for TcpConfig {
@@ -71,6 +97,9 @@ impl Default for TcpConfig {
             cores: 0,
             driver: IoDriver::Auto,
             max_frame_bytes: 4096,
+            max_connections: nonzero!(4_096),
+            idle_timeout_ms: 300_000,
+            write_timeout_ms: 10_000,
         }
     }
 }
@@ -83,6 +112,10 @@ impl TcpConfig {
                 self.max_frame_bytes,
                 "must be between 64 and 1048576",
             ));
+        }
+        ConfigError::at_least("tcp.write_timeout_ms", self.write_timeout_ms, 100)?;
+        if self.idle_timeout_ms != 0 {
+            ConfigError::at_least("tcp.idle_timeout_ms", self.idle_timeout_ms, 100)?;
         }
         if self.cores > 1024 {
             return Err(ConfigError::invalid(

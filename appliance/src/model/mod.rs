@@ -15,5 +15,5 @@ pub use promote::{Change, ChangeError, ChangeReport};
 pub use reload::{
     ModelDirs, ModelRegistry, ReloadReport, ReloadRequest, ReloadResult, ReloadTrigger,
 };
-pub use serving::{CannotExplain, LoadError, ServingModel};
+pub use serving::{CannotExplain, LoadError, LoadLimits, ServingModel};
 pub use set::{Loaded, ModelSet, Route, Slot};

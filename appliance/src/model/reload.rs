@@ -15,7 +15,7 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
 
 use crate::config::ModelConfig;
-use crate::model::serving::{FileIdentity, ServingModel};
+use crate::model::serving::{FileIdentity, LoadError, LoadLimits, ServingModel};
 use crate::model::set::{Loaded, ModelSet, Slot};
 use crate::ops::metrics::{Metrics, ModelLabels, OutcomeLabels, VersionLabels};
 use crate::ops::telemetry;
@@ -94,18 +94,21 @@ pub fn is_candidate_name(name: &str) -> bool {
     !name.starts_with('.') && name.ends_with(".onnx") && name.len() > ".onnx".len()
 }
 
-/// Candidate bundles, newest first (modification time, then name).
+/// Candidate bundles, newest first (modification time, then name): every
+/// entry with a bundle's name, so that one that is not a bundle (a
+/// directory, a dangling link or a loop) is refused with its reason, not
+/// passed over.
 pub fn candidates(dir: &Path) -> std::io::Result<Vec<FileIdentity>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !is_candidate_name(name) || !entry.file_type()?.is_file() {
+        if !is_candidate_name(name) {
             continue;
         }
-        // A file can vanish between listing and stat; skip it.
-        if let Ok(identity) = FileIdentity::of(&entry.path()) {
+        // An entry can vanish between listing and stat; skip it.
+        if let Ok(identity) = FileIdentity::of_entry(&entry.path()) {
             files.push(identity);
         }
     }
@@ -155,7 +158,7 @@ pub type ModelCache = Cache<Arc<ArcSwap<ModelSet>>, Arc<ModelSet>>;
 #[derive(Debug)]
 pub struct ModelRegistry {
     dirs: ModelDirs,
-    verify_rows: usize,
+    limits: LoadLimits,
     set: Arc<ArcSwap<ModelSet>>,
     history: Mutex<ReloadHistory>,
     /// One reload, promote or rollback at a time: each reads the set,
@@ -176,7 +179,7 @@ enum SlotChange {
 impl ModelRegistry {
     pub fn new(
         dirs: ModelDirs,
-        verify_rows: usize,
+        limits: LoadLimits,
         canary_share: f64,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -188,7 +191,7 @@ impl ModelRegistry {
         }
         Self {
             dirs,
-            verify_rows,
+            limits,
             set: Arc::new(ArcSwap::from_pointee(ModelSet {
                 canary_share,
                 ..ModelSet::default()
@@ -341,7 +344,22 @@ impl ModelRegistry {
             if self.known_bad(&file) {
                 continue;
             }
-            match ServingModel::load(&file.path, self.verify_rows) {
+            // A bundle that makes a library panic is refused like any other
+            // bad bundle: the reload thread, and the daemon, carry on.
+            let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ServingModel::load(&file.path, self.limits)
+            }))
+            .unwrap_or_else(|panic| {
+                Err(LoadError::Panicked {
+                    path: file.path.clone(),
+                    message: panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "no message".to_owned()),
+                })
+            });
+            match loaded {
                 Ok((model, file)) => {
                     tracing::info!(
                         slot = slot.label(),

@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use cartscore_core::bundle::GOLDEN_TOLERANCE;
-use cartscore_core::compiled::{CompiledEnsemble, check_rows};
+use cartscore_core::compiled::{CompileError, CompiledEnsemble, check_rows};
 use cartscore_core::explain::{ExplainError, Explainer};
 use cartscore_core::features::CategoricalKeys;
 use cartscore_core::shap::Explanation;
 use cartscore_core::{BundleMetadata, FeatureRow, ModelError, TractModel};
 use thiserror::Error;
 
+use crate::config::ModelConfig;
 use crate::error::{Code, ErrorCode};
 
 #[derive(Debug, Error)]
@@ -26,6 +27,26 @@ pub enum LoadError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{path} is a directory, not a bundle")]
+    NotAFile { path: PathBuf },
+    #[error(
+        "{path} is empty (0 bytes): nothing was delivered; write the bundle under a hidden temporary name, then rename it"
+    )]
+    Empty { path: PathBuf },
+    #[error("{path} is {size} bytes, over model.max_bundle_bytes ({limit}): refused unread")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error("{path}: loading the bundle panicked ({message}); refused")]
+    Panicked { path: PathBuf, message: String },
+    #[error("{path}: a malformed tree ensemble: {source}")]
+    Ensemble {
+        path: PathBuf,
+        #[source]
+        source: cartscore_core::compiled::CompileError,
     },
     #[error("{path}: {source}")]
     Bundle {
@@ -91,8 +112,19 @@ pub struct FileIdentity {
 }
 
 impl FileIdentity {
+    /// The file `path` names, through symbolic links.
     pub fn of(path: &Path) -> std::io::Result<Self> {
-        let meta = std::fs::metadata(path)?;
+        Self::from_metadata(path, &std::fs::metadata(path)?)
+    }
+
+    /// The file, or the link itself when it leads nowhere (dangling, a
+    /// loop): such an entry is a candidate that loading then refuses with
+    /// its reason, once, rather than one passed over without a word.
+    pub fn of_entry(path: &Path) -> std::io::Result<Self> {
+        Self::of(path).or_else(|_| Self::from_metadata(path, &std::fs::symlink_metadata(path)?))
+    }
+
+    fn from_metadata(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<Self> {
         let modified = meta
             .modified()?
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -141,19 +173,66 @@ fn intern(version: &str) -> &'static str {
     leaked
 }
 
+/// What a bundle must meet before it is read and trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadLimits {
+    /// Random rows the compiled ensemble must match tract on.
+    pub verify_rows: usize,
+    /// Larger files are refused before they are read.
+    pub max_bytes: u64,
+}
+
+impl LoadLimits {
+    pub fn of(config: &ModelConfig) -> Self {
+        Self {
+            verify_rows: config.verify_random_rows,
+            max_bytes: config.max_bundle_bytes,
+        }
+    }
+}
+
 impl ServingModel {
     /// Loads and verifies the bundle at `path`; returns it with the identity
     /// of the file it was read from.
-    pub fn load(path: &Path, random_rows: usize) -> Result<(Self, FileIdentity), LoadError> {
+    pub fn load(path: &Path, limits: LoadLimits) -> Result<(Self, FileIdentity), LoadError> {
         let started = Instant::now();
-        let file = FileIdentity::of(path).map_err(|source| LoadError::Read {
+        let read_error = |source| LoadError::Read {
             path: path.into(),
             source,
-        })?;
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-            path: path.into(),
-            source,
-        })?;
+        };
+        let file = FileIdentity::of(path).map_err(read_error)?;
+        let meta = std::fs::metadata(path).map_err(read_error)?;
+        if meta.is_dir() {
+            return Err(LoadError::NotAFile { path: path.into() });
+        }
+        if meta.len() == 0 {
+            return Err(LoadError::Empty { path: path.into() });
+        }
+        if meta.len() > limits.max_bytes {
+            return Err(LoadError::TooLarge {
+                path: path.into(),
+                size: meta.len(),
+                limit: limits.max_bytes,
+            });
+        }
+        // Read through a bounded handle: a file that grows after the check
+        // is still cut at the limit (and then fails to decode).
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        std::fs::File::open(path)
+            .and_then(|f| {
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(f, limits.max_bytes + 1),
+                    &mut bytes,
+                )
+            })
+            .map_err(read_error)?;
+        if bytes.len() as u64 > limits.max_bytes {
+            return Err(LoadError::TooLarge {
+                path: path.into(),
+                size: bytes.len() as u64,
+                limit: limits.max_bytes,
+            });
+        }
         let bundle_error = |source| LoadError::Bundle {
             path: path.into(),
             source,
@@ -167,7 +246,7 @@ impl ServingModel {
         let mut rows: Vec<f32> = golden.iter().flatten().copied().collect();
         let hash = blake3::hash(&bytes);
         let seed = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8]));
-        rows.extend(check_rows(&golden, random_rows, seed));
+        rows.extend(check_rows(&golden, limits.verify_rows, seed));
         let reference = tract.predict(&rows).map_err(bundle_error)?;
         if let Some(&value) = reference.iter().find(|p| !(0.0..=1.0).contains(*p)) {
             return Err(LoadError::NotAProbability {
@@ -200,13 +279,25 @@ impl ServingModel {
                 }
                 (Evaluator::Compiled(compiled), diff, trees)
             }
-            Err(reason) => {
+            // Another graph, or an ensemble in a form this evaluator does
+            // not compile: tract serves it.
+            Err(
+                reason @ (CompileError::NotATreeEnsemble { .. } | CompileError::Unsupported { .. }),
+            ) => {
                 tracing::warn!(
                     path = %path.display(),
                     %reason,
                     "graph is not a plain tree ensemble; serving it with tract (slower)"
                 );
                 (Evaluator::Tract(Box::new(tract.clone())), 0.0, 0)
+            }
+            // A tree ensemble that is broken (a feature past the row, a
+            // child out of its tree, an infinite leaf): never served.
+            Err(source) => {
+                return Err(LoadError::Ensemble {
+                    path: path.into(),
+                    source,
+                });
             }
         };
         let model = Self {

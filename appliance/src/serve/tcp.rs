@@ -26,11 +26,12 @@ use crate::ingest::Recorder;
 use crate::model::ModelSet;
 use crate::model::reload::{ModelCache, ModelRegistry};
 use crate::ops::heartbeat::{HEARTBEAT_EVERY, Heartbeats};
-use crate::ops::metrics::{ApiLabels, Metrics, OutcomeLabels, ReasonLabels};
+use crate::ops::metrics::{ApiLabels, ConnectionLabels, Metrics, OutcomeLabels, ReasonLabels};
 use crate::serve::score;
 use crate::shard::Ownership;
 use crate::store::{Store, StoreReader};
 use cartscore_core::shap::Explanation;
+use prometheus_client::metrics::family::Family;
 
 const READ_CHUNK: usize = 16 * 1024;
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -50,6 +51,13 @@ pub struct Shared {
     pub ownership: Option<Arc<Ownership>>,
     /// Every scored cart goes to the writer through it.
     pub recorder: Recorder,
+    /// Connections open over all cores, and the most held.
+    pub open: std::sync::atomic::AtomicUsize,
+    pub max_connections: usize,
+    /// No complete frame for this long closes a connection (None: never).
+    pub idle_timeout: Option<Duration>,
+    /// Answers that cannot be written for this long close it.
+    pub write_timeout: Duration,
 }
 
 /// Per-core state: this core's handle on the model set (it follows a swap at
@@ -62,6 +70,9 @@ struct Core {
     outcomes: [Counter; Status::ALL.len()],
     redirects: Counter,
     duration: Histogram,
+    refused: Counter,
+    idle_closed: Counter,
+    write_closed: Counter,
 }
 
 impl Core {
@@ -83,7 +94,16 @@ impl Core {
             .redirects
             .get_or_create(&ApiLabels { api: "tcp" })
             .clone();
+        let connections = |family: &Family<ConnectionLabels, Counter>, reason| {
+            family
+                .get_or_create(&ConnectionLabels { api: "tcp", reason })
+                .clone()
+        };
+        let metrics = &shared.metrics;
         Self {
+            refused: connections(&metrics.connections_refused, "max_connections"),
+            idle_closed: connections(&metrics.connections_closed, "idle_timeout"),
+            write_closed: connections(&metrics.connections_closed, "write_timeout"),
             model: RefCell::new(shared.models.cache()),
             shared,
             open_connections: Cell::new(0),
@@ -196,6 +216,11 @@ async fn serve_core(
         monoio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
+                    if core.shared.open.load(Ordering::Relaxed) >= core.shared.max_connections {
+                        core.refused.inc();
+                        drop(stream);
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     monoio::spawn(serve_connection(stream, Rc::clone(&core)));
                 }
@@ -234,6 +259,7 @@ struct OpenConnection<'a>(&'a Core);
 impl<'a> OpenConnection<'a> {
     fn new(core: &'a Core) -> Self {
         core.open_connections.set(core.open_connections.get() + 1);
+        core.shared.open.fetch_add(1, Ordering::Relaxed);
         core.shared.metrics.tcp_connections.inc();
         Self(core)
     }
@@ -244,7 +270,16 @@ impl Drop for OpenConnection<'_> {
         self.0
             .open_connections
             .set(self.0.open_connections.get() - 1);
+        self.0.shared.open.fetch_sub(1, Ordering::Relaxed);
         self.0.shared.metrics.tcp_connections.dec();
+    }
+}
+
+/// Resolves after `limit` (never without one).
+async fn idle(limit: Option<Duration>) {
+    match limit {
+        Some(limit) => monoio::time::sleep(limit).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -252,11 +287,15 @@ async fn serve_connection(mut stream: TcpStream, core: Rc<Core>) {
     let _open = OpenConnection::new(&core);
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut output: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    // A frame answered moves the deadline; bytes that make no whole frame
+    // (one a minute) do not.
+    let mut deadline = core.shared.idle_timeout.map(|t| Instant::now() + t);
     loop {
         if input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
         }
         let filled = input.len();
+        let mut timed_out = false;
         let (result, slice) = {
             let canceller = Canceller::new();
             let read = stream.cancelable_read(input.slice_mut(filled..), canceller.handle());
@@ -269,22 +308,42 @@ async fn serve_connection(mut stream: TcpStream, core: Rc<Core>) {
                     let _canceller = canceller.cancel();
                     (&mut read).await
                 }
+                () = idle(deadline.map(|d| d.saturating_duration_since(Instant::now()))) => {
+                    timed_out = true;
+                    let _canceller = canceller.cancel();
+                    (&mut read).await
+                }
             }
         };
         input = slice.into_inner();
         // End of stream, an error, or (draining) a cancelled read that found
         // nothing more to answer.
         match result {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                if timed_out {
+                    core.idle_closed.inc();
+                }
+                return;
+            }
             Ok(_) => {}
         }
         let close = answer_frames(&core, &mut input, &mut output);
         if !output.is_empty() {
-            let (written, buf) = stream.write_all(output).await;
-            output = buf;
-            output.clear();
-            if written.is_err() {
-                return;
+            deadline = core.shared.idle_timeout.map(|t| Instant::now() + t);
+            // A client that does not read its answers is closed, not
+            // waited for: its unread answers are all it holds of ours.
+            match monoio::time::timeout(core.shared.write_timeout, stream.write_all(output)).await {
+                Ok((written, buf)) => {
+                    output = buf;
+                    output.clear();
+                    if written.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    core.write_closed.inc();
+                    return;
+                }
             }
         }
         // While draining, keep answering what the client already sent; the
@@ -336,6 +395,18 @@ fn answer_frames(core: &Core, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool
                     .tcp_frame_errors
                     .get_or_create(&ReasonLabels {
                         reason: error.reason(),
+                    })
+                    .inc();
+                let closed = match error {
+                    protocol::FrameError::TooLarge { .. } => "frame_too_large",
+                    _ => "malformed_frame",
+                };
+                shared
+                    .metrics
+                    .connections_closed
+                    .get_or_create(&ConnectionLabels {
+                        api: "tcp",
+                        reason: closed,
                     })
                     .inc();
                 close = true;

@@ -59,6 +59,25 @@ pub struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub api: &'static str,
+    pub reason: &'static str,
+}
+
+/// Why a connection is refused or closed for cause, per API.
+pub const CONNECTION_REASONS: [(&str, &str); 9] = [
+    ("http", "max_connections"),
+    ("http", "header_timeout"),
+    ("http", "request_timeout"),
+    ("http", "malformed_request"),
+    ("tcp", "max_connections"),
+    ("tcp", "idle_timeout"),
+    ("tcp", "write_timeout"),
+    ("tcp", "malformed_frame"),
+    ("tcp", "frame_too_large"),
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -110,6 +129,9 @@ pub struct Metrics {
     pub tcp_duration: Histogram,
     pub tcp_connections: Gauge,
     pub tcp_frame_errors: Family<ReasonLabels, Counter>,
+    pub http_connections: Gauge,
+    pub connections_refused: Family<ConnectionLabels, Counter>,
+    pub connections_closed: Family<ConnectionLabels, Counter>,
     pub events_applied: Family<SourceLabels, Counter>,
     pub events_invalid: Family<SourceReasonLabels, Counter>,
     pub ingest_batch_duration: Histogram,
@@ -353,6 +375,32 @@ impl Metrics {
             "Malformed binary-protocol frames by reason (the connection is closed after each)",
             tcp_frame_errors.clone(),
         );
+        let http_connections = Gauge::default();
+        registry.register(
+            "cartscore_http_connections",
+            "Open HTTP connections",
+            http_connections.clone(),
+        );
+        let connections_refused = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "cartscore_connections_refused",
+            "Connections closed as soon as accepted, by API and reason (max_connections: http.max_connections / tcp.max_connections are open)",
+            connections_refused.clone(),
+        );
+        let connections_closed = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "cartscore_connections_closed",
+            "Connections the appliance closed for cause, by API and reason: header_timeout, request_timeout, malformed_request (HTTP); idle_timeout, write_timeout, malformed_frame, frame_too_large (TCP)",
+            connections_closed.clone(),
+        );
+        for (api, reason) in CONNECTION_REASONS {
+            let family = if reason == "max_connections" {
+                &connections_refused
+            } else {
+                &connections_closed
+            };
+            let _ = family.get_or_create(&ConnectionLabels { api, reason });
+        }
         let events_applied = Family::<SourceLabels, Counter>::default();
         registry.register(
             "cartscore_events_applied",
@@ -461,6 +509,9 @@ impl Metrics {
             tcp_duration,
             tcp_connections,
             tcp_frame_errors,
+            http_connections,
+            connections_refused,
+            connections_closed,
             events_applied,
             events_invalid,
             ingest_batch_duration,

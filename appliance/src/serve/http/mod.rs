@@ -10,6 +10,7 @@ pub mod error;
 pub mod kserve;
 pub mod model;
 pub mod ops;
+pub mod server;
 pub mod state;
 pub mod v1;
 
@@ -19,11 +20,11 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::error::Code;
-use crate::ops::metrics::{RouteLabels, RouteOnly};
+use crate::ops::metrics::{ConnectionLabels, RouteLabels, RouteOnly};
 use crate::ops::telemetry;
 use error::ApiError;
 use state::App;
@@ -80,7 +81,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Counts and times every request by its route pattern (not its path, so
-/// session ids do not explode the label space).
+/// session ids do not explode the label space), and answers 408 to one
+/// whose body and handling outlast `http.request_timeout_ms` (a body
+/// dribbled in holds no more than that).
 async fn track(State(app): App, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
@@ -88,7 +91,27 @@ async fn track(State(app): App, request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or("unmatched", |p| route_label(p.as_str()));
     let exported = telemetry::http_request(request.method().as_str(), route);
-    let response = next.run(request).await;
+    let limit = std::time::Duration::from_millis(app.config.request_timeout_ms);
+    let response = match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            app.metrics
+                .connections_closed
+                .get_or_create(&ConnectionLabels {
+                    api: "http",
+                    reason: "request_timeout",
+                })
+                .inc();
+            ApiError::new(
+                Code::RequestTimeout,
+                format!(
+                    "the request took longer than http.request_timeout_ms ({} ms)",
+                    app.config.request_timeout_ms
+                ),
+            )
+            .into_response()
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
     app.metrics

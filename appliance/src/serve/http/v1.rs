@@ -173,6 +173,14 @@ pub async fn score(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::query(&e))?;
     let body = body.map_err(|e| ApiError::body(&e))?;
+    // A struct also deserialises from a JSON array: refuse one here, so that
+    // `[…]` is not taken for `{"events": […]}`.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            Code::MalformedJson,
+            "a score request is a JSON object: a cart event, or {\"events\": [...]}",
+        ));
+    }
     let probe: BatchProbe<'_> = serde_json::from_slice(&body).map_err(|e| ApiError::json(&e))?;
     let set = app.models.set();
     let primary = set.primary().ok_or_else(ApiError::no_model)?;
