@@ -21,6 +21,8 @@ enum Command {
     Sweep(modes::SweepArgs),
     /// Keep a TCP load running while new bundles are dropped into the model folder.
     Reload(modes::ReloadArgs),
+    /// Run scoring, streaming and reloads for a long time; fail if anything grows.
+    Soak(cartscore_bench::soak::SoakArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +31,6 @@ fn main() -> anyhow::Result<()> {
         Command::Http(args) => modes::http(&args),
         Command::Sweep(args) => modes::sweep(&args),
         Command::Reload(args) => modes::reload(&args),
+        Command::Soak(args) => cartscore_bench::soak::soak(&args),
     }
 }

@@ -457,3 +457,63 @@ fn pauses_shorter_than_the_idle_timeout_keep_a_tcp_connection() {
     let (status, log) = app.stop();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn a_minute_of_soak_finds_nothing_growing() {
+    // Scoring over TCP and HTTP, events streaming with event time 1,200 times
+    // the clock (sessions expire within the run and are swept), a reload
+    // every 15 s: `cartscore-bench soak` fails on a failed request or on a
+    // resource still growing over the second half (README: a 30-minute run).
+    let work = tempfile::tempdir().unwrap();
+    let models = crate::common::model_dir_with_demo(work.path());
+    let app = Appliance::start(work.path(), &models, &Options::default());
+    let report = work.path().join("soak.json");
+    let output = std::process::Command::new(crate::common::bench_binary())
+        .args(["soak", "--pid", &app.pid().to_string()])
+        .args(["--tcp", &app.tcp.to_string()])
+        .args(["--http", app.http.trim_start_matches("http://")])
+        .arg("--model-dir")
+        .arg(&models)
+        .arg("--bundle")
+        .arg(demo_model())
+        .arg("--store")
+        .arg(&app.store_dir)
+        .args([
+            "--duration",
+            "60",
+            "--sample-every",
+            "5",
+            "--reload-every",
+            "15",
+        ])
+        .args(["--time-scale", "1200"])
+        .arg("--input")
+        .arg(crate::common::dataset())
+        .arg("--json")
+        .arg(&report)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["failed_requests"], 0);
+    assert!(report["reloads"].as_u64().unwrap() >= 3, "{report}");
+    // Sessions did expire and were swept: the count came down from its top.
+    let sessions: Vec<f64> = report["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["live_sessions"].as_f64().unwrap())
+        .collect();
+    let top = sessions.iter().copied().fold(0.0, f64::max);
+    assert!(*sessions.last().unwrap() < top, "{sessions:?}");
+    println!("{stdout}");
+    let (status, log) = app.stop();
+    assert!(status.success(), "{log}");
+}
