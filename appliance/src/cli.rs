@@ -133,7 +133,7 @@ struct Inspection<'a> {
 }
 
 fn inspect(config: &ApplianceConfig, as_of_micros: Option<i64>) -> Result<()> {
-    let store = Store::open(&config.store).context("failed to open the store")?;
+    let store = Store::open_existing(&config.store).context("failed to open the store")?;
     let inspection = Inspection {
         path: &config.store.path,
         stats: store.stats().context("failed to read store statistics")?,

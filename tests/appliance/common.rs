@@ -149,6 +149,9 @@ impl Appliance {
             .env("RUST_BACKTRACE", "0")
             .env("RUST_LOG", "info")
             .env("CARTSCORE_STORE__SYNC", "false")
+            // The store reserves its map on disk: the tests' data needs a
+            // fraction of the default 1 GiB.
+            .env("CARTSCORE_STORE__MAP_SIZE_MIB", "256")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap());
         for (key, value) in &options.env {

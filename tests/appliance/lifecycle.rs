@@ -143,3 +143,161 @@ fn validate_checks_config_and_model_folder() {
     let (ok, out) = cartscore(&["validate", "--model-dir", empty.to_str().unwrap()], &[]);
     assert!(!ok && out.contains("broken.onnx"), "{out}");
 }
+
+/// A tmpfs of `mib` MiB mounted on `dir` (unmounted on drop), or `None`
+/// where this machine does not let the tests mount one.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, mib: u32) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .ok()?;
+        status.success().then(|| Self(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_found_at_start_and_never_crashes_a_running_store() {
+    let work = tempfile::tempdir().unwrap();
+    let models = crate::common::model_dir_with_demo(work.path());
+    let disk = work.path().join("disk");
+    let Some(_tmpfs) = Tmpfs::mount(&disk, 48) else {
+        // Mounting needs CAP_SYS_ADMIN; say so loudly rather than pass.
+        panic!(
+            "cannot mount a tmpfs here: this test needs root (CAP_SYS_ADMIN) to make a small disk"
+        );
+    };
+    let store = disk.join("store");
+    let store_arg = store.to_str().unwrap();
+    // A map larger than the disk: refused at start, with the reason.
+    let mut command = Command::new(crate::common::appliance_binary());
+    let output = command
+        .args([
+            "--model-dir",
+            models.to_str().unwrap(),
+            "--store-path",
+            store_arg,
+        ])
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--tcp-listen",
+            "127.0.0.1:0",
+        ])
+        .env("CARTSCORE_STORE__MAP_SIZE_MIB", "64")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        log.contains("cannot reserve the store's map (64 MiB)") && log.contains("No space left"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(&store).unwrap();
+
+    // A map that fits, then the disk filled by someone else: the store's
+    // pages are reserved, so ingest and scoring go on (no SIGBUS), and the
+    // map filling up is the error it always is.
+    let options = Options {
+        env: vec![("CARTSCORE_STORE__MAP_SIZE_MIB".into(), "8".into())],
+        ..Options::default()
+    };
+    let app = Appliance::start(&disk, &models, &options);
+    let filler = disk.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+    let mut statuses = std::collections::BTreeMap::new();
+    for round in 0..60 {
+        let batch: Vec<String> = (0..500)
+            .map(|i| {
+                view_json(&format!("d{round}-{i}"), 10, 1, 5.0)
+                    .replace("543272936", &(1000 + round * 500 + i).to_string())
+            })
+            .collect();
+        let (status, _) = app.post("/v1/events", format!("[{}]", batch.join(",")));
+        *statuses.entry(status).or_insert(0) += 1;
+        let (scored, body) = app.post("/v1/score", cart_json(&format!("d{round}-0"), 20, 1, 5.0));
+        assert_eq!(scored, 200, "{body}");
+    }
+    assert!(statuses.contains_key(&200), "{statuses:?}");
+    assert!(
+        statuses.contains_key(&507),
+        "the 8 MiB map never filled: {statuses:?}"
+    );
+    assert_eq!(app.get("/readyz").0, 200);
+    let (status, log) = app.stop();
+    assert!(status.success(), "{log}");
+    // Space freed and a larger map: it starts, keeping what it had.
+    std::fs::remove_file(&filler).unwrap();
+    let options = Options {
+        env: vec![("CARTSCORE_STORE__MAP_SIZE_MIB".into(), "24".into())],
+        ..Options::default()
+    };
+    let app = Appliance::start(&disk, &models, &options);
+    assert_eq!(app.get("/v1/sessions/d0-0").0, 200);
+    let (status, _) = app.post("/v1/events", view_json("after", 30, 1, 5.0));
+    assert_eq!(status, 200);
+    println!(
+        "full disk: batches answered {statuses:?} while the disk was full; restarted with a larger map"
+    );
+    let (status, log) = app.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_folder_that_is_not_a_store_is_refused_untouched() {
+    let work = tempfile::tempdir().unwrap();
+    let models = crate::common::model_dir_with_demo(work.path());
+    let start = |store: &std::path::Path| {
+        Command::new(crate::common::appliance_binary())
+            .args(["--model-dir", models.to_str().unwrap()])
+            .arg("--store-path")
+            .arg(store)
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--tcp-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    // Someone else's folder.
+    let foreign = work.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("report.pdf"), b"%PDF").unwrap();
+    let output = start(&foreign);
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        log.contains("is not an LMDB store") && log.contains("report.pdf"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
+    // A data.mdb that is not LMDB's.
+    let garbage = work.path().join("garbage");
+    std::fs::create_dir_all(&garbage).unwrap();
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(garbage.join("data.mdb"), &bytes).unwrap();
+    let output = start(&garbage);
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(log.contains("failed to open the LMDB store"), "{log}");
+    assert_eq!(std::fs::read(garbage.join("data.mdb")).unwrap(), bytes);
+    // (A store of a newer layout is refused untouched too: the store's unit
+    // test `a_store_of_a_newer_layout_is_refused_untouched`.)
+}

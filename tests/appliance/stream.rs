@@ -886,3 +886,72 @@ fn cdc_rows_resent_by_debezium_are_applied_once_across_a_restart() {
     assert_eq!(events(&app), 3);
     assert_eq!(app.metric(&duplicates), 2.0);
 }
+
+#[test]
+fn a_full_map_refuses_writes_while_scoring_goes_on_and_a_larger_map_resumes_exactly_once() {
+    let brokers = Broker::shared();
+    let topics = Topics::create(brokers, 2);
+    let work = tempfile::tempdir().unwrap();
+    let models = model_dir_with_demo(work.path());
+    let full_dir = work.path().join("full");
+    let clean_dir = work.path().join("clean");
+    std::fs::create_dir_all(&full_dir).unwrap();
+    std::fs::create_dir_all(&clean_dir).unwrap();
+    let summary = replay(brokers, &topics.raw, &["--repeat", "3"]);
+    let produced = summary["acknowledged"].as_i64().unwrap();
+    let group = unique("full");
+    let with_map = |mib: &str| Options {
+        env: topics
+            .env(brokers, &group, false)
+            .into_iter()
+            .chain([("CARTSCORE_STORE__MAP_SIZE_MIB".to_owned(), mib.to_owned())])
+            .collect(),
+        ..Options::default()
+    };
+    // A map too small for the three passes: the stream fills it.
+    let app = Appliance::start(&full_dir, &models, &with_map("2"));
+    wait_until("the map to fill", Duration::from_secs(120), || {
+        app.metric("cartscore_store_map_full_total") >= 1.0
+    });
+    let applied_when_full = applied_offsets(&app.store_dir, &topics.raw);
+    assert!(applied_when_full < produced, "all {produced} fit in 2 MiB");
+    // Writes are refused (a batch that no longer fits is consumed again from
+    // the stored offsets, never skipped) and scoring goes on.
+    for i in 0..20 {
+        let (status, body) = app.post("/v1/score", flat(&format!("full-{i}"), i, "cart", 10.0));
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(
+        app.metric("cartscore_stream_batch_retries_total{reason=\"map_full\"}") >= 1.0,
+        "{}",
+        app.get_text("/metrics")
+    );
+    let (status, log) = app.stop();
+    assert!(status.success(), "{log}");
+    // A larger map and a restart: the stream resumes where the store stood.
+    let app = Appliance::start(&full_dir, &models, &with_map("64"));
+    wait_applied(&app, &topics.raw, produced);
+    let (status, log) = app.stop();
+    assert!(status.success(), "{log}");
+
+    // The reference: one clean pass with room from the start.
+    let clean = Appliance::start(
+        &clean_dir,
+        &models,
+        &Options {
+            env: topics.env(brokers, &unique("clean"), false),
+            ..Options::default()
+        },
+    );
+    wait_applied(&clean, &topics.raw, produced);
+    let clean_store = clean.store_dir.clone();
+    let (status, log) = clean.stop();
+    assert!(status.success(), "{log}");
+    let resumed = inspect(&full_dir.join("store"));
+    let reference = inspect(&clean_store);
+    assert_eq!(resumed["digest"], reference["digest"]);
+    assert_eq!(resumed["offsets"], reference["offsets"]);
+    println!(
+        "map full after {applied_when_full} of {produced} events; scoring went on; resumed with a larger map to the clean pass's digest"
+    );
+}

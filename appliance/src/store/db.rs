@@ -87,12 +87,39 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// Opens (or creates) the store to serve from: the whole map is
+    /// reserved on disk (see [`reserve`]).
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let store = Self::open_with(config)?;
+        reserve(&store.path, store.map_size_mib)?;
+        Ok(store)
+    }
+
+    /// Opens an existing store beside the process that serves it (`cartscore
+    /// inspect`): with the map as large as its file, whatever the
+    /// configuration says, so that the serving process's map is not resized
+    /// under it, and nothing reserved.
+    pub fn open_existing(config: &StoreConfig) -> Result<Self, StoreError> {
+        let data = config.path.join("data.mdb");
+        let size = std::fs::metadata(&data).map_err(|source| StoreError::Open {
+            path: config.path.clone(),
+            source: heed::Error::Io(source),
+        })?;
+        let mib = size.len().div_ceil(MIB).max(1);
+        let config = StoreConfig {
+            map_size_mib: std::num::NonZeroU64::new(mib).unwrap_or(std::num::NonZeroU64::MIN),
+            ..config.clone()
+        };
+        Self::open_with(&config)
+    }
+
+    fn open_with(config: &StoreConfig) -> Result<Self, StoreError> {
         let path = config.path.clone();
         let open_error = |source| StoreError::Open {
             path: path.clone(),
             source,
         };
+        refuse_foreign_folder(&path)?;
         std::fs::create_dir_all(&path).map_err(|e| open_error(heed::Error::Io(e)))?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
         options
@@ -471,6 +498,48 @@ impl StoreReader<'_> {
         let w = self.store.watermark(&self.txn)?;
         Ok((w != i64::MIN).then_some(Timestamp(w)))
     }
+}
+
+/// A folder with files in it but no `data.mdb` is someone else's: LMDB
+/// would add its files to it.
+fn refuse_foreign_folder(path: &Path) -> Result<(), StoreError> {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        // Missing (created next) or unreadable (LMDB says why).
+        return Ok(());
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() || names.iter().any(|n| n == "data.mdb") {
+        return Ok(());
+    }
+    let mut found: Vec<&str> = names.iter().map(String::as_str).take(3).collect();
+    found.sort_unstable();
+    Err(StoreError::NotAStore {
+        path: path.to_owned(),
+        found: found.join(", ") + if names.len() > 3 { ", …" } else { "" },
+    })
+}
+
+/// Allocates the whole map on disk. With `WRITE_MAP` LMDB writes pages
+/// through the memory map into a sparse file, and a page the file system
+/// cannot allocate (a full disk) is a SIGBUS, not an error: reserved, the
+/// map's pages always have their blocks, so a full disk is found here, at
+/// start, with a message, and never while serving.
+fn reserve(path: &Path, map_size_mib: u64) -> Result<(), StoreError> {
+    let data = path.join("data.mdb");
+    let failed = |source| StoreError::Reserve {
+        path: data.clone(),
+        map_size_mib,
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .map_err(failed)?;
+    let bytes = i64::try_from(map_size_mib * MIB).unwrap_or(i64::MAX);
+    nix::fcntl::posix_fallocate(&file, 0, bytes).map_err(|errno| failed(errno.into()))
 }
 
 #[cfg(test)]

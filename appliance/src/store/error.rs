@@ -18,6 +18,19 @@ pub enum StoreError {
         source: heed::Error,
     },
     #[error(
+        "{path} is not an LMDB store: it holds other files ({found}) and no data.mdb; point store.path at a new or empty folder (nothing was written)"
+    )]
+    NotAStore { path: PathBuf, found: String },
+    #[error(
+        "cannot reserve the store's map ({map_size_mib} MiB) on disk for {path}: {source}; free space or lower store.map_size_mib"
+    )]
+    Reserve {
+        path: PathBuf,
+        map_size_mib: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
         "the LMDB map is full ({map_size_mib} MiB): raise store.map_size_mib and restart; nothing of this batch was applied"
     )]
     MapFull { map_size_mib: u64 },
@@ -49,7 +62,10 @@ pub enum StoreError {
 impl ErrorCode for StoreError {
     fn error_code(&self) -> Code {
         match self {
-            Self::Open { .. } | Self::Layout { .. } => Code::StoreOpen,
+            Self::Open { .. }
+            | Self::Layout { .. }
+            | Self::NotAStore { .. }
+            | Self::Reserve { .. } => Code::StoreOpen,
             Self::MapFull { .. } => Code::MapFull,
             Self::Lmdb { .. } => Code::StoreLmdb,
             Self::Corrupt { .. } => Code::StoreCorrupt,

@@ -516,6 +516,71 @@ mod tests {
     }
 
     #[test]
+    fn a_folder_that_is_not_a_store_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        // Someone else's folder.
+        std::fs::create_dir_all(&config.path).unwrap();
+        std::fs::write(config.path.join("notes.txt"), b"mine").unwrap();
+        let error = Store::open(&config).unwrap_err();
+        assert!(matches!(error, StoreError::NotAStore { .. }), "{error}");
+        assert!(error.to_string().contains("notes.txt"), "{error}");
+        let names: Vec<_> = std::fs::read_dir(&config.path).unwrap().collect();
+        assert_eq!(names.len(), 1, "nothing was added");
+        // A data.mdb that is not LMDB's.
+        std::fs::remove_file(config.path.join("notes.txt")).unwrap();
+        let garbage = vec![0x5au8; 64 * 1024];
+        std::fs::write(config.path.join("data.mdb"), &garbage).unwrap();
+        let error = Store::open(&config).unwrap_err();
+        assert!(matches!(error, StoreError::Open { .. }), "{error}");
+        let after = std::fs::read(config.path.join("data.mdb")).unwrap();
+        assert_eq!(
+            after[..garbage.len()],
+            garbage[..],
+            "nothing was overwritten"
+        );
+    }
+
+    #[test]
+    fn a_store_of_a_newer_layout_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        {
+            let store = Store::open(&config).unwrap();
+            store
+                .apply(&[event(0, "kept", 1, EventType::View)], &[])
+                .unwrap();
+            store
+                .set_layout(super::migrate::LAYOUT_VERSION + 1)
+                .unwrap();
+        }
+        let before = std::fs::read(config.path.join("data.mdb")).unwrap();
+        let error = Store::open(&config).unwrap_err();
+        assert!(matches!(error, StoreError::Layout { .. }), "{error}");
+        assert!(error.to_string().contains("has layout 4"), "{error}");
+        let after = std::fs::read(config.path.join("data.mdb")).unwrap();
+        assert!(
+            before == after,
+            "a newer store was changed by an older build"
+        );
+    }
+
+    #[test]
+    fn the_map_is_reserved_on_disk_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let _store = Store::open(&config).unwrap();
+        let meta = std::fs::metadata(config.path.join("data.mdb")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        // Allocated blocks (512 bytes each), not a sparse file.
+        assert!(
+            meta.blocks() * 512 >= 16 * 1024 * 1024,
+            "{} blocks",
+            meta.blocks()
+        );
+    }
+
+    #[test]
     fn a_store_of_another_key_layout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let config = config(dir.path());
