@@ -6,7 +6,10 @@
 //! times 200,000 single calls of the full path into an HDR histogram and
 //! prints its percentiles (criterion reports means, the target is a p99),
 //! then the same with the closed loop's recording on and off in turn, and
-//! with a challenger scoring beside the primary (shadow).
+//! with a challenger scoring beside the primary (shadow). Criterion's groups:
+//! the full path and its parts; `batch`, the model alone on 1, 16 and 1,024
+//! rows at a time; `many sessions`, the full path against a store of a
+//! million sessions (its lookups leave the cache).
 //! ONNX Runtime on the same bundle: `python3 appliance/benches/onnxruntime_latency.py`.
 #![allow(clippy::unwrap_used)]
 
@@ -183,6 +186,21 @@ fn benches(c: &mut Criterion, s: &Setup) {
             black_box(s.model().explain(&rows[i]).unwrap())
         })
     });
+    let mut batch = c.benchmark_group("batch");
+    let model = s.model();
+    for size in [1usize, 16, 1024] {
+        let flat: Vec<f32> = rows
+            .iter()
+            .cycle()
+            .take(size)
+            .flat_map(|r| r.0)
+            .collect();
+        batch.throughput(criterion::Throughput::Elements(size as u64));
+        batch.bench_function(format!("model only: compiled ensemble, {size} rows at a time"), |b| {
+            b.iter(|| black_box(model.predict_batch(black_box(&flat)).unwrap()))
+        });
+    }
+    batch.finish();
     let mut group = c.benchmark_group("reference");
     group.sample_size(10);
     group.bench_function("model only: tract TreeEnsembleClassifier, one row", |b| {
@@ -194,10 +212,68 @@ fn benches(c: &mut Criterion, s: &Setup) {
     group.finish();
 }
 
+/// A store of `sessions` sessions (one view each, a user each), and carts
+/// of those sessions spread over it.
+fn many_sessions(sessions: u64) -> (tempfile::TempDir, Store, Vec<Event>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreConfig {
+        path: dir.path().join("lmdb"),
+        map_size_mib: std::num::NonZeroU64::new(4096).unwrap(),
+        sync: false,
+        ..StoreConfig::default()
+    })
+    .unwrap();
+    let event = |i: u64, kind: EventType| Event {
+        event_time: cartscore_core::Timestamp::from_secs(1_569_888_000 + (i % 3_600) as i64),
+        event_type: kind,
+        product_id: 1 + i % 50_000,
+        category_id: 2_053_013_555_631_882_655,
+        category_code: Some("electronics.smartphone".into()),
+        brand: Some("samsung".into()),
+        price: 10.0 + (i % 500) as f64,
+        user_id: 1 + i,
+        user_session: format!("many-{i:08}"),
+    };
+    let mut batch = Vec::with_capacity(1_000);
+    for i in 0..sessions {
+        batch.push(event(i, EventType::View));
+        if batch.len() == 1_000 {
+            store.apply(&batch, &[]).unwrap();
+            batch.clear();
+        }
+    }
+    store.apply(&batch, &[]).unwrap();
+    // A multiplicative hash spreads the carts over the whole key space.
+    let carts = (0..10_000u64)
+        .map(|k| {
+            let mut cart = event((k * 2_654_435_761) % sessions, EventType::Cart);
+            cart.event_time = cartscore_core::Timestamp(cart.event_time.micros() + 60_000_000);
+            cart
+        })
+        .collect();
+    (dir, store, carts)
+}
+
+fn many_sessions_bench(c: &mut Criterion, s: &Setup) {
+    let (_dir, store, carts) = many_sessions(1_000_000);
+    let metrics = &s.metrics.challenger;
+    let mut i = 0;
+    let mut group = c.benchmark_group("many sessions");
+    group.bench_function("score: 1,000,000 sessions in the store", |b| {
+        b.iter(|| {
+            i = (i + 1) % carts.len();
+            let reader = store.reader().unwrap();
+            black_box(score::answer(&s.set, &reader, None, &carts[i], metrics).unwrap())
+        })
+    });
+    group.finish();
+}
+
 fn main() {
     let setup = setup();
     let mut criterion = Criterion::default().configure_from_args();
     benches(&mut criterion, &setup);
+    many_sessions_bench(&mut criterion, &setup);
     criterion.final_summary();
     percentiles(&setup, &setup.set, 200_000, None);
     // Recording off and on in alternating blocks, so both see the same

@@ -72,6 +72,8 @@ pub struct Running {
     consumer: Option<StreamConsumer>,
     prediction_log: Option<PredictionLog>,
     tcp: Option<TcpServer>,
+    /// What the TCP cores share, for [`Running::frame_handler`].
+    tcp_shared: Option<Arc<Shared>>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     http_addr: SocketAddr,
     drain_http: tokio::sync::oneshot::Sender<()>,
@@ -260,6 +262,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
     } else {
         0
     }));
+    let mut tcp_shared = None;
     let tcp = if config.tcp.enabled {
         let shared = Arc::new(Shared {
             store: Arc::clone(&store),
@@ -277,6 +280,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
                 .then(|| Duration::from_millis(config.tcp.idle_timeout_ms)),
             write_timeout: Duration::from_millis(config.tcp.write_timeout_ms),
         });
+        tcp_shared = Some(Arc::clone(&shared));
         let server = TcpServer::start(&config.tcp, shared)
             .context("failed to start the binary-protocol server")?;
         state.tcp_ready.store(true, Ordering::Relaxed);
@@ -331,6 +335,7 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
         consumer,
         prediction_log,
         tcp,
+        tcp_shared,
         http,
         http_addr,
         drain_http,
@@ -339,6 +344,19 @@ pub async fn build(config: ApplianceConfig) -> Result<Running> {
 }
 
 impl Running {
+    /// The HTTP API as a service, to call without a socket (the fuzzer).
+    pub fn router(&self) -> axum::Router {
+        router(Arc::clone(&self.state))
+    }
+
+    /// The TCP request handling of one core, without a socket (the fuzzer);
+    /// `None` with `tcp.enabled = false`.
+    pub fn frame_handler(&self) -> Option<crate::serve::tcp::FrameHandler> {
+        self.tcp_shared
+            .as_ref()
+            .map(|shared| crate::serve::tcp::FrameHandler::new(Arc::clone(shared)))
+    }
+
     /// Serves until SIGTERM or SIGINT; SIGHUP reloads the model folder.
     pub async fn serve(&self) -> Result<()> {
         let mut hangup = signal(SignalKind::hangup()).context("failed to install SIGHUP")?;

@@ -124,6 +124,18 @@ impl ApplianceConfig {
         Ok(config)
     }
 
+    /// Defaults, then the TOML `text` (no environment, no flags): the
+    /// config file's rules alone, for `validate` tooling and the fuzzer.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let mut config: Self = Figment::from(Serialized::defaults(Self::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(ConfigError::from_figment)?;
+        config.normalise();
+        config.validate()?;
+        Ok(config)
+    }
+
     fn normalise(&mut self) {
         if self.tcp.cores == 0 {
             self.tcp.cores = std::thread::available_parallelism().map_or(1, |n| n.get());

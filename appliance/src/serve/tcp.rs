@@ -114,6 +114,29 @@ impl Core {
     }
 }
 
+/// What a core does with the bytes it read, without the network: the frame
+/// decoder and the request handling, answering into a buffer (the fuzzer
+/// and tests drive it directly). Not `Send`: one per thread, like a core.
+pub struct FrameHandler(Core);
+
+impl std::fmt::Debug for FrameHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameHandler").finish_non_exhaustive()
+    }
+}
+
+impl FrameHandler {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self(Core::new(shared))
+    }
+
+    /// Answers every complete frame in `input` (and removes it); true when
+    /// the connection would be closed (a malformed frame).
+    pub fn answer(&self, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool {
+        answer_frames(&self.0, input, output)
+    }
+}
+
 #[derive(Debug)]
 pub struct TcpServer {
     pub local_addr: SocketAddr,
