@@ -180,6 +180,15 @@ fn benches(c: &mut Criterion, s: &Setup) {
             black_box(s.model().predict(&rows[i]).unwrap())
         })
     });
+    if let cartscore_appliance::model::serving::Evaluator::Compiled(compiled) = &s.model().evaluator
+    {
+        c.bench_function("model only: plain walk, one tree at a time", |b| {
+            b.iter(|| {
+                i = (i + 1) % rows.len();
+                black_box(compiled.raw_score_plain(&rows[i].0))
+            })
+        });
+    }
     c.bench_function("explain only: exact TreeSHAP, one row", |b| {
         b.iter(|| {
             i = (i + 1) % rows.len();
@@ -189,16 +198,12 @@ fn benches(c: &mut Criterion, s: &Setup) {
     let mut batch = c.benchmark_group("batch");
     let model = s.model();
     for size in [1usize, 16, 1024] {
-        let flat: Vec<f32> = rows
-            .iter()
-            .cycle()
-            .take(size)
-            .flat_map(|r| r.0)
-            .collect();
+        let flat: Vec<f32> = rows.iter().cycle().take(size).flat_map(|r| r.0).collect();
         batch.throughput(criterion::Throughput::Elements(size as u64));
-        batch.bench_function(format!("model only: compiled ensemble, {size} rows at a time"), |b| {
-            b.iter(|| black_box(model.predict_batch(black_box(&flat)).unwrap()))
-        });
+        batch.bench_function(
+            format!("model only: compiled ensemble, {size} rows at a time"),
+            |b| b.iter(|| black_box(model.predict_batch(black_box(&flat)).unwrap())),
+        );
     }
     batch.finish();
     let mut group = c.benchmark_group("reference");

@@ -5,6 +5,7 @@
 //! the `cartscore-bench` commands, [`soak`] the long run; the Kafka producer (`cartscore-producer`)
 //! reuses the rendering and the reports.
 
+pub mod engine;
 pub mod http;
 pub mod load;
 pub mod modes;

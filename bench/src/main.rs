@@ -23,6 +23,8 @@ enum Command {
     Reload(modes::ReloadArgs),
     /// Run scoring, streaming and reloads for a long time; fail if anything grows.
     Soak(cartscore_bench::soak::SoakArgs),
+    /// Time the compiled evaluator alone on bundles and feature rows.
+    Engine(cartscore_bench::engine::EngineArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +34,6 @@ fn main() -> anyhow::Result<()> {
         Command::Sweep(args) => modes::sweep(&args),
         Command::Reload(args) => modes::reload(&args),
         Command::Soak(args) => cartscore_bench::soak::soak(&args),
+        Command::Engine(args) => cartscore_bench::engine::engine(&args),
     }
 }

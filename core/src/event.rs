@@ -194,9 +194,18 @@ impl Event {
     }
 
     /// The flat JSON form (what the validated topic and the HTTP API carry).
+    /// The event as a flat JSON object. The time is in the data set's form
+    /// when it is whole seconds, RFC 3339 with microseconds otherwise: the
+    /// data set's form has no sub-second part, and an event written out
+    /// (the validated topic) must read back as the same event.
     pub fn to_json(&self) -> serde_json::Value {
+        let event_time = if self.event_time.micros().rem_euclid(1_000_000) == 0 {
+            self.event_time.to_dataset_form()
+        } else {
+            self.event_time.to_rfc3339()
+        };
         serde_json::json!({
-            "event_time": self.event_time.to_dataset_form(),
+            "event_time": event_time,
             "event_type": self.event_type.as_str(),
             "product_id": self.product_id,
             "category_id": self.category_id,
@@ -801,5 +810,20 @@ mod tests {
         let e = flat();
         let again = Event::from_json(e.to_json().to_string().as_bytes()).unwrap();
         assert_eq!(again, e);
+    }
+
+    /// Found by the `event` fuzz target (its seed `micros`): an event time
+    /// with microseconds was written in the data set's form, which drops
+    /// them, so the validated topic carried another time than applied.
+    #[test]
+    fn a_time_with_microseconds_survives_the_round_trip() {
+        let text = br#"{"event_time": 1569888000123456, "event_type": "view", "product_id": 44600062, "category_id": 2103807459595387724, "category_code": "", "brand": "shiseido", "price": 35.79, "user_id": 541312140, "user_session": "72d76fde-8bb3-4e00-8c23-a032dfed738c"}"#;
+        let e = Event::from_json(text).unwrap();
+        assert_eq!(e.event_time.micros(), 1_569_888_000_123_456);
+        let written = e.to_json().to_string();
+        assert!(written.contains("2019-10-01T00:00:00.123456Z"), "{written}");
+        assert_eq!(Event::from_json(written.as_bytes()).unwrap(), e);
+        // Whole seconds keep the data set's form.
+        assert!(flat().to_json().to_string().contains(" UTC"));
     }
 }

@@ -85,9 +85,11 @@ pub struct TreeParams {
 }
 
 impl TreeParams {
-    fn sample(rng: &mut ChaCha8Rng, max_iterations: u32) -> Self {
+    fn sample(rng: &mut ChaCha8Rng, max_iterations: u32, num_leaves: Option<u32>) -> Self {
+        // Drawn even when fixed, so the other parameters stay the same draws.
+        let drawn = [7, 15, 31, 63][rng.random_range(0..4)];
         Self {
-            num_leaves: [7, 15, 31, 63][rng.random_range(0..4)],
+            num_leaves: num_leaves.unwrap_or(drawn),
             learning_rate: 10f64.powf(rng.random_range(-1.6..-0.8)),
             min_data_in_leaf: [10, 20, 50, 100][rng.random_range(0..4)],
             feature_fraction: rng.random_range(0.6..1.0),
@@ -98,6 +100,18 @@ impl TreeParams {
     }
 
     fn lightgbm(&self, seed: u64, early_stopping: u32) -> serde_json::Value {
+        let mut params = self.lightgbm_params(seed, early_stopping);
+        // lightgbm3 stops at the first round without improvement when told
+        // 0 rounds: no early stopping is no key at all.
+        if early_stopping == 0
+            && let Some(map) = params.as_object_mut()
+        {
+            map.remove("early_stopping_rounds");
+        }
+        params
+    }
+
+    fn lightgbm_params(&self, seed: u64, early_stopping: u32) -> serde_json::Value {
         json!({
             "objective": "binary",
             "metric": "binary_logloss",
@@ -145,6 +159,7 @@ pub struct TuneConfig {
     pub seed: u64,
     pub max_iterations: u32,
     pub early_stopping: u32,
+    pub num_leaves: Option<u32>,
 }
 
 fn train_one(
@@ -183,7 +198,7 @@ type TrialOutcome = Result<(Trial, String)>;
 pub fn tune(train: &Matrix, valid: &Matrix, config: &TuneConfig) -> Result<Tuned> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let candidates: Vec<TreeParams> = (0..config.trials.max(1))
-        .map(|_| TreeParams::sample(&mut rng, config.max_iterations))
+        .map(|_| TreeParams::sample(&mut rng, config.max_iterations, config.num_leaves))
         .collect();
     let outcomes = crate::parallel::map(
         &candidates,

@@ -180,6 +180,132 @@ pub fn answer<'m>(
     })
 }
 
+/// A cart whose features are built, waiting for its model's batch.
+struct Pending<'m> {
+    index: usize,
+    route: crate::model::Route<'m>,
+    row: FeatureRow,
+    session_known: bool,
+}
+
+/// Scores the carts `carts` (each as [`answer`] would) with one model call
+/// per model for the whole batch: the compiled evaluator walks several
+/// rows at once, to the same bits as one by one. Answers come back in the
+/// carts' order.
+pub fn answer_batch<'m>(
+    set: &'m ModelSet,
+    reader: &StoreReader<'_>,
+    ownership: Option<&Ownership>,
+    carts: &[&Event],
+    metrics: &ChallengerMetrics,
+) -> Vec<Result<Answer<'m>, ScoreError>> {
+    let mut out: Vec<Option<Result<Answer<'m>, ScoreError>>> = Vec::with_capacity(carts.len());
+    let mut pending = Vec::with_capacity(carts.len());
+    for (index, cart) in carts.iter().enumerate() {
+        let prepared = (|| {
+            if cart.event_type != EventType::Cart {
+                return Err(ScoreError::NotACart(cart.event_type.as_str()));
+            }
+            check_owner(ownership, cart.user_id)?;
+            let route = set.route(&cart.user_session).ok_or(ScoreError::NoModel)?;
+            let (row, session_known) = features(route.served, reader, cart)?;
+            Ok(Pending {
+                index,
+                route,
+                row,
+                session_known,
+            })
+        })();
+        match prepared {
+            Ok(p) => {
+                out.push(None);
+                pending.push(p);
+            }
+            Err(error) => out.push(Some(Err(error))),
+        }
+    }
+    // One batch per model that answers (the primary; the challenger for
+    // canary sessions), then one per model that scores beside.
+    let mut probabilities = vec![f32::NAN; pending.len()];
+    let mut failed: Vec<Option<ModelError>> = (0..pending.len()).map(|_| None).collect();
+    for canary in [false, true] {
+        let members: Vec<usize> = (0..pending.len())
+            .filter(|&i| pending[i].route.canary == canary)
+            .collect();
+        let Some(&first) = members.first() else {
+            continue;
+        };
+        let model = pending[first].route.served;
+        let rows: Vec<f32> = members.iter().flat_map(|&i| pending[i].row.0).collect();
+        match model.predict_batch(&rows) {
+            Ok(scores) => {
+                for (&i, p) in members.iter().zip(scores) {
+                    probabilities[i] = p;
+                }
+            }
+            Err(error) => {
+                // One failure answers every cart of the batch.
+                let message = error.to_string();
+                for &i in &members {
+                    failed[i] = Some(ModelError::Run(message.clone()));
+                }
+            }
+        }
+    }
+    let mut paired = vec![None; pending.len()];
+    for canary in [false, true] {
+        let members: Vec<usize> = (0..pending.len())
+            .filter(|&i| pending[i].route.canary == canary && pending[i].route.paired.is_some())
+            .collect();
+        let Some(other) = members.first().and_then(|&i| pending[i].route.paired) else {
+            continue;
+        };
+        let rows: Vec<f32> = members
+            .iter()
+            .flat_map(|&i| {
+                let mut row = pending[i].row;
+                other.encode(&mut row, CategoricalKeys::of(carts[pending[i].index]));
+                row.0
+            })
+            .collect();
+        match other.predict_batch(&rows) {
+            Ok(scores) => {
+                let counter = if canary {
+                    &metrics.canary_scored
+                } else {
+                    &metrics.shadow_scored
+                };
+                counter.inc_by(members.len() as u64);
+                for (&i, p) in members.iter().zip(scores) {
+                    paired[i] = Some((other, p));
+                }
+            }
+            Err(error) => {
+                metrics.pair_failed.inc_by(members.len() as u64);
+                tracing::debug!(%error, version = other.version(), "the second model failed; the answers stand");
+            }
+        }
+    }
+    for (i, p) in pending.into_iter().enumerate() {
+        out[p.index] = Some(match failed[i].take() {
+            Some(error) => Err(ScoreError::Model(error)),
+            None => Ok(Answer {
+                scored: Scored {
+                    probability: probabilities[i],
+                    session_known: p.session_known,
+                    row: p.row,
+                },
+                served: p.route.served,
+                canary: p.route.canary,
+                paired: paired[i],
+            }),
+        });
+    }
+    out.into_iter()
+        .map(|a| a.unwrap_or(Err(ScoreError::NoModel)))
+        .collect()
+}
+
 /// The record of a scored cart, for the closed loop (`store::outcomes`).
 pub fn record_of(cart: &Event, answer: &Answer<'_>) -> CartRecord {
     CartRecord {

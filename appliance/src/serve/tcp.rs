@@ -30,6 +30,7 @@ use crate::ops::metrics::{ApiLabels, ConnectionLabels, Metrics, OutcomeLabels, R
 use crate::serve::score;
 use crate::shard::Ownership;
 use crate::store::{Store, StoreReader};
+use cartscore_core::Event;
 use cartscore_core::shap::Explanation;
 use prometheus_client::metrics::family::Family;
 
@@ -383,60 +384,78 @@ fn answer_frames(core: &Core, input: &mut Vec<u8>, output: &mut Vec<u8>) -> bool
     let set = core.model.borrow_mut().load().clone();
     let shared = &core.shared;
     let mut reader: Option<StoreReader<'_>> = None;
+    let started = Instant::now();
+    let mut frames = Vec::new();
     let mut consumed = 0;
-    let mut close = false;
+    let mut malformed = None;
     loop {
-        let started = Instant::now();
         match protocol::parse_request(&input[consumed..], shared.max_frame) {
             Ok(Some((frame, used))) => {
-                let status = answer(core, &set, &mut reader, &frame, output);
-                core.outcomes[status as usize].inc();
-                if status == Status::NotOwner {
-                    core.redirects.inc();
-                }
-                core.duration.observe(started.elapsed().as_secs_f64());
+                frames.push(frame);
                 consumed += used;
             }
             Ok(None) => break,
             Err(error) => {
-                let version = set.primary().map_or("", |m| m.version());
-                protocol::encode_response(
-                    output,
-                    &protocol::Answer {
-                        request_id: 0,
-                        status: error.status(),
-                        session_known: false,
-                        probability: f32::NAN,
-                        model_version: version,
-                        message: &error.to_string(),
-                        explanation: None,
-                    },
-                );
-                core.outcomes[error.status() as usize].inc();
-                shared
-                    .metrics
-                    .tcp_frame_errors
-                    .get_or_create(&ReasonLabels {
-                        reason: error.reason(),
-                    })
-                    .inc();
-                let closed = match error {
-                    protocol::FrameError::TooLarge { .. } => "frame_too_large",
-                    _ => "malformed_frame",
-                };
-                shared
-                    .metrics
-                    .connections_closed
-                    .get_or_create(&ConnectionLabels {
-                        api: "tcp",
-                        reason: closed,
-                    })
-                    .inc();
-                close = true;
+                malformed = Some(error);
                 break;
             }
         }
     }
+    // The frames of one read are scored together: one model call per model
+    // for all of them (the compiled evaluator walks several rows at once).
+    let statuses = if frames.len() > 1 {
+        answer_batch(core, &set, &mut reader, &frames, output)
+    } else {
+        frames
+            .iter()
+            .map(|frame| answer(core, &set, &mut reader, frame, output))
+            .collect()
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    for status in statuses {
+        core.outcomes[status as usize].inc();
+        if status == Status::NotOwner {
+            core.redirects.inc();
+        }
+        core.duration.observe(seconds);
+    }
+    let close = malformed.is_some();
+    if let Some(error) = malformed {
+        let version = set.primary().map_or("", |m| m.version());
+        protocol::encode_response(
+            output,
+            &protocol::Answer {
+                request_id: 0,
+                status: error.status(),
+                session_known: false,
+                probability: f32::NAN,
+                model_version: version,
+                message: &error.to_string(),
+                explanation: None,
+            },
+        );
+        core.outcomes[error.status() as usize].inc();
+        shared
+            .metrics
+            .tcp_frame_errors
+            .get_or_create(&ReasonLabels {
+                reason: error.reason(),
+            })
+            .inc();
+        let closed = match error {
+            protocol::FrameError::TooLarge { .. } => "frame_too_large",
+            _ => "malformed_frame",
+        };
+        shared
+            .metrics
+            .connections_closed
+            .get_or_create(&ConnectionLabels {
+                api: "tcp",
+                reason: closed,
+            })
+            .inc();
+    }
+    drop(frames);
     input.drain(..consumed);
     close
 }
@@ -464,35 +483,155 @@ fn answer<'s>(
     frame: &ScoreFrame<'_>,
     output: &mut Vec<u8>,
 ) -> Status {
-    let mut reply = protocol::Answer {
-        request_id: frame.request_id,
-        status: Status::Ok,
-        session_known: false,
-        probability: f32::NAN,
-        model_version: set.primary().map_or("", |m| m.version()),
-        message: "",
-        explanation: None,
-    };
-    let refusal;
-    let explained;
-    match score_frame(core, set, reader, frame) {
-        Ok((answer, explanation)) => {
-            reply.session_known = answer.scored.session_known;
-            reply.probability = answer.scored.probability;
-            reply.model_version = answer.served.version();
-            explained = explanation;
-            reply.explanation = explained
-                .as_ref()
-                .map(|e| (e.base_value, e.contributions.as_slice()));
+    let primary = set.primary().map_or("", |m| m.version());
+    let result = score_frame(core, set, reader, frame);
+    encode_result(output, frame.request_id, primary, result)
+}
+
+/// Answers `frames` in order, scoring their carts as one batch.
+fn answer_batch<'s>(
+    core: &'s Core,
+    set: &ModelSet,
+    reader: &mut Option<StoreReader<'s>>,
+    frames: &[ScoreFrame<'_>],
+    output: &mut Vec<u8>,
+) -> Vec<Status> {
+    let primary = set.primary().map_or("", |m| m.version());
+    let events: Vec<Result<Event, Refusal>> = frames
+        .iter()
+        .map(|frame| {
+            let event = frame.to_event().map_err(|e| refuse(&e))?;
+            if set.primary().is_none() {
+                return Err(Refusal {
+                    status: Code::ModelUnavailable.tcp(),
+                    message: "no model is loaded".into(),
+                });
+            }
+            Ok(event)
+        })
+        .collect();
+    let shared = &core.shared;
+    let valid: Vec<&Event> = events.iter().filter_map(|e| e.as_ref().ok()).collect();
+    let mut answers = if valid.is_empty() {
+        Vec::new()
+    } else {
+        if reader.is_none() {
+            match shared.store.reader() {
+                Ok(snapshot) => *reader = Some(snapshot),
+                Err(error) => {
+                    let refusal = refuse(&error);
+                    return frames
+                        .iter()
+                        .map(|frame| {
+                            encode_refusal(output, frame.request_id, primary, &refusal);
+                            refusal.status
+                        })
+                        .collect();
+                }
+            }
         }
-        Err(refused) => {
-            refusal = refused;
-            reply.status = refusal.status;
-            reply.message = &refusal.message;
+        let Some(snapshot) = reader.as_ref() else {
+            return Vec::new();
+        };
+        score::answer_batch(
+            set,
+            snapshot,
+            shared.ownership.as_deref(),
+            &valid,
+            &shared.metrics.challenger,
+        )
+    }
+    .into_iter();
+    frames
+        .iter()
+        .zip(&events)
+        .map(|(frame, event)| {
+            let result = match event {
+                Err(refusal) => Err(Refusal {
+                    status: refusal.status,
+                    message: refusal.message.clone(),
+                }),
+                Ok(event) => match answers.next() {
+                    Some(Ok(answer)) => {
+                        shared.recorder.record(|| score::record_of(event, &answer));
+                        explain_frame(core, frame, answer)
+                    }
+                    Some(Err(error)) => Err(refuse(&error)),
+                    None => Err(Refusal {
+                        status: Status::InternalError,
+                        message: "no answer".into(),
+                    }),
+                },
+            };
+            encode_result(output, frame.request_id, primary, result)
+        })
+        .collect()
+}
+
+fn encode_refusal(output: &mut Vec<u8>, request_id: u64, version: &str, refusal: &Refusal) {
+    protocol::encode_response(
+        output,
+        &protocol::Answer {
+            request_id,
+            status: refusal.status,
+            session_known: false,
+            probability: f32::NAN,
+            model_version: version,
+            message: &refusal.message,
+            explanation: None,
+        },
+    );
+}
+
+/// Encodes a scored (and maybe explained) answer or a refusal; its status.
+fn encode_result(
+    output: &mut Vec<u8>,
+    request_id: u64,
+    primary: &str,
+    result: Result<(score::Answer<'_>, Option<Explanation>), Refusal>,
+) -> Status {
+    match result {
+        Ok((answer, explanation)) => {
+            protocol::encode_response(
+                output,
+                &protocol::Answer {
+                    request_id,
+                    status: Status::Ok,
+                    session_known: answer.scored.session_known,
+                    probability: answer.scored.probability,
+                    model_version: answer.served.version(),
+                    message: "",
+                    explanation: explanation
+                        .as_ref()
+                        .map(|e| (e.base_value, e.contributions.as_slice())),
+                },
+            );
+            Status::Ok
+        }
+        Err(refusal) => {
+            encode_refusal(output, request_id, primary, &refusal);
+            refusal.status
         }
     }
-    protocol::encode_response(output, &reply);
-    reply.status
+}
+
+/// The answer, with its explanation for an explain request.
+fn explain_frame<'m>(
+    core: &Core,
+    frame: &ScoreFrame<'_>,
+    answer: score::Answer<'m>,
+) -> Result<(score::Answer<'m>, Option<Explanation>), Refusal> {
+    match frame.kind {
+        Kind::Score => Ok((answer, None)),
+        Kind::Explain => {
+            let explanation = answer
+                .served
+                .explain(&answer.scored.row)
+                .map_err(|e| refuse(&e))?;
+            core.shared.metrics.challenger.explanations.inc();
+            Ok((answer, Some(explanation)))
+        }
+    }
 }
 
 /// The frame's cart scored (and explained, for an explain request) from
@@ -530,16 +669,5 @@ fn score_frame<'s, 'm>(
     )
     .map_err(|e| refuse(&e))?;
     shared.recorder.record(|| score::record_of(&event, &answer));
-    let explanation = match frame.kind {
-        Kind::Score => None,
-        Kind::Explain => {
-            let explanation = answer
-                .served
-                .explain(&answer.scored.row)
-                .map_err(|e| refuse(&e))?;
-            shared.metrics.challenger.explanations.inc();
-            Some(explanation)
-        }
-    };
-    Ok((answer, explanation))
+    explain_frame(core, frame, answer)
 }

@@ -16,7 +16,12 @@ pub struct TrainConfig {
     pub threads: usize,
     pub seed: u64,
     pub max_iterations: u32,
+    /// Rounds without a better validation log-loss that end a trial; 0
+    /// trains exactly `max_iterations` trees.
     pub early_stopping: u32,
+    /// Leaves per tree in every trial, instead of searching it (for models
+    /// of a given shape, such as the engine comparison's).
+    pub num_leaves: Option<u32>,
     /// Share of cart examples (by time) in the training window.
     pub train_fraction: f64,
     /// Share in the validation window; the rest is the test window.
@@ -34,6 +39,7 @@ impl Default for TrainConfig {
             seed: 1,
             max_iterations: 400,
             early_stopping: 30,
+            num_leaves: None,
             train_fraction: 0.7,
             validation_fraction: 0.15,
             error_budget: 0.05,
@@ -71,6 +77,15 @@ impl TrainConfig {
                 "error_budget",
                 self.error_budget.to_string(),
                 "must be a fraction in [0, 1]",
+            ));
+        }
+        if let Some(leaves) = self.num_leaves
+            && !(2..=4096).contains(&leaves)
+        {
+            return Err(bad(
+                "num_leaves",
+                leaves.to_string(),
+                "must be in [2, 4096]",
             ));
         }
         if self.golden_vectors == 0 {

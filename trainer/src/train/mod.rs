@@ -151,6 +151,7 @@ fn tune(data: &Windows, config: &TrainConfig) -> Result<(Tuned, Tuning)> {
             seed: config.seed,
             max_iterations: config.max_iterations,
             early_stopping: config.early_stopping,
+            num_leaves: config.num_leaves,
         },
     )?;
     let tuning = Tuning {

@@ -206,29 +206,31 @@ pub async fn score(
         }
         Some(items) => {
             ApiError::check_batch(items.len(), app.config.max_batch.get())?;
-            let results = items
+            let events: Vec<_> = items
                 .iter()
-                .map(|raw| match Event::from_json(raw.get().as_bytes()) {
-                    Err(e) => failed(&e),
-                    Ok(event) => {
-                        match score::answer(
-                            &set,
-                            &reader,
-                            app.ownership.as_deref(),
-                            &event,
-                            challenger,
-                        ) {
-                            Ok(answer) => {
-                                app.recorder.record(|| score::record_of(&event, &answer));
-                                score_result(&answer, &query, &app.metrics)
-                                    .map_or_else(|e| failed(&e), BatchItem::Scored)
-                            }
-                            Err(e) => {
-                                redirected(&e);
-                                failed(&e)
-                            }
+                .map(|raw| Event::from_json(raw.get().as_bytes()))
+                .collect();
+            let valid: Vec<&Event> = events.iter().filter_map(|e| e.as_ref().ok()).collect();
+            // One model call per model for the whole batch.
+            let mut answers =
+                score::answer_batch(&set, &reader, app.ownership.as_deref(), &valid, challenger)
+                    .into_iter();
+            let results = events
+                .iter()
+                .map(|event| match event {
+                    Err(e) => failed(e),
+                    Ok(event) => match answers.next() {
+                        Some(Ok(answer)) => {
+                            app.recorder.record(|| score::record_of(event, &answer));
+                            score_result(&answer, &query, &app.metrics)
+                                .map_or_else(|e| failed(&e), BatchItem::Scored)
                         }
-                    }
+                        Some(Err(e)) => {
+                            redirected(&e);
+                            failed(&e)
+                        }
+                        None => failed(&score::ScoreError::NoModel),
+                    },
                 })
                 .collect();
             ScoreAnswer::Batch {

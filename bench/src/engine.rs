@@ -1,0 +1,149 @@
+//! `engine`: cartscore's compiled evaluator alone, in process, on bundles
+//! and feature rows, at several batch sizes: the Rust side of the engine
+//! comparison (`bench/engines/compare.sh` runs it beside ONNX Runtime,
+//! LightGBM, treelite and lleaves on the same models and rows).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use cartscore_core::bundle::BundleMetadata;
+use cartscore_core::compiled::CompiledEnsemble;
+use cartscore_core::{FEATURE_COUNT, FEATURE_NAMES};
+use clap::Args;
+use serde::Serialize;
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Bundles to time (repeatable).
+    #[arg(long = "bundle", required = true)]
+    pub bundles: Vec<PathBuf>,
+    /// Feature rows: a CSV with a column per feature, named as the contract
+    /// names them (`cartscore-trainer predict`'s output).
+    #[arg(long)]
+    pub rows: PathBuf,
+    /// Rows per call.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,1024")]
+    pub batch: Vec<usize>,
+    /// Seconds spent on each bundle and batch size.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EngineResult {
+    pub bundle: PathBuf,
+    pub trees: usize,
+    pub batch: usize,
+    pub calls: u64,
+    /// Median over 20 samples of the time per call.
+    pub ns_per_call: f64,
+    pub ns_per_row: f64,
+    pub ns_per_tree_per_row: f64,
+}
+
+/// The feature columns of `path`, row-major.
+pub fn read_rows(path: &PathBuf) -> Result<Vec<f32>> {
+    let mut reader = csv::Reader::from_path(path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    let header = reader.headers()?.clone();
+    let columns: Vec<usize> = FEATURE_NAMES
+        .iter()
+        .map(|name| {
+            header
+                .iter()
+                .position(|h| h == *name)
+                .with_context(|| format!("{} has no column {name}", path.display()))
+        })
+        .collect::<Result<_>>()?;
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record?;
+        for &c in &columns {
+            rows.push(
+                record[c]
+                    .parse::<f32>()
+                    .with_context(|| format!("{}: not a number: {}", path.display(), &record[c]))?,
+            );
+        }
+    }
+    ensure!(!rows.is_empty(), "{} holds no rows", path.display());
+    Ok(rows)
+}
+
+/// Times `f` (one call) for about `seconds`; the median of 20 samples.
+fn median_ns(seconds: f64, mut f: impl FnMut(usize)) -> (u64, f64) {
+    // Calibrate: how many calls fill a twentieth of the time.
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed().as_secs_f64() < seconds / 200.0 {
+        f(calls);
+        calls += 1;
+    }
+    let per_sample = (calls * 10).max(1);
+    let mut samples = Vec::with_capacity(20);
+    let mut total = 0u64;
+    for _ in 0..20 {
+        let started = Instant::now();
+        for i in 0..per_sample {
+            f(i);
+        }
+        samples.push(started.elapsed().as_nanos() as f64 / per_sample as f64);
+        total += per_sample as u64;
+    }
+    samples.sort_by(f64::total_cmp);
+    (total, samples[samples.len() / 2])
+}
+
+pub fn engine(args: &EngineArgs) -> Result<()> {
+    let rows = read_rows(&args.rows)?;
+    let count = rows.len() / FEATURE_COUNT;
+    let mut results = Vec::new();
+    for path in &args.bundles {
+        let (proto, _) = BundleMetadata::read_file(path)
+            .with_context(|| format!("failed to read {}", path.display()))?;
+        let compiled = CompiledEnsemble::compile(&proto)
+            .with_context(|| format!("{} is not a plain tree ensemble", path.display()))?;
+        for &batch in &args.batch {
+            ensure!(
+                batch > 0 && batch <= count,
+                "batch {batch}: the rows file has {count} rows"
+            );
+            // Consecutive windows of the rows, so calls do not repeat one input.
+            let windows = count - batch + 1;
+            let (calls, ns) = median_ns(args.seconds, |i| {
+                let start = (i * batch) % windows * FEATURE_COUNT;
+                std::hint::black_box(compiled.predict_rows(std::hint::black_box(
+                    &rows[start..start + batch * FEATURE_COUNT],
+                )));
+            });
+            let result = EngineResult {
+                bundle: path.clone(),
+                trees: compiled.trees(),
+                batch,
+                calls,
+                ns_per_call: ns,
+                ns_per_row: ns / batch as f64,
+                ns_per_tree_per_row: ns / (batch * compiled.trees()) as f64,
+            };
+            println!(
+                "{:<40} {:>4} trees  batch {:>5}  {:>10.1} ns/call  {:>8.1} ns/row  {:>6.2} ns/tree/row",
+                path.display(),
+                result.trees,
+                batch,
+                result.ns_per_call,
+                result.ns_per_row,
+                result.ns_per_tree_per_row
+            );
+            results.push(result);
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(())
+}
