@@ -105,4 +105,11 @@ status=${PIPESTATUS[0]}
 passed=$(grep -Eo 'test result: .*' "${TMPDIR:-/tmp}/cartscore-test.log" | awk '{p+=$4; f+=$6} END {print p+0, f+0}')
 read -r p f <<<"$passed"
 echo "$p passed, $f failed"
+
+# Every parser under the fuzzer for a short while (the instrumented build
+# is cached in ~/.cache/cartscore/fuzz; README: a longer run).
+log "fuzzing every target for ${CARTSCORE_FUZZ_SECONDS:=20}s (scripts/fuzz.sh)"
+fuzz_status=0
+bash scripts/fuzz.sh "$CARTSCORE_FUZZ_SECONDS" || fuzz_status=$?
+[ "$status" -ne 0 ] || status=$fuzz_status
 exit "$status"
