@@ -411,6 +411,11 @@ impl Load {
                             }
                             _ => {
                                 failed.fetch_add(1, Ordering::Relaxed);
+                                *answered
+                                    .lock()
+                                    .unwrap()
+                                    .entry("failed over TCP".into())
+                                    .or_default() += 1;
                             }
                         }
                     }
@@ -435,8 +440,13 @@ impl Load {
                                 .to_owned();
                             *answered.lock().unwrap().entry(version).or_default() += 1;
                         }
-                        _ => {
+                        other => {
                             failed.fetch_add(1, Ordering::Relaxed);
+                            let what = match other {
+                                Ok(r) => format!("failed over HTTP: status {}", r.status()),
+                                Err(e) => format!("failed over HTTP: {e}"),
+                            };
+                            *answered.lock().unwrap().entry(what).or_default() += 1;
                         }
                     }
                 }

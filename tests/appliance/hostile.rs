@@ -232,13 +232,15 @@ fn hostile_clients_are_closed_for_cause_and_others_are_served() {
     let work = tempfile::tempdir().unwrap();
     let models = crate::common::model_dir_with_demo(work.path());
     let limits = [
-        ("CARTSCORE_HTTP__MAX_CONNECTIONS", "32"),
-        ("CARTSCORE_HTTP__HEADER_READ_TIMEOUT_MS", "1000"),
-        ("CARTSCORE_HTTP__REQUEST_TIMEOUT_MS", "1500"),
+        ("CARTSCORE_HTTP__MAX_CONNECTIONS", "64"),
+        // Long enough that the well-behaved client, starved of a core for
+        // a moment on a loaded machine, is not taken for an idle one.
+        ("CARTSCORE_HTTP__HEADER_READ_TIMEOUT_MS", "2500"),
+        ("CARTSCORE_HTTP__REQUEST_TIMEOUT_MS", "3000"),
         ("CARTSCORE_HTTP__MAX_BODY_BYTES", "65536"),
         ("CARTSCORE_TCP__MAX_CONNECTIONS", "32"),
-        ("CARTSCORE_TCP__IDLE_TIMEOUT_MS", "1000"),
-        ("CARTSCORE_TCP__WRITE_TIMEOUT_MS", "1000"),
+        ("CARTSCORE_TCP__IDLE_TIMEOUT_MS", "2500"),
+        ("CARTSCORE_TCP__WRITE_TIMEOUT_MS", "2500"),
     ];
     let options = Options {
         env: limits
@@ -266,15 +268,15 @@ fn hostile_clients_are_closed_for_cause_and_others_are_served() {
         }
         false
     });
-    // Idle connections, more than the limit: the extra ones are closed at
-    // once, the rest after the header timeout.
-    let mut idle: Vec<TcpStream> = (0..48)
+    // Idle connections (fewer than the limit, so the well-behaved client,
+    // should it reconnect, is not refused): closed after the header timeout.
+    let mut idle: Vec<TcpStream> = (0..40)
         .map(|_| TcpStream::connect(&http_addr).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     let closed: Vec<Option<Duration>> = idle
         .iter_mut()
-        .map(|s| closed_within(s, Duration::from_secs(5)))
+        .map(|s| closed_within(s, Duration::from_secs(10)))
         .collect();
     assert!(
         closed.iter().all(Option::is_some),
@@ -312,7 +314,7 @@ fn hostile_clients_are_closed_for_cause_and_others_are_served() {
         b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"event_time\"",
     );
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(15));
 
     // TCP: a frame a byte at a time is answered.
     let cart = Event::from_json(cart_json("tcp", 10, 7, 10.0).as_bytes()).unwrap();
@@ -340,7 +342,7 @@ fn hostile_clients_are_closed_for_cause_and_others_are_served() {
     unfinished.write_all(&frame[..10]).unwrap();
     eprintln!("connected in {:?}", opened.elapsed());
     for s in [&mut silent, &mut unfinished] {
-        closed_within(s, Duration::from_secs(5)).expect("an idle TCP connection stayed open");
+        closed_within(s, Duration::from_secs(10)).expect("an idle TCP connection stayed open");
         let took = opened.elapsed();
         let tcp: Vec<String> = app
             .get_text("/metrics")
@@ -348,7 +350,7 @@ fn hostile_clients_are_closed_for_cause_and_others_are_served() {
             .filter(|l| l.contains("api=\"tcp\"") || l.starts_with("cartscore_tcp_connections"))
             .map(str::to_owned)
             .collect();
-        assert!(took >= Duration::from_millis(500), "{took:?} {tcp:?}");
+        assert!(took >= Duration::from_millis(2_000), "{took:?} {tcp:?}");
     }
     // A client that sends but never reads: closed after the write timeout.
     let mut deaf = TcpStream::connect(app.tcp).unwrap();
@@ -366,8 +368,23 @@ fn hostile_clients_are_closed_for_cause_and_others_are_served() {
         }
         sent += chunk.len();
     }
-    std::thread::sleep(Duration::from_millis(2_500));
-    // More connections than the limit: the extra ones closed at once.
+    std::thread::sleep(Duration::from_millis(5_000));
+    let (failed, answered) = load.finish();
+    assert_eq!(failed, 0, "the well-behaved client failed: {answered:?}");
+    // More connections than the limits: the extra ones closed at once.
+    let mut crowd: Vec<TcpStream> = (0..96)
+        .map(|_| TcpStream::connect(&http_addr).unwrap())
+        .collect();
+    let refused = crowd
+        .iter_mut()
+        .map(|s| closed_within(s, Duration::from_millis(300)))
+        .filter(Option::is_some)
+        .count();
+    assert!(
+        refused >= 20,
+        "{refused} of 96 refused with http.max_connections 64"
+    );
+    drop(crowd);
     let mut crowd: Vec<TcpStream> = (0..48)
         .map(|_| TcpStream::connect(app.tcp).unwrap())
         .collect();
@@ -382,8 +399,6 @@ fn hostile_clients_are_closed_for_cause_and_others_are_served() {
     );
     drop(crowd);
 
-    let (failed, answered) = load.finish();
-    assert_eq!(failed, 0, "the well-behaved client failed: {answered:?}");
     let counted = |series: &str| app.metric(series);
     let reasons = [
         (

@@ -15,6 +15,7 @@ mod closed_loop;
 mod hostile;
 mod lifecycle;
 mod observability;
+mod operator;
 mod reload;
 mod shard;
 mod skew;

@@ -19,8 +19,8 @@ use crate::broker::{Broker, TestProducer, create_topic, read_topic, unique};
 use crate::closed_loop::resolve_all;
 use crate::common::{Appliance, Options, cart_json, dataset, model_dir_with_demo, producer_binary};
 
-struct Topics {
-    raw: String,
+pub(crate) struct Topics {
+    pub(crate) raw: String,
     cdc: String,
     validated: String,
     invalid: String,
@@ -669,7 +669,7 @@ fn stream_applies_each_event_exactly_once_across_sigkill() {
 
 /// A broker of the test's own (it gets killed), its topics, and an appliance
 /// that has applied 500 events from it.
-fn private_broker_with_500_applied(
+pub(crate) fn private_broker_with_500_applied(
     work: &Path,
     group: &str,
     extra_env: &[(&str, &str)],

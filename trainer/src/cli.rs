@@ -98,6 +98,12 @@ struct SynthArgs {
     /// Fraction of rows to corrupt on purpose (0..1).
     #[arg(long, default_value_t = 0.0)]
     invalid_rate: f64,
+    /// Days over which users first arrive (the data set's 7 months: 213).
+    #[arg(long, default_value_t = crate::synth::SPAN_DAYS)]
+    days: i64,
+    /// A session step's chance to cart the product just viewed.
+    #[arg(long, default_value_t = crate::synth::CART_RATE)]
+    cart_rate: f64,
 }
 
 #[derive(Debug, Args)]
@@ -222,12 +228,14 @@ impl Cli {
                         events: args.events,
                         seed: args.seed,
                         invalid_rate: args.invalid_rate,
+                        span_days: args.days,
+                        cart_rate: args.cart_rate,
                     },
                     &args.out,
                     args.oracle.as_deref(),
                 )?;
                 let seconds = started.elapsed().as_secs_f64();
-                println!(
+                eprintln!(
                     "wrote {} events to {} in {seconds:.2} s ({:.0} events/s): {} views, {} carts, {} removes, {} purchases, {} invalid; {} users, {} sessions",
                     summary.events,
                     args.out.display(),

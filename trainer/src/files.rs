@@ -157,11 +157,18 @@ impl ReadStats {
 pub fn list_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FilesError> {
     let mut files = Vec::new();
     for path in paths {
+        // `-` is standard input: a CSV streamed in (`synth --out - | train --input -`).
+        let path = if path.as_os_str() == "-" {
+            &PathBuf::from("/dev/stdin")
+        } else {
+            path
+        };
         let meta = std::fs::metadata(path).map_err(|source| FilesError::Path {
             path: path.clone(),
             source,
         })?;
-        if meta.is_file() {
+        // A file, or a pipe or device read once in order.
+        if !meta.is_dir() {
             files.push(path.clone());
             continue;
         }

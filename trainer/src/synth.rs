@@ -25,7 +25,10 @@ use rand_distr::{Exp, LogNormal, Normal, Zipf};
 
 /// 2019-10-01T00:00:00Z, the start of the real data set.
 const START_SECS: i64 = 1_569_888_000;
-const SPAN_DAYS: i64 = 30;
+/// Days over which users first arrive, by default.
+pub const SPAN_DAYS: i64 = 30;
+/// A session step's chance to cart the product just viewed, by default.
+pub const CART_RATE: f64 = 0.024;
 
 const L1: [&str; 13] = [
     "electronics",
@@ -89,6 +92,11 @@ pub struct SynthConfig {
     pub seed: u64,
     /// Fraction of rows written deliberately invalid (0 by default).
     pub invalid_rate: f64,
+    /// Days over which users first arrive ([`SPAN_DAYS`] by default; the
+    /// data set's seven months are 213).
+    pub span_days: i64,
+    /// A step's chance to cart the product just viewed ([`CART_RATE`]).
+    pub cart_rate: f64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -334,7 +342,9 @@ impl Generator {
                 sessions_left,
                 session: None,
             });
-            let day = generator.rng.random_range(0..SPAN_DAYS);
+            let day = generator
+                .rng
+                .random_range(0..generator.config.span_days.max(1));
             let start = generator.session_start(START_SECS + day * 86_400);
             generator.schedule(start, i as u32);
         }
@@ -440,10 +450,11 @@ impl Generator {
         } else {
             let r: f64 = self.rng.random();
             let candidate = session.last_product.filter(|p| !session.carted.contains(p));
-            if let (true, Some(p)) = (r < 0.024, candidate) {
+            let cart_rate = self.config.cart_rate;
+            if let (true, Some(p)) = (r < cart_rate, candidate) {
                 let oracle = self.cart(&mut session, u, p, time);
                 ("cart", p, Some(oracle))
-            } else if let (true, Some(p)) = (r < 0.0285, candidate) {
+            } else if let (true, Some(p)) = (r < cart_rate + 0.0045, candidate) {
                 // A purchase without a recorded cart, as the real data has.
                 self.users[u as usize].prev_purchases += 1;
                 session.carted.push(p);
@@ -672,9 +683,16 @@ pub fn run(
     out: &std::path::Path,
     oracle: Option<&std::path::Path>,
 ) -> Result<SynthSummary> {
-    let file = std::fs::File::create(out)
-        .with_context(|| format!("failed to create {}", out.display()))?;
-    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    // `-`: standard output, to stream into `train --input -`.
+    let sink: Box<dyn Write> = if out == std::path::Path::new("-") {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(out)
+                .with_context(|| format!("failed to create {}", out.display()))?,
+        )
+    };
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, sink);
     let mut oracle_writer = match oracle {
         Some(path) => Some(std::io::BufWriter::new(
             std::fs::File::create(path)
