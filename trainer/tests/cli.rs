@@ -98,7 +98,8 @@ fn synth_is_deterministic_and_realistic() {
 fn synth_injects_invalid_rows_that_training_counts_and_budgets() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dirty.csv");
-    let out = ok(&[
+    // The summary goes to stderr: with `--out -` stdout carries the events.
+    let out = trainer(&[
         "synth",
         "--events",
         "150000",
@@ -109,7 +110,9 @@ fn synth_injects_invalid_rows_that_training_counts_and_budgets() {
         "--out",
         s(&data),
     ]);
-    assert!(out.contains("invalid"), "{out}");
+    assert!(out.status.success());
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(summary.contains("invalid"), "{summary}");
     let model_dir = dir.path().join("model");
     ok(&[
         "train",
