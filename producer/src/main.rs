@@ -2,10 +2,12 @@
 //! properly. `replay` sends the data set's CSV rows to a Kafka topic;
 //! `freshness` produces at a fixed rate with probe events mixed in and
 //! measures how soon each is visible in an appliance's state; `drain` reads
-//! a topic's backlog as fast as the broker serves it.
+//! a topic's backlog as fast as the broker serves it; `http` replays events
+//! into an appliance over HTTP, scoring each cart before it is ingested.
 
 mod drain;
 mod freshness;
+mod http;
 mod kafka;
 mod replay;
 
@@ -27,6 +29,8 @@ enum Command {
     Freshness(freshness::FreshnessArgs),
     /// Read a topic from its start to its current end; report events/s.
     Drain(drain::DrainArgs),
+    /// Replay CSV events into an appliance over HTTP, scoring every cart first.
+    Http(http::HttpArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +38,6 @@ fn main() -> anyhow::Result<()> {
         Command::Replay(args) => replay::run(&args),
         Command::Freshness(args) => freshness::run(&args),
         Command::Drain(args) => drain::run(&args),
+        Command::Http(args) => http::run(&args),
     }
 }

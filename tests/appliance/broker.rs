@@ -14,7 +14,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::common::free_port;
+use crate::common::{free_port, postgres_admin, postgres_server, try_postgres_admin};
 
 /// The nisshi binary: `CARTSCORE_NISSHI`, else `nisshi` on PATH, else the
 /// cache scripts/stack.sh builds it into.
@@ -35,23 +35,6 @@ fn nisshi() -> PathBuf {
         .expect("nisshi is not installed: run scripts/test.sh (README command 2) or scripts/stack.sh up")
 }
 
-/// The PostgreSQL server the brokers store in (from scripts/stack.sh), as
-/// a URL without the database.
-fn postgres_server() -> String {
-    let url = std::env::var("CARTSCORE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://cartscore:cartscore@127.0.0.1:5432/postgres".into());
-    match url.rsplit_once('/') {
-        Some((server, _database)) => server.to_owned(),
-        None => url,
-    }
-}
-
-/// A connection to `server`'s maintenance database, to create and drop
-/// the brokers' databases.
-fn admin(server: &str) -> Result<postgres::Client, postgres::Error> {
-    postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
-}
-
 pub struct Broker {
     child: Option<Child>,
     pub port: u16,
@@ -67,9 +50,7 @@ impl Broker {
         std::fs::create_dir_all(dir).unwrap();
         let server = postgres_server();
         let database = unique("broker").replace('-', "_");
-        let mut admin = admin(&server).unwrap_or_else(|e| {
-            panic!("PostgreSQL at {server} (set CARTSCORE_TEST_POSTGRES; scripts/stack.sh starts one): {e}")
-        });
+        let mut admin = postgres_admin();
         admin
             .batch_execute(&format!("CREATE DATABASE {database}"))
             .unwrap();
@@ -170,7 +151,7 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
         // Best effort: a database left behind only takes disk.
-        if let Ok(mut admin) = admin(&self.server) {
+        if let Ok(mut admin) = try_postgres_admin() {
             let _ = admin.batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.database

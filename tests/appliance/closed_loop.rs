@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{Appliance, Options, repo_root, trainer};
+use crate::common::{Appliance, Options, TestDatabase, repo_root, trainer};
 use cartscore_core::{BundleMetadata, CsvLayout, Event, EventType, FEATURE_COUNT, FEATURE_NAMES};
 use serde_json::Value;
 
@@ -289,6 +289,50 @@ fn psi_by_feature(model: &Value) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// `cartscore-trainer outcomes` once into a fresh warehouse: every
+/// resolved cart lands once (a second copy adds nothing), and the
+/// warehouse's `live.quality` view computes the appliance's ROC-AUC in SQL.
+fn assert_the_warehouse_copy_agrees(app: &Appliance, resolved: usize, live_auc: f64) {
+    let warehouse = TestDatabase::new("live");
+    let copy = || {
+        let output = Command::new(trainer())
+            .args([
+                "outcomes",
+                "--appliance",
+                &app.http,
+                "--postgres",
+                &warehouse.url,
+            ])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let first = copy();
+    assert_eq!(first["added"], resolved, "{first}");
+    let again = copy();
+    assert_eq!(again["added"], 0, "{again}");
+    assert_eq!(again["next_seq"], first["next_seq"], "{again}");
+    let row = warehouse
+        .client()
+        .query_one(
+            "SELECT outcomes, roc_auc::float8 FROM live.quality WHERE model_version = 'demo-1' AND scored_as = 'served'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0) as usize, resolved);
+    let sql_auc: f64 = row.get(1);
+    assert!(
+        (sql_auc - live_auc).abs() < 1e-9,
+        "warehouse ROC-AUC {sql_auc}, appliance {live_auc}"
+    );
+}
+
 #[test]
 fn synthetic_carts_resolve_to_the_offline_auc_and_calibration_and_stay_in_distribution() {
     let work = tempfile::tempdir().unwrap();
@@ -321,6 +365,7 @@ fn synthetic_carts_resolve_to_the_offline_auc_and_calibration_and_stay_in_distri
     let live = resolve_all(&app, replayed.last_micros, "demo-1");
     let expected = first_records(&offline);
     let (live_auc, offline_auc) = assert_live_equals_offline(&live, &expected);
+    assert_the_warehouse_copy_agrees(&app, expected.len(), live_auc);
 
     // The reliability table, computed here from the offline probabilities
     // over the same ten equal-width bins.

@@ -90,6 +90,69 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The PostgreSQL server of the tests (from scripts/stack.sh), as a URL
+/// without the database.
+pub fn postgres_server() -> String {
+    let url = std::env::var("CARTSCORE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://cartscore:cartscore@127.0.0.1:5432/postgres".into());
+    match url.rsplit_once('/') {
+        Some((server, _database)) => server.to_owned(),
+        None => url,
+    }
+}
+
+/// A connection to the test server's maintenance database, to create and
+/// drop the tests' own databases.
+pub fn postgres_admin() -> postgres::Client {
+    try_postgres_admin().unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL at {} (set CARTSCORE_TEST_POSTGRES; scripts/stack.sh starts one): {e}",
+            postgres_server()
+        )
+    })
+}
+
+/// [`postgres_admin`] for clean-ups, which must not panic.
+pub fn try_postgres_admin() -> Result<postgres::Client, postgres::Error> {
+    postgres::Client::connect(&format!("{}/postgres", postgres_server()), postgres::NoTls)
+}
+
+/// A database of the test's own on the test server, dropped at the end.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("cartscore_{tag}_{}", std::process::id());
+        let mut admin = postgres_admin();
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let url = format!("{}/{name}", postgres_server());
+        Self { name, url }
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url, postgres::NoTls).unwrap()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = try_postgres_admin() {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
 pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)

@@ -41,6 +41,29 @@ enum Command {
     /// Copy a bundle from the S3 model registry into an appliance model
     /// folder, atomically.
     Publish(PublishArgs),
+    /// Copy the appliance's resolved outcomes (`GET /v1/outcomes`) into the
+    /// warehouse's live.outcomes, each exactly once; --follow keeps copying.
+    Outcomes(OutcomesArgs),
+}
+
+#[derive(Debug, Args)]
+struct OutcomesArgs {
+    /// The appliance's HTTP API.
+    #[arg(
+        long,
+        env = "CARTSCORE_APPLIANCE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    appliance: String,
+    /// PostgreSQL connection string; the migrations are applied first.
+    #[arg(long, env = "CARTSCORE_POSTGRES")]
+    postgres: String,
+    /// Name of this appliance in live.outcomes (default: its URL).
+    #[arg(long)]
+    source: Option<String>,
+    /// Copy again every N seconds until stopped (0: copy once).
+    #[arg(long, default_value_t = 0)]
+    follow: u64,
 }
 
 #[derive(Debug, Args)]
@@ -271,6 +294,29 @@ impl Cli {
                 );
             }
             Command::Load(args) => println!("{}", load(&args)?),
+            Command::Outcomes(args) => {
+                let mut warehouse = crate::warehouse::Warehouse::connect(&args.postgres)?;
+                warehouse.migrate().context("migration failed")?;
+                let source = args.source.as_deref().unwrap_or(&args.appliance);
+                loop {
+                    let copied = crate::outcomes::copy(&mut warehouse, &args.appliance, source)
+                        .with_context(|| {
+                            format!("failed to copy the outcomes of {}", args.appliance)
+                        });
+                    match copied {
+                        Ok(summary) => println!("{}", serde_json::to_string(&summary)?),
+                        // Following, an appliance that restarts is waited for.
+                        Err(e) if args.follow > 0 => {
+                            eprintln!("{e:#}; retrying in {} s", args.follow)
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    if args.follow == 0 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(args.follow));
+                }
+            }
             Command::Publish(args) => {
                 let lake = Lake::open(&args.registry)?;
                 let temp = incoming(&args.to);

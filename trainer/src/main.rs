@@ -16,6 +16,7 @@ mod gbdt;
 mod lake;
 mod metrics;
 mod mlflow;
+mod outcomes;
 mod parallel;
 mod predict;
 mod replay;

@@ -17,10 +17,16 @@ fn load(input: &str, db: &TestDb) -> serde_json::Value {
 fn migrations_apply_once_and_refuse_an_edited_history() {
     let db = TestDb::new("migrate");
     let first = ok_json(&["migrate", "--postgres", &db.url]);
-    assert_eq!(first["applied"], serde_json::json!([1, 2]), "{first}");
+    assert_eq!(first["applied"], serde_json::json!([1, 2, 3]), "{first}");
     let again = ok_json(&["migrate", "--postgres", &db.url]);
     assert_eq!(again["applied"], serde_json::json!([]), "{again}");
-    for (schema, tables) in [("bronze", 2), ("silver", 3), ("warehouse", 7), ("gold", 2)] {
+    for (schema, tables) in [
+        ("bronze", 2),
+        ("silver", 3),
+        ("warehouse", 7),
+        ("gold", 2),
+        ("live", 5),
+    ] {
         let found = db.count(&format!(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}'"
         ));

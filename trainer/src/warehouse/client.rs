@@ -22,6 +22,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "silver_warehouse_gold",
         include_str!("../../migrations/0002_silver_warehouse_gold.sql"),
     ),
+    (3, "live", include_str!("../../migrations/0003_live.sql")),
 ];
 
 #[derive(Debug, Error)]
