@@ -104,9 +104,11 @@ start prometheus prometheus --config.file="$work/prometheus.yml" --storage.tsdb.
 wait_http "http://127.0.0.1:$prom_port/-/ready" prometheus "$work/prometheus.log"
 
 log "the appliance takes the history, then the last 3 days with every cart scored"
-"$bin/cartscore-producer" http --appliance "$appliance" --input "$work/history.csv" --batch 2000 >/dev/null
+# The producer names every invalid row it meets on stderr: into its log.
+"$bin/cartscore-producer" http --appliance "$appliance" --input "$work/history.csv" --batch 2000 \
+  >/dev/null 2>"$work/producer-history.log"
 "$bin/cartscore-producer" http --appliance "$appliance" --input "$work/live.csv" --score-carts \
-  --rate 1000 >"$work/replay.json"
+  --rate 1000 >"$work/replay.json" 2>"$work/producer-live.log"
 # Carts still pending resolve when their sessions expire in event time: one
 # event two days later moves the watermark past all of them.
 last=$(tail -n 1 "$work/live.csv" | cut -d, -f1)
@@ -135,16 +137,21 @@ prom_graph() { # expressions...: the graph page with one panel each, over the ru
   local url="http://127.0.0.1:$prom_port/graph?" i=0 expr
   for expr in "$@"; do
     url+="g$i.expr=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$expr")"
-    url+="&g$i.tab=0&g$i.range_input=5m&g$i.show_exemplars=0&"
+    url+="&g$i.tab=0&g$i.range_input=4m&g$i.show_exemplars=0&"
     i=$((i + 1))
   done
   echo "$url"
 }
-shot superset-dashboard.png "http://127.0.0.1:$superset_port/superset/dashboard/cartscore/?standalone=1" 1600 2000
-shot prometheus-live-quality.png "$(prom_graph 'cartscore_live_roc_auc' 'cartscore_live_calibration_error' \
-  'cartscore_model_agreement_flip_share')" 1400 1500
+shot superset-dashboard.png "http://127.0.0.1:$superset_port/superset/dashboard/cartscore/?standalone=1" 1600 2300
+# Champion and challenger judged on the same resolved carts, the champion's
+# calibration, and how often the two disagree about a cart.
+shot prometheus-live-quality.png "$(prom_graph 'cartscore_comparison_roc_auc' \
+  'cartscore_live_calibration_error' 'cartscore_agreement_flip_share')" 1400 2150
+# Latency by route, and drift: the features furthest from the training
+# profile (the weekday is left out: 3 days scored against a profile of 11
+# differ by calendar) and the score itself.
 shot prometheus-latency-drift.png "$(prom_graph \
-  'histogram_quantile(0.99, sum by (le, api) (rate(cartscore_score_latency_seconds_bucket[30s])))' \
-  'topk(6, cartscore_feature_psi)' 'cartscore_score_psi')" 1400 1500
+  'histogram_quantile(0.99, sum by (le, route) (rate(cartscore_http_request_duration_seconds_bucket{route=~"/v1/(score|events)"}[30s])))' \
+  'topk(6, cartscore_feature_psi{feature!="weekday"})' 'cartscore_score_psi')" 1400 2500
 log "wrote $out/superset-dashboard.png, prometheus-live-quality.png, prometheus-latency-drift.png"
 cat "$work/replay.json" "$work/outcomes.json" >&2

@@ -6,11 +6,20 @@
 # (Debezium capturing cartscore.public.events into
 # tracking_postgres_cdc.public.events; cdc/README.md).
 #
-#   scripts/stack.sh up [--free-ports] [--fresh]
+#   scripts/stack.sh up [--free-ports] [--fresh] [--prometheus] [--superset]
 #       installs what is missing, starts what is not running, creates the
 #       appliance's topics and prints the endpoints (as `env` does).
-#       --free-ports  any free loopback ports instead of 9092/8333/5000
+#       --free-ports  any free loopback ports instead of the defaults
+#                     (9092, 8333, 5000, 9090, 8088)
 #       --fresh       the broker starts on an empty database
+#       --prometheus  also Debian's prometheus with configs/prometheus
+#                     (the alert rules), scraping CARTSCORE_SCRAPE
+#                     (comma-separated HTTP addresses of the appliance or
+#                     its shards; default 127.0.0.1:8080)
+#       --superset    also Superset over the warehouse with the dashboards
+#                     of configs/superset (scripts/superset.sh); the admin
+#                     password is CARTSCORE_SUPERSET_PASSWORD, else written
+#                     to $CARTSCORE_STACK_DIR/superset/admin-password
 #   scripts/stack.sh env [--tests]
 #       the endpoints as `export` lines: eval "$(scripts/stack.sh env)";
 #       --tests: the CARTSCORE_TEST_* settings of the end-to-end tests
@@ -204,6 +213,14 @@ export AWS_SECRET_ACCESS_KEY=cartscore
 export AWS_REGION=us-east-1
 export CARTSCORE_MLFLOW_URL=$mlflow
 EOF
+  if running prometheus; then
+    echo "# The operator's views" >>"$state/env"
+    echo "export CARTSCORE_PROMETHEUS_URL=http://127.0.0.1:$(setting prometheus)" >>"$state/env"
+  fi
+  if running superset; then
+    running prometheus || echo "# The operator's views" >>"$state/env"
+    echo "export CARTSCORE_SUPERSET_URL=http://127.0.0.1:$(setting superset)" >>"$state/env"
+  fi
   # The end-to-end tests take only these, so the settings above never leak
   # into a test of the defaults.
   cat >"$state/env.tests" <<EOF
@@ -216,12 +233,14 @@ EOF
 }
 
 up() {
-  local free=false fresh=false
+  local free=false fresh=false prometheus=false superset=false
   for arg in "$@"; do
     case $arg in
       --free-ports) free=true ;;
       --fresh) fresh=true ;;
-      *) die "unknown option $arg (up takes --free-ports, --fresh)" ;;
+      --prometheus) prometheus=true ;;
+      --superset) superset=true ;;
+      *) die "unknown option $arg (up takes --free-ports, --fresh, --prometheus, --superset)" ;;
     esac
   done
   mkdir -p "$state"
@@ -237,6 +256,15 @@ up() {
       printf 'kafka=9092\ns3=8333\nmlflow=5000\n' >"$state/ports"
     fi
   fi
+  # Ports of the optional services, added once to an older state folder.
+  local name default
+  for name in prometheus:9090 superset:8088; do
+    default=${name#*:} name=${name%:*}
+    if [ -z "$(setting "$name")" ]; then
+      if $free; then default=$(free_port); fi
+      echo "$name=$default" >>"$state/ports"
+    fi
+  done
   sed -i '/^postgres=/d' "$state/ports" && echo "postgres=$pg_port" >>"$state/ports"
   # The broker's database: one per state folder, so two stacks on one
   # PostgreSQL never share (or --fresh drop) each other's records.
@@ -310,8 +338,46 @@ up() {
       --artifacts-destination "$state/mlflow/artifacts"
     wait_http "http://127.0.0.1:$mlflow_port/health" MLflow "$state/mlflow.log"
   fi
+  if $prometheus; then start_prometheus; fi
+  if $superset; then start_superset; fi
   write_env
   cat "$state/env"
+}
+
+start_prometheus() {
+  local port; port=$(setting prometheus)
+  command -v prometheus >/dev/null || die "prometheus is missing (apt-get install prometheus)"
+  # The shipped file with this stack's targets and the rules by full path.
+  local targets="'${CARTSCORE_SCRAPE:-127.0.0.1:8080}'"
+  targets=${targets//,/\', \'}
+  sed -e "s#- targets: .*#- targets: [$targets]#" \
+    -e "s#- cartscore-alerts.yml#- $root/configs/prometheus/cartscore-alerts.yml#" \
+    "$root/configs/prometheus/prometheus.yml" >"$state/prometheus.yml"
+  promtool check config "$state/prometheus.yml" >"$state/prometheus.check" 2>&1 \
+    || { cat "$state/prometheus.check" >&2; die "the Prometheus configuration does not check"; }
+  if running prometheus; then
+    # Picks up a changed CARTSCORE_SCRAPE or rule file.
+    kill -HUP "$(cat "$state/prometheus.pid")"
+    return 0
+  fi
+  listening "$port" && die "127.0.0.1:$port is taken by another process (use --free-ports)"
+  log "starting Prometheus on 127.0.0.1:$port (scraping $targets)"
+  start prometheus prometheus --config.file="$state/prometheus.yml" \
+    --storage.tsdb.path="$state/prometheus" --web.listen-address="127.0.0.1:$port"
+  wait_http "http://127.0.0.1:$port/-/ready" Prometheus "$state/prometheus.log"
+}
+
+start_superset() {
+  local port; port=$(setting superset)
+  running superset && return 0
+  listening "$port" && die "127.0.0.1:$port is taken by another process (use --free-ports)"
+  if [ ! -f "$state/superset/superset.db" ]; then
+    "$root/scripts/superset.sh" init "$state/superset" \
+      "postgres://cartscore:cartscore@127.0.0.1:$(setting postgres)/cartscore"
+  fi
+  log "starting Superset on 127.0.0.1:$port"
+  start superset "$root/scripts/superset.sh" serve "$state/superset" "$port"
+  wait_http "http://127.0.0.1:$port/health" Superset "$state/superset.log"
 }
 
 down() {
@@ -323,7 +389,7 @@ down() {
     esac
   done
   [ -d "$state" ] || return 0
-  for name in cdc mlflow s3 broker; do
+  for name in superset prometheus cdc mlflow s3 broker; do
     if running "$name"; then log "stopping $name"; fi
     stop "$name"
   done
@@ -351,21 +417,28 @@ status() {
   local code=0 name
   for name in broker s3 mlflow; do
     if running "$name"; then
-      printf '%-8s running (pid %s, port %s)\n' "$name" "$(cat "$state/$name.pid")" \
+      printf '%-10s running (pid %s, port %s)\n' "$name" "$(cat "$state/$name.pid")" \
         "$(setting "$([ "$name" = broker ] && echo kafka || echo "$name")")"
     else
-      printf '%-8s stopped\n' "$name"; code=1
+      printf '%-10s stopped\n' "$name"; code=1
+    fi
+  done
+  for name in prometheus superset; do
+    if running "$name"; then
+      printf '%-10s running (pid %s, port %s)\n' "$name" "$(cat "$state/$name.pid")" "$(setting "$name")"
+    elif [ -f "$state/$name.pid" ]; then
+      printf '%-10s stopped\n' "$name"; code=1
     fi
   done
   if running cdc; then
-    printf '%-8s running (pid %s, slot %s)\n' cdc "$(cat "$state/cdc.pid")" "$(setting slot)"
+    printf '%-10s running (pid %s, slot %s)\n' cdc "$(cat "$state/cdc.pid")" "$(setting slot)"
   else
-    printf '%-8s stopped\n' cdc; code=1
+    printf '%-10s stopped\n' cdc; code=1
   fi
   if pg_lsclusters -h 2>/dev/null | awk 'NR==1 {exit $4 != "online"}'; then
-    printf '%-8s running (port %s)\n' postgres "$(pg_lsclusters -h | awk 'NR==1 {print $3}')"
+    printf '%-10s running (port %s)\n' postgres "$(pg_lsclusters -h | awk 'NR==1 {print $3}')"
   else
-    printf '%-8s stopped\n' postgres; code=1
+    printf '%-10s stopped\n' postgres; code=1
   fi
   return $code
 }
@@ -381,5 +454,5 @@ case ${1:-} in
       *) die "unknown option $2 (env takes --tests)" ;;
     esac ;;
   status) status ;;
-  *) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

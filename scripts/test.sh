@@ -14,6 +14,8 @@ apt_missing=()
 dpkg -s libclang-dev >/dev/null 2>&1 || apt_missing+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || apt_missing+=(g++)
 command -v python3 >/dev/null 2>&1 || apt_missing+=(python3 python3-pip)
+# Superset gets a virtualenv of its own (Debian's Python needs python3-venv).
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt_missing+=(python3-venv)
 # promtool checks the alert rules; systemd-analyze checks the units; the
 # bench's plots need a TrueType font.
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
@@ -56,6 +58,10 @@ if ! python3 -c 'import shap' 2>/dev/null; then
   log "installing shap from PyPI"
   python3 -m pip install -q shap
 fi
+
+# --- Superset in its own virtualenv (scripts/superset.sh): the dashboards
+# test imports configs/superset into a fresh one over a test warehouse.
+scripts/superset.sh install
 
 # --- the services: PostgreSQL, the broker (nisshi on PostgreSQL), SeaweedFS
 # (S3) and MLflow, from scripts/stack.sh, which installs what is missing. A

@@ -20,5 +20,6 @@ mod reload;
 mod shard;
 mod skew;
 mod stream;
+mod superset;
 mod systemd;
 mod telemetry;
