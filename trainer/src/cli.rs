@@ -178,6 +178,11 @@ struct TrainArgs {
     seed: Option<u64>,
     #[arg(long, env = "CARTSCORE_TRAINER_MAX_ITERATIONS")]
     max_iterations: Option<u32>,
+    /// Most training rows a search trial trains on; a larger window is
+    /// sampled for the search and the winner trained again on all of it
+    /// (0: search on every row).
+    #[arg(long, env = "CARTSCORE_TRAINER_TUNE_ROWS")]
+    tune_rows: Option<usize>,
     /// Largest tolerated share of invalid input rows (0..1).
     #[arg(long, env = "CARTSCORE_TRAINER_ERROR_BUDGET")]
     error_budget: Option<f64>,
@@ -231,6 +236,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.error_budget {
             config.error_budget = v;
+        }
+        if let Some(v) = self.tune_rows {
+            config.tune_rows = v;
         }
         config.validate()?;
         Ok(config)

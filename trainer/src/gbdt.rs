@@ -53,6 +53,24 @@ impl Matrix {
         out
     }
 
+    /// At most `max` rows drawn uniformly with `seed`, in their order;
+    /// `None` when the matrix is no larger (or `max` is 0).
+    pub fn sample(&self, max: usize, seed: u64) -> Option<Matrix> {
+        if max == 0 || self.rows() <= max {
+            return None;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut picked = rand::seq::index::sample(&mut rng, self.rows(), max).into_vec();
+        picked.sort_unstable();
+        let mut out = Matrix::new(self.width);
+        out.values.reserve(max * self.width);
+        out.labels.reserve(max);
+        for i in picked {
+            out.push(self.row(i), self.labels[i]);
+        }
+        Some(out)
+    }
+
     fn float_labels(&self) -> Vec<f32> {
         self.labels
             .iter()
@@ -148,6 +166,8 @@ pub struct Trial {
 #[derive(Debug)]
 pub struct Tuned {
     pub model_text: String,
+    /// Trees in `model_text`: the best trial's, or the refit's.
+    pub iterations: i32,
     pub best: Trial,
     pub trials: Vec<Trial>,
 }
@@ -243,9 +263,52 @@ pub fn tune(train: &Matrix, valid: &Matrix, config: &TuneConfig) -> Result<Tuned
     let (best, model_text) = best.context("no tuning trial succeeded")?;
     Ok(Tuned {
         model_text,
+        iterations: best.iterations,
         best,
         trials,
     })
+}
+
+/// The winner of a search on samples, trained again on the whole windows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refit {
+    pub train_rows: usize,
+    pub validation_rows: usize,
+    pub iterations: i32,
+    pub validation_auc: f64,
+    pub seconds: f64,
+}
+
+/// `best`'s parameters trained on all of `train`, early-stopped on all of
+/// `valid` (more rows usually support more trees than the sample did).
+pub fn refit(
+    train: &Matrix,
+    valid: &Matrix,
+    best: &Trial,
+    config: &TuneConfig,
+) -> Result<(String, Refit)> {
+    let started = Instant::now();
+    let (text, predictions, iterations) = train_one(
+        train,
+        valid,
+        &best
+            .params
+            .lightgbm(config.seed + best.index as u64, config.early_stopping),
+    )?;
+    let refit = Refit {
+        train_rows: train.rows(),
+        validation_rows: valid.rows(),
+        iterations,
+        validation_auc: roc_auc(&predictions, &valid.labels),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    tracing::info!(
+        iterations,
+        auc = refit.validation_auc,
+        seconds = refit.seconds,
+        "refit on the whole training window done"
+    );
+    Ok((text, refit))
 }
 
 /// The original stack's model: a single depth-1 tree.
@@ -262,6 +325,33 @@ pub fn stump(train: &Matrix) -> Result<Booster> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_keeps_the_asked_rows_in_order_and_the_same_for_a_seed() {
+        let mut m = Matrix::new(2);
+        for i in 0..10_000u16 {
+            m.push(&[f32::from(i), -f32::from(i)], i % 3 == 0);
+        }
+        assert!(m.sample(0, 1).is_none(), "0 means every row");
+        assert!(m.sample(10_000, 1).is_none(), "no larger than asked");
+        let a = m.sample(1_000, 7).unwrap();
+        assert_eq!((a.rows(), a.width), (1_000, 2));
+        let firsts: Vec<f32> = (0..a.rows()).map(|i| a.row(i)[0]).collect();
+        assert!(firsts.windows(2).all(|w| w[0] < w[1]), "time order kept");
+        for i in 0..a.rows() {
+            let original = a.row(i)[0] as usize;
+            assert_eq!(a.row(i)[1], -a.row(i)[0], "rows stay whole");
+            assert_eq!(a.labels[i], original % 3 == 0, "labels follow their rows");
+        }
+        assert_eq!(m.sample(1_000, 7).unwrap().values, a.values);
+        assert_ne!(m.sample(1_000, 8).unwrap().values, a.values);
+        // Uniform over the window, not its start: both halves are drawn from.
+        let late = firsts.iter().filter(|&&v| v >= 5_000.0).count();
+        assert!(
+            (400..600).contains(&late),
+            "{late} of 1000 from the second half"
+        );
+    }
     use crate::export::{onnx_model, parse_lightgbm};
     use cartscore_core::bundle::{BundleMetadata, GoldenVector, ShapMetadata};
     use cartscore_core::compiled::CompiledEnsemble;

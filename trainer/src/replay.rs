@@ -164,8 +164,14 @@ impl Replay {
         self.users.retain(|_, u| u.is_live_at(now));
     }
 
-    pub fn live_sessions(&self) -> usize {
-        self.sessions.len()
+    /// Ends the replay: no label can change any more, so the sessions and
+    /// users go (at the data set's scale they are gigabytes that the
+    /// training matrices can then reuse).
+    pub fn finish(&mut self) {
+        self.peak_sessions = self.peak_sessions.max(self.sessions.len());
+        self.sessions = HashMap::new();
+        self.users = HashMap::new();
+        self.examples.shrink_to_fit();
     }
 
     fn hash(&mut self, e: &Event) {

@@ -8,7 +8,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::files::ReadStats;
-use crate::gbdt::Trial;
+use crate::gbdt::{Refit, Trial};
 use crate::metrics::{CalibrationBin, Scores};
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,7 +103,18 @@ pub struct Tuning {
     pub early_stopping: &'static str,
     pub trials: Vec<Trial>,
     pub best: Trial,
+    /// Rows the search trials trained and were judged on, when the windows
+    /// were sampled (see `tune_rows`).
+    pub sample: Option<SampleRows>,
+    /// The winner trained again on the whole windows, after a sampled search.
+    pub refit: Option<Refit>,
     pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleRows {
+    pub train: usize,
+    pub validation: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -127,6 +138,49 @@ pub struct Parity {
 pub struct Timings {
     pub replay_seconds: f64,
     pub total_seconds: f64,
+    /// Each step's wall time and the process's memory when it ended.
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    pub stage: &'static str,
+    pub seconds: f64,
+    /// Resident set size when the stage ended (`VmRSS`), in bytes.
+    pub rss_bytes: Option<u64>,
+    /// The run's peak resident set size so far (`VmHWM`), in bytes.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl Stage {
+    /// Ends a stage that began at `started`, with the memory it leaves.
+    pub fn end(stage: &'static str, started: std::time::Instant) -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kib = |key: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            let value: u64 = line[key.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(value * 1024)
+        };
+        let stage = Self {
+            stage,
+            seconds: started.elapsed().as_secs_f64(),
+            rss_bytes: kib("VmRSS:"),
+            peak_rss_bytes: kib("VmHWM:"),
+        };
+        tracing::info!(
+            stage = stage.stage,
+            seconds = stage.seconds,
+            rss_mib = stage.rss_bytes.map(|b| b >> 20),
+            peak_rss_mib = stage.peak_rss_bytes.map(|b| b >> 20),
+            "stage done"
+        );
+        stage
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -231,6 +285,19 @@ impl TrainReport {
             num(t.best.validation_auc),
             t.best.iterations
         );
+        if let (Some(sample), Some(refit)) = (&t.sample, &t.refit) {
+            let _ = writeln!(
+                out,
+                "                   (trials on {} training / {} validation rows sampled; the winner trained again on {} / {} rows in {:.1} s: validation AUC {} with {} trees)",
+                sample.train,
+                sample.validation,
+                refit.train_rows,
+                refit.validation_rows,
+                refit.seconds,
+                num(refit.validation_auc),
+                refit.iterations
+            );
+        }
         let _ = writeln!(
             out,
             "best params        {}",
@@ -244,6 +311,17 @@ impl TrainReport {
             p.rows, p.edge_rows, p.max_abs_diff, p.tract_rows, p.tract_max_abs_diff
         );
         let _ = writeln!(out, "total time         {:.1} s", r.timings.total_seconds);
+        for s in &r.timings.stages {
+            let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| (b >> 20).to_string());
+            let _ = writeln!(
+                out,
+                "  {:<16} {:>8.1} s   RSS {:>6} MiB   peak {:>6} MiB",
+                s.stage,
+                s.seconds,
+                mib(s.rss_bytes),
+                mib(s.peak_rss_bytes)
+            );
+        }
         out
     }
 }

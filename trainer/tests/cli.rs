@@ -164,6 +164,88 @@ fn synth_injects_invalid_rows_that_training_counts_and_budgets() {
     );
 }
 
+/// A window larger than `--tune-rows` is sampled for the search; the
+/// winner is trained again on every row, and that is the model exported.
+#[test]
+fn a_sampled_search_trains_the_winner_again_on_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("events.csv");
+    ok(&[
+        "synth",
+        "--events",
+        "150000",
+        "--seed",
+        "9",
+        "--out",
+        s(&data),
+    ]);
+    let refused = trainer(&[
+        "train",
+        "--input",
+        s(&data),
+        "--out",
+        s(&dir.path().join("x")),
+        "--tune-rows",
+        "10",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("tune_rows") && stderr.contains("10"),
+        "{stderr}"
+    );
+
+    let model_dir = dir.path().join("model");
+    ok(&[
+        "train",
+        "--input",
+        s(&data),
+        "--out",
+        s(&model_dir),
+        "--trials",
+        "2",
+        "--max-iterations",
+        "60",
+        "--tune-rows",
+        "1000",
+    ]);
+    let r = report(&model_dir);
+    let (train_rows, validation_rows) = (
+        r["rows"]["train"].as_u64().unwrap(),
+        r["rows"]["validation"].as_u64().unwrap(),
+    );
+    assert!(
+        train_rows > 1_000,
+        "{train_rows} training rows: too few to sample"
+    );
+    let tuning = &r["tuning"];
+    assert_eq!(tuning["sample"]["train"], 1_000, "{tuning}");
+    assert_eq!(
+        tuning["sample"]["validation"].as_u64().unwrap(),
+        validation_rows.min(1_000)
+    );
+    let refit = &tuning["refit"];
+    assert_eq!(refit["train_rows"].as_u64().unwrap(), train_rows);
+    assert_eq!(refit["validation_rows"].as_u64().unwrap(), validation_rows);
+    // The exported model is the refit: its trees, its validation AUC.
+    let (_, bundle) =
+        cartscore_core::BundleMetadata::read_file(&model_dir.join("model.onnx")).unwrap();
+    assert_eq!(
+        bundle.params["iterations"].as_i64(),
+        refit["iterations"].as_i64(),
+        "{refit}"
+    );
+    assert!(
+        (r["validation"]["roc_auc"].as_f64().unwrap() - refit["validation_auc"].as_f64().unwrap())
+            .abs()
+            < 1e-6,
+        "{refit} vs {}",
+        r["validation"]
+    );
+    let text = std::fs::read_to_string(model_dir.join("report.txt")).unwrap();
+    assert!(text.contains("trained again on"), "{text}");
+}
+
 #[test]
 fn missing_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

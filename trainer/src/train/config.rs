@@ -29,6 +29,13 @@ pub struct TrainConfig {
     /// Largest tolerated share of invalid input rows.
     pub error_budget: f64,
     pub golden_vectors: usize,
+    /// Most rows of the training (and the validation) window a search trial
+    /// sees. A trial's cost grows with the rows, and the ranking of
+    /// parameters settles long before the data set's 12 M training rows:
+    /// a larger window is sampled (uniformly, seeded) for the search, and the
+    /// winner is trained again on all of it, early-stopped on the whole
+    /// validation window. 0 searches on every row.
+    pub tune_rows: usize,
 }
 
 impl Default for TrainConfig {
@@ -44,6 +51,7 @@ impl Default for TrainConfig {
             validation_fraction: 0.15,
             error_budget: 0.05,
             golden_vectors: 32,
+            tune_rows: 1_000_000,
         }
     }
 }
@@ -86,6 +94,13 @@ impl TrainConfig {
                 "num_leaves",
                 leaves.to_string(),
                 "must be in [2, 4096]",
+            ));
+        }
+        if self.tune_rows != 0 && self.tune_rows < 1_000 {
+            return Err(bad(
+                "tune_rows",
+                self.tune_rows.to_string(),
+                "must be 0 (every row) or at least 1000",
             ));
         }
         if self.golden_vectors == 0 {

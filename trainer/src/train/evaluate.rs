@@ -103,7 +103,7 @@ fn load_oracle(path: &Path) -> Result<HashMap<(i64, String, u64), f64>> {
 fn oracle_scores(path: &Path, test: &Window, examples: &[Example]) -> Result<OracleScores> {
     let table = load_oracle(path)?;
     let (mut p, mut labels) = (Vec::new(), Vec::new());
-    for &i in &test.examples {
+    for i in test.examples.clone() {
         let e = &examples[i];
         if let Some(&q) = table.get(&(e.time.micros(), e.session.to_string(), e.product_id)) {
             p.push(q);

@@ -19,7 +19,9 @@ use cartscore_core::{CONTRACT_VERSION, FEATURE_NAMES};
 use crate::files::ReadStats;
 use crate::gbdt::{self, Matrix, TuneConfig, Tuned};
 use crate::replay::{Example, Replay};
-use crate::report::{GoldSummary, ReplaySummary, Split, Timings, TrainReport, Tuning};
+use crate::report::{
+    GoldSummary, ReplaySummary, SampleRows, Split, Stage, Timings, TrainReport, Tuning,
+};
 use crate::source::{Events, SourceSpec};
 use bundle::{check_parity, export, importance};
 use evaluate::evaluate;
@@ -36,12 +38,16 @@ pub fn run(request: &TrainRequest) -> Result<TrainReport> {
     let config = &request.config;
     config.validate()?;
     let started = Instant::now();
+    let mut clock = StageClock::default();
     let replayed = replay(&request.source, config.error_budget)?;
+    clock.end("replay");
     let examples = &replayed.replay.examples;
     let data = Windows::split(examples, &replayed.replay.interner, config)?;
-    let (tuned, tuning) = tune(&data, config)?;
+    clock.end("split");
+    let (tuned, tuning) = tune(&data, config, &mut clock)?;
     let booster = gbdt::load(&tuned.model_text)?;
     let evaluation = evaluate(&booster, &data, request.oracle.as_deref(), examples)?;
+    clock.end("evaluate");
     let bundle = export(
         request,
         &tuned,
@@ -50,7 +56,9 @@ pub fn run(request: &TrainRequest) -> Result<TrainReport> {
         &evaluation,
         &replayed.replay,
     )?;
+    clock.end("export");
     let parity = check_parity(&bundle, &booster, &data.test, config.threads)?;
+    clock.end("parity");
     let model_file = request.out.join("model.onnx");
     let mut report = TrainReport {
         model_version: bundle.metadata.model_version.clone(),
@@ -62,10 +70,7 @@ pub fn run(request: &TrainRequest) -> Result<TrainReport> {
         replay: ReplaySummary {
             events: replayed.replay.events,
             cart_examples: examples.len(),
-            peak_live_sessions: replayed
-                .replay
-                .peak_sessions
-                .max(replayed.replay.live_sessions()),
+            peak_live_sessions: replayed.replay.peak_sessions,
         },
         rows: Split {
             train: data.train.matrix.rows(),
@@ -87,7 +92,8 @@ pub fn run(request: &TrainRequest) -> Result<TrainReport> {
         feature_importance_gain: importance(&booster),
         timings: Timings {
             replay_seconds: replayed.seconds,
-            total_seconds: started.elapsed().as_secs_f64(),
+            total_seconds: 0.0,
+            stages: Vec::new(),
         },
         gold: None,
     };
@@ -95,15 +101,41 @@ pub fn run(request: &TrainRequest) -> Result<TrainReport> {
         request,
         &bundle.bytes,
         &tuned.model_text,
-        &report,
         &data.test,
         &evaluation.test_p,
     )?;
+    clock.end("write");
     if let SourceSpec::Postgres(url) = &request.source {
         report.gold = Some(write_gold(url, request, &report, examples, &data)?);
-        write_report_json(&request.out, &report)?;
+        clock.end("gold");
     }
+    report.timings.stages = clock.stages;
+    report.timings.total_seconds = started.elapsed().as_secs_f64();
+    write_report_json(&request.out, &report)?;
+    write_atomically(&request.out.join("report.txt"), report.text().as_bytes())?;
     Ok(report)
+}
+
+/// The steps' times and memory, in order.
+struct StageClock {
+    stages: Vec<Stage>,
+    since: Instant,
+}
+
+impl Default for StageClock {
+    fn default() -> Self {
+        Self {
+            stages: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+}
+
+impl StageClock {
+    fn end(&mut self, stage: &'static str) {
+        self.stages.push(Stage::end(stage, self.since));
+        self.since = Instant::now();
+    }
 }
 
 /// Every valid event of the source replayed in time order through `core`.
@@ -120,6 +152,7 @@ fn replay(source: &SourceSpec, error_budget: f64) -> Result<Replayed> {
     while let Some(event) = events.next_event()? {
         replay.push(&event);
     }
+    replay.finish();
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         events = replay.events,
@@ -139,39 +172,63 @@ fn replay(source: &SourceSpec, error_budget: f64) -> Result<Replayed> {
     })
 }
 
-/// Random search on the validation window (never the test window).
-fn tune(data: &Windows, config: &TrainConfig) -> Result<(Tuned, Tuning)> {
+/// Random search on the validation window (never the test window), on
+/// samples of both windows when they exceed `tune_rows`; then the winner
+/// trained on the whole windows.
+fn tune(data: &Windows, config: &TrainConfig, clock: &mut StageClock) -> Result<(Tuned, Tuning)> {
     let started = Instant::now();
-    let tuned = gbdt::tune(
-        &data.train.matrix,
-        &data.validation.matrix,
-        &TuneConfig {
-            trials: config.trials,
-            threads: config.threads,
-            seed: config.seed,
-            max_iterations: config.max_iterations,
-            early_stopping: config.early_stopping,
-            num_leaves: config.num_leaves,
-        },
+    let tune_config = TuneConfig {
+        trials: config.trials,
+        threads: config.threads,
+        seed: config.seed,
+        max_iterations: config.max_iterations,
+        early_stopping: config.early_stopping,
+        num_leaves: config.num_leaves,
+    };
+    let (train, valid) = (&data.train.matrix, &data.validation.matrix);
+    let train_sample = train.sample(config.tune_rows, config.seed);
+    let valid_sample = valid.sample(config.tune_rows, config.seed.wrapping_add(1));
+    let sample = (train_sample.is_some() || valid_sample.is_some()).then(|| SampleRows {
+        train: train_sample.as_ref().map_or(train.rows(), Matrix::rows),
+        validation: valid_sample.as_ref().map_or(valid.rows(), Matrix::rows),
+    });
+    let mut tuned = gbdt::tune(
+        train_sample.as_ref().unwrap_or(train),
+        valid_sample.as_ref().unwrap_or(valid),
+        &tune_config,
     )?;
+    drop((train_sample, valid_sample));
+    clock.end("search");
+    let refit = match sample {
+        Some(_) => {
+            let (text, refit) = gbdt::refit(train, valid, &tuned.best, &tune_config)?;
+            tuned.model_text = text;
+            tuned.iterations = refit.iterations;
+            clock.end("refit");
+            Some(refit)
+        }
+        None => None,
+    };
     let tuning = Tuning {
         search: "random",
         selected_by: "validation roc_auc",
         early_stopping: "validation binary_logloss",
         trials: tuned.trials.clone(),
         best: tuned.best.clone(),
+        sample,
+        refit,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((tuned, tuning))
 }
 
-/// The bundle (atomically, so a watcher never sees half of it), then the
-/// reports, and the test rows when asked.
+/// The bundle (atomically, so a watcher never sees half of it) and
+/// LightGBM's text of it, and the test rows when asked; the reports follow
+/// once every step has run.
 fn write_outputs(
     request: &TrainRequest,
     bytes: &[u8],
     model_text: &str,
-    report: &TrainReport,
     test: &Window,
     test_p: &[f64],
 ) -> Result<()> {
@@ -181,8 +238,6 @@ fn write_outputs(
     // LightGBM's own text of the model: the reference for predict
     // --lightgbm and for engines that read it (the bench's comparison).
     write_atomically(&request.out.join("lightgbm.txt"), model_text.as_bytes())?;
-    write_report_json(&request.out, report)?;
-    write_atomically(&request.out.join("report.txt"), report.text().as_bytes())?;
     if request.write_test_rows {
         write_test_rows(&request.out.join("test_rows.csv"), &test.matrix, test_p)?;
     }
@@ -208,15 +263,14 @@ fn write_gold(
     let started = Instant::now();
     let rows = examples
         .iter()
-        .zip(&data.encoded)
         .enumerate()
-        .map(|(i, (e, row))| crate::warehouse::GoldRow {
+        .map(|(i, e)| crate::warehouse::GoldRow {
             time: e.time,
             session: &e.session,
             product_id: e.product_id,
             split: data.name_of(i),
             label: e.label,
-            features: row,
+            features: data.row(i),
         });
     let written = crate::warehouse::Warehouse::connect(url)?.write_gold(
         &crate::warehouse::GoldRun {

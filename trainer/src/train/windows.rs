@@ -2,6 +2,8 @@
 //! windows (equal timestamps never straddle a boundary), with the string
 //! encodings learned on the training window: out-of-fold for its own rows.
 
+use std::ops::Range;
+
 use anyhow::{Result, bail, ensure};
 use cartscore_core::encoding::{DEFAULT_MIN_COUNT, DEFAULT_SMOOTHING};
 use cartscore_core::{CategoryTable, EncodingTables, FEATURE_COUNT, Timestamp};
@@ -14,20 +16,28 @@ use crate::report::WindowSummary;
 /// The examples of one time window, encoded.
 pub(super) struct Window {
     pub(super) matrix: Matrix,
-    pub(super) examples: Vec<usize>,
+    /// The window's examples: a run of consecutive ones, in time order.
+    pub(super) examples: Range<usize>,
     pub(super) from: Timestamp,
     pub(super) to: Timestamp,
 }
 
 impl Window {
-    fn of(
+    /// The examples of `range`, each encoded with the tables `tables_of`
+    /// gives it. Rows are written straight into the window's matrix: at the
+    /// data set's scale a second copy is gigabytes.
+    fn of<'t>(
         examples: &[Example],
-        range: std::ops::Range<usize>,
-        encoded: &[[f32; FEATURE_COUNT]],
+        range: Range<usize>,
+        names: &Interner,
+        tables_of: impl Fn(usize) -> &'t EncodingTables,
     ) -> Self {
         let mut matrix = Matrix::new(FEATURE_COUNT);
+        matrix.values.reserve_exact(range.len() * FEATURE_COUNT);
+        matrix.labels.reserve_exact(range.len());
         for i in range.clone() {
-            matrix.push(&encoded[i], examples[i].label);
+            let example = &examples[i];
+            matrix.push(&example.encoded(names, tables_of(i)).0, example.label);
         }
         Self {
             matrix,
@@ -35,7 +45,7 @@ impl Window {
             to: examples
                 .get(range.end.saturating_sub(1))
                 .map_or(Timestamp(0), |e| e.time),
-            examples: range.collect(),
+            examples: range,
         }
     }
 
@@ -57,8 +67,6 @@ impl Window {
 /// with the encoding tables learned on the training window.
 pub(super) struct Windows {
     pub(super) tables: EncodingTables,
-    /// Every example's row, in example order (training rows out-of-fold).
-    pub(super) encoded: Vec<[f32; FEATURE_COUNT]>,
     train_end: usize,
     valid_end: usize,
     pub(super) train: Window,
@@ -79,13 +87,13 @@ impl Windows {
             valid_end < examples.len(),
             "the test window is empty: add data or lower the training fractions"
         );
-        let (tables, encoded) = encode_all(examples, train_end, names);
+        let (tables, fold_tables) = learn_all(&examples[..train_end], names);
         let windows = Self {
-            train: Window::of(examples, 0..train_end, &encoded),
-            validation: Window::of(examples, train_end..valid_end, &encoded),
-            test: Window::of(examples, valid_end..examples.len(), &encoded),
+            // Training rows out-of-fold; the others with the full tables.
+            train: Window::of(examples, 0..train_end, names, |i| &fold_tables[i % FOLDS]),
+            validation: Window::of(examples, train_end..valid_end, names, |_| &tables),
+            test: Window::of(examples, valid_end..examples.len(), names, |_| &tables),
             tables,
-            encoded,
             train_end,
             valid_end,
         };
@@ -103,6 +111,20 @@ impl Windows {
             }
         }
         Ok(windows)
+    }
+
+    /// Example `i`'s row as the model saw it (training rows out-of-fold).
+    pub(super) fn row(&self, i: usize) -> &[f32; FEATURE_COUNT] {
+        let (window, at) = match i {
+            i if i < self.train_end => (&self.train, i),
+            i if i < self.valid_end => (&self.validation, i - self.train_end),
+            i => (&self.test, i - self.valid_end),
+        };
+        window
+            .matrix
+            .row(at)
+            .try_into()
+            .expect("the windows' matrices are FEATURE_COUNT wide")
     }
 
     /// The window example `i` belongs to.
@@ -145,17 +167,12 @@ fn learn_tables<'a>(
 
 const FOLDS: usize = 5;
 
-/// Training rows get out-of-fold encodings (a row never sees its own label
-/// through its brand's rate); validation and test rows use the tables learned
-/// on the whole training window, which the bundle ships.
-fn encode_all(
-    examples: &[Example],
-    train_end: usize,
-    names: &Interner,
-) -> (EncodingTables, Vec<[f32; FEATURE_COUNT]>) {
-    let train = &examples[..train_end];
+/// The tables learned on the whole training window (validation and test
+/// rows use them, and the bundle ships them) and, for fold `k`, on the
+/// training rows outside it: training rows get out-of-fold encodings, so a
+/// row never sees its own label through its brand's rate.
+fn learn_all(train: &[Example], names: &Interner) -> (EncodingTables, Vec<EncodingTables>) {
     let tables = learn_tables(train.iter(), names);
-    let mut encoded: Vec<[f32; FEATURE_COUNT]> = Vec::with_capacity(examples.len());
     let fold_tables: Vec<EncodingTables> = (0..FOLDS)
         .map(|fold| {
             learn_tables(
@@ -168,13 +185,5 @@ fn encode_all(
             )
         })
         .collect();
-    for (i, example) in examples.iter().enumerate() {
-        let t = if i < train_end {
-            &fold_tables[i % FOLDS]
-        } else {
-            &tables
-        };
-        encoded.push(example.encoded(names, t).0);
-    }
-    (tables, encoded)
+    (tables, fold_tables)
 }
