@@ -330,7 +330,7 @@ mod tests {
     fn a_sample_keeps_the_asked_rows_in_order_and_the_same_for_a_seed() {
         let mut m = Matrix::new(2);
         for i in 0..10_000u16 {
-            m.push(&[f32::from(i), -f32::from(i)], i % 3 == 0);
+            m.push(&[f32::from(i), -f32::from(i)], i.is_multiple_of(3));
         }
         assert!(m.sample(0, 1).is_none(), "0 means every row");
         assert!(m.sample(10_000, 1).is_none(), "no larger than asked");
@@ -341,7 +341,11 @@ mod tests {
         for i in 0..a.rows() {
             let original = a.row(i)[0] as usize;
             assert_eq!(a.row(i)[1], -a.row(i)[0], "rows stay whole");
-            assert_eq!(a.labels[i], original % 3 == 0, "labels follow their rows");
+            assert_eq!(
+                a.labels[i],
+                original.is_multiple_of(3),
+                "labels follow their rows"
+            );
         }
         assert_eq!(m.sample(1_000, 7).unwrap().values, a.values);
         assert_ne!(m.sample(1_000, 8).unwrap().values, a.values);
