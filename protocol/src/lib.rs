@@ -5,9 +5,12 @@
 //! The wire types live in their own crate so that clients (the bench, the
 //! end-to-end tests, a caller's service) build without the daemon: this
 //! crate needs only `cartscore-core`, for the event a request carries and its
-//! validation. [`client`] is a blocking client.
+//! validation. [`client`] is a blocking client. [`records`] are the
+//! closed loop's outcome records, as `GET /v1/outcomes` and the outcomes
+//! log carry them.
 
 pub mod client;
+pub mod records;
 
 use std::borrow::Cow;
 

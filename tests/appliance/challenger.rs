@@ -15,7 +15,9 @@ use std::time::Duration;
 use crate::closed_loop::{
     Offline, first_records, pair_counted_auc, predict_with, replay_scoring, resolve_all, synthetic,
 };
-use crate::common::{Appliance, Load, Options, cart_json, dataset, demo_model, repo_root, trainer};
+use crate::common::{
+    Appliance, Load, Options, cart_json, dataset, demo_model, repo_root, run_ok, trainer,
+};
 use cartscore_core::{Event, FEATURE_COUNT, FEATURE_NAMES};
 use cartscore_protocol::Status;
 use cartscore_protocol::client::TcpClient;
@@ -32,21 +34,15 @@ fn challenger() -> &'static (PathBuf, PathBuf) {
         let work = tempfile::tempdir().unwrap().keep();
         let (input, _oracle) = synthetic(&work, 60_000, 7);
         let out = work.join("challenger");
-        let output = Command::new(trainer())
-            .arg("train")
-            .arg("--input")
-            .arg(&input)
-            .arg("--out")
-            .arg(&out)
-            .args(["--trials", "1", "--threads", "2", "--seed", "3"])
-            .args(["--max-iterations", "40", "--model-version", CHALLENGER])
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "training the challenger failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+        run_ok(
+            Command::new(trainer())
+                .arg("train")
+                .arg("--input")
+                .arg(&input)
+                .arg("--out")
+                .arg(&out)
+                .args(["--trials", "1", "--threads", "2", "--seed", "3"])
+                .args(["--max-iterations", "40", "--model-version", CHALLENGER]),
         );
         (input, out)
     })
@@ -486,17 +482,11 @@ fn contributions_equal_lightgbms_on_the_real_slice_and_the_shap_package_agrees()
     // bundle's own trees and covers.
     let rows_file = work.path().join("explained.csv");
     std::fs::write(&rows_file, rows).unwrap();
-    let output = Command::new("python3")
-        .arg(repo_root().join("tests/python/shap_parity.py"))
-        .arg(demo_model())
-        .arg(&rows_file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = run_ok(
+        Command::new("python3")
+            .arg(repo_root().join("tests/python/shap_parity.py"))
+            .arg(demo_model())
+            .arg(&rows_file),
     );
     println!(
         "explain: {} carts of the real slice; live = predict --explain (max |diff| {worst_offline:e}), predict = LightGBM predict_contrib within 1e-5, local accuracy {worst_local:e}; {}",

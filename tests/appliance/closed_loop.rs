@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{Appliance, Options, TestDatabase, repo_root, trainer};
+use crate::common::{Appliance, Options, TestDatabase, repo_root, run_ok, trainer};
 use cartscore_core::{BundleMetadata, CsvLayout, Event, EventType, FEATURE_COUNT, FEATURE_NAMES};
 use serde_json::Value;
 
@@ -44,24 +44,18 @@ pub fn predict_with(work: &Path, input: &Path, model: &Path, extra: &[&str]) -> 
         .and_then(Path::file_name)
         .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
     let out = work.join(format!("{folder}-offline.csv"));
-    let output = Command::new(trainer())
-        .arg("predict")
-        .arg("--input")
-        .arg(input)
-        .arg("--model")
-        .arg(model)
-        .arg("--out")
-        .arg(&out)
-        .args(extra)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "predict failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = run_ok(
+        Command::new(trainer())
+            .arg("predict")
+            .arg("--input")
+            .arg(input)
+            .arg("--model")
+            .arg(model)
+            .arg("--out")
+            .arg(&out)
+            .args(extra),
     );
-    print!("{}", String::from_utf8_lossy(&output.stdout));
+    print!("{stdout}");
     let mut reader = csv::Reader::from_path(&out).unwrap();
     let header = reader.headers().unwrap().clone();
     let column = |name: &str| header.iter().position(|h| h == name).unwrap();
@@ -295,23 +289,14 @@ fn psi_by_feature(model: &Value) -> Vec<(String, f64)> {
 fn assert_the_warehouse_copy_agrees(app: &Appliance, resolved: usize, live_auc: f64) {
     let warehouse = TestDatabase::new("live");
     let copy = || {
-        let output = Command::new(trainer())
-            .args([
-                "outcomes",
-                "--appliance",
-                &app.http,
-                "--postgres",
-                &warehouse.url,
-            ])
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+        let stdout = run_ok(Command::new(trainer()).args([
+            "outcomes",
+            "--appliance",
+            &app.http,
+            "--postgres",
+            &warehouse.url,
+        ]));
+        serde_json::from_str::<Value>(&stdout).unwrap()
     };
     let first = copy();
     assert_eq!(first["added"], resolved, "{first}");

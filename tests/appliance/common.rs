@@ -82,6 +82,20 @@ pub fn demo_model() -> PathBuf {
     repo_root().join("models/demo/model.onnx")
 }
 
+/// Runs `command` (backtraces off) and returns its stdout; fails the test
+/// with both outputs when it does not succeed.
+pub fn run_ok(command: &mut Command) -> String {
+    let output = command.env("RUST_BACKTRACE", "0").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -16,36 +16,21 @@ use cartscore_core::Timestamp;
 use serde_json::Value;
 
 use crate::common::{
-    Appliance, Options, TestDatabase, agent, free_port, producer_binary, repo_root, trainer,
+    Appliance, Options, TestDatabase, agent, free_port, producer_binary, repo_root, run_ok, trainer,
 };
 
 /// Runs a cartscore binary to success and returns its stdout as JSON
 /// (`Null` when it prints none).
 fn run_json(binary: &Path, args: &[&str]) -> Value {
-    let output = Command::new(binary)
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{} {args:?} failed:\n{}",
-        binary.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or(Value::Null)
+    serde_json::from_str(&run_ok(Command::new(binary).args(args))).unwrap_or(Value::Null)
 }
 
+/// `scripts/superset.sh` (`scripts/test.sh` installs Superset).
 fn superset_script(args: &[&str], password: &str) {
-    let output = Command::new(repo_root().join("scripts/superset.sh"))
-        .args(args)
-        .env("CARTSCORE_SUPERSET_PASSWORD", password)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "scripts/superset.sh {args:?} failed (scripts/test.sh installs Superset):\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    run_ok(
+        Command::new(repo_root().join("scripts/superset.sh"))
+            .args(args)
+            .env("CARTSCORE_SUPERSET_PASSWORD", password),
     );
 }
 

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use cartscore_protocol::records::OutcomesPage;
+use serde::Serialize;
 
-use crate::warehouse::{LiveOutcome, Warehouse, WarehouseError};
+use crate::warehouse::{Warehouse, WarehouseError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutcomesError {
@@ -25,13 +26,6 @@ pub enum OutcomesError {
     },
     #[error(transparent)]
     Warehouse(#[from] WarehouseError),
-}
-
-/// A page as the appliance answers it.
-#[derive(Debug, Deserialize)]
-struct Page {
-    outcomes: Vec<LiveOutcome>,
-    next: u64,
 }
 
 /// What one copy did (printed as JSON).
@@ -78,7 +72,7 @@ pub fn copy(
     }
 }
 
-fn fetch(agent: &ureq::Agent, url: &str) -> Result<Page, OutcomesError> {
+fn fetch(agent: &ureq::Agent, url: &str) -> Result<OutcomesPage, OutcomesError> {
     let fail = |reason: String| OutcomesError::Fetch {
         url: url.to_owned(),
         reason,

@@ -4,60 +4,37 @@
 //! a warehouse reading an at-least-once log can de-duplicate on it.
 
 use cartscore_core::{FEATURE_NAMES, Timestamp};
+use cartscore_protocol::records::{OutcomeRecord, PairedScore as PairedView, ScoredCart};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
 use crate::store::{Outcome, PairedScore, Prediction};
 
-/// What both records say of their cart and its score.
-#[derive(Debug, Serialize)]
-pub struct ScoredCart {
-    pub seq: u64,
-    pub user_id: u64,
-    pub user_session: String,
-    pub product_id: u64,
-    pub cart_time: String,
-    pub model_version: String,
-    pub probability: f32,
-    pub scored_at_unix_ms: i64,
-    /// The challenger answered (a canary session).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub canary: bool,
-    /// The other model's score, when two models scored the cart.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub paired: Option<PairedScore>,
+fn paired_view(paired: Option<PairedScore>) -> Option<PairedView> {
+    paired.map(|p| PairedView {
+        model_version: p.model_version,
+        probability: p.probability,
+    })
 }
 
-/// One resolved cart.
-#[derive(Debug, Serialize)]
-pub struct OutcomeView {
-    #[serde(flatten)]
-    pub cart: ScoredCart,
-    pub label: bool,
-    pub resolved_at: String,
-    /// Event time from the cart to what decided it.
-    pub resolution_delay_seconds: f64,
-}
-
-impl OutcomeView {
-    pub fn new(seq: u64, o: Outcome) -> Self {
-        Self {
-            label: o.label,
-            resolved_at: Timestamp(o.resolved_at_micros).to_rfc3339(),
-            resolution_delay_seconds: (o.resolved_at_micros - o.cart_time_micros) as f64 / 1e6,
-            cart: ScoredCart {
-                seq,
-                user_id: o.user_id,
-                user_session: o.user_session,
-                product_id: o.product_id,
-                cart_time: Timestamp(o.cart_time_micros).to_rfc3339(),
-                model_version: o.model_version,
-                probability: o.probability,
-                scored_at_unix_ms: o.scored_at_ms,
-                canary: o.canary,
-                paired: o.paired,
-            },
-        }
+/// A stored outcome as it leaves the appliance.
+pub fn outcome_record(seq: u64, o: Outcome) -> OutcomeRecord {
+    OutcomeRecord {
+        label: o.label,
+        resolved_at: Timestamp(o.resolved_at_micros).to_rfc3339(),
+        resolution_delay_seconds: (o.resolved_at_micros - o.cart_time_micros) as f64 / 1e6,
+        cart: ScoredCart {
+            seq,
+            user_id: o.user_id,
+            user_session: o.user_session,
+            product_id: o.product_id,
+            cart_time: Timestamp(o.cart_time_micros).to_rfc3339(),
+            model_version: o.model_version,
+            probability: o.probability,
+            scored_at_unix_ms: o.scored_at_ms,
+            canary: o.canary,
+            paired: paired_view(o.paired),
+        },
     }
 }
 
@@ -84,7 +61,7 @@ impl PredictionView {
                 probability: p.probability,
                 scored_at_unix_ms: p.scored_at_ms,
                 canary: p.canary,
-                paired: p.paired,
+                paired: paired_view(p.paired),
             },
         }
     }

@@ -3,9 +3,10 @@
 //! then read back by tract, which must give LightGBM's probabilities.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use cartscore_core::compiled::CompiledEnsemble;
 use cartscore_core::{
     BundleMetadata, CONTRACT_VERSION, DataProfile, FEATURE_COUNT, FEATURE_NAMES, GoldenVector,
@@ -179,8 +180,10 @@ const TRACT_SAMPLE: usize = 2_000;
 pub(super) fn check_parity(
     bundle: &Bundle,
     booster: &Booster,
+    model_text: &str,
     test: &Window,
     threads: usize,
+    out: &Path,
 ) -> Result<Parity> {
     let started = Instant::now();
     let tract = TractModel::from_bytes(&bundle.bytes)
@@ -197,10 +200,24 @@ pub(super) fn check_parity(
         .zip(&served)
         .map(|(&a, &b)| (a - f64::from(b)).abs())
         .fold(0.0, f64::max);
-    ensure!(
-        max_diff <= cartscore_core::bundle::GOLDEN_TOLERANCE,
-        "the served evaluator disagrees with LightGBM by {max_diff:e} on the test window: the export is wrong"
-    );
+    if max_diff > cartscore_core::bundle::GOLDEN_TOLERANCE {
+        let evidence = keep_disagreement(
+            &Disagreement {
+                bundle,
+                model_text,
+                rows: &rows,
+                reference: &reference,
+                served: &served,
+                compiled: &compiled,
+                tract: &tract,
+                test_rows: test.matrix.rows(),
+            },
+            out,
+        );
+        bail!(
+            "the served evaluator disagrees with LightGBM by {max_diff:e} on the test window: the export is wrong; {evidence}"
+        );
+    }
     // Tract: the split edges and an even sample of the window.
     let test_rows = test.matrix.values.len() / FEATURE_COUNT;
     let every = (test_rows / TRACT_SAMPLE).max(1);
@@ -237,6 +254,88 @@ pub(super) fn check_parity(
 }
 
 /// LightGBM's probabilities of `rows` on `threads` threads.
+/// A parity failure's evidence.
+struct Disagreement<'a> {
+    bundle: &'a Bundle,
+    model_text: &'a str,
+    rows: &'a [f32],
+    reference: &'a [f64],
+    served: &'a [f32],
+    compiled: &'a CompiledEnsemble,
+    tract: &'a TractModel,
+    test_rows: usize,
+}
+
+/// Keeps what a disagreement needs to be understood: the rejected bundle,
+/// LightGBM's text of it and the rows that disagree most (with what each
+/// reader says of them) under `out/rejected/`; says where, and which reader
+/// differs on the worst row (the plain walk and tract tell an export error
+/// from an evaluator error).
+fn keep_disagreement(d: &Disagreement, out: &Path) -> String {
+    let mut worst: Vec<usize> = (0..d.served.len())
+        .filter(|&i| {
+            (d.reference[i] - f64::from(d.served[i])).abs()
+                > cartscore_core::bundle::GOLDEN_TOLERANCE
+        })
+        .collect();
+    let count = worst.len();
+    worst.sort_by(|&a, &b| {
+        let diff = |i: usize| (d.reference[i] - f64::from(d.served[i])).abs();
+        diff(b).total_cmp(&diff(a))
+    });
+    worst.truncate(100);
+    let row = |i: usize| -> &[f32; FEATURE_COUNT] {
+        d.rows[i * FEATURE_COUNT..(i + 1) * FEATURE_COUNT]
+            .try_into()
+            .expect("rows are FEATURE_COUNT wide")
+    };
+    let mut csv = format!(
+        "row,window,lightgbm,served,plain_walk,tract,{}\n",
+        FEATURE_NAMES.join(",")
+    );
+    let mut first = String::new();
+    for &i in &worst {
+        let plain = 1.0 / (1.0 + (-d.compiled.raw_score_plain(row(i))).exp());
+        let tract = d
+            .tract
+            .predict(row(i))
+            .ok()
+            .and_then(|p| p.first().copied())
+            .map_or("error".to_string(), |p| format!("{p:?}"));
+        let window = if i < d.test_rows { "test" } else { "edge" };
+        let values: Vec<String> = row(i).iter().map(|v| format!("{v:?}")).collect();
+        let line = format!(
+            "{i},{window},{:?},{:?},{plain:?},{tract},{}",
+            d.reference[i],
+            d.served[i],
+            values.join(",")
+        );
+        if first.is_empty() {
+            first = format!(
+                "row {i} ({window}): LightGBM {:?}, served {:?}, plain walk {plain:?}, tract {tract}",
+                d.reference[i], d.served[i]
+            );
+        }
+        csv.push_str(&line);
+        csv.push('\n');
+    }
+    let dir = out.join("rejected");
+    let kept = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("model.onnx"), &d.bundle.bytes))
+        .and_then(|()| std::fs::write(dir.join("lightgbm.txt"), d.model_text))
+        .and_then(|()| std::fs::write(dir.join("disagreements.csv"), csv));
+    match kept {
+        Ok(()) => format!(
+            "{count} rows differ; worst {first}; the bundle, LightGBM's text and the rows are in {}",
+            dir.display()
+        ),
+        Err(e) => format!(
+            "{count} rows differ; worst {first}; could not keep them in {}: {e}",
+            dir.display()
+        ),
+    }
+}
+
 fn lightgbm_predict_threads(booster: &Booster, rows: &[f32], threads: usize) -> Result<Vec<f64>> {
     booster
         .predict_with_params(

@@ -57,7 +57,14 @@ pub fn run(request: &TrainRequest) -> Result<TrainReport> {
         &replayed.replay,
     )?;
     clock.end("export");
-    let parity = check_parity(&bundle, &booster, &data.test, config.threads)?;
+    let parity = check_parity(
+        &bundle,
+        &booster,
+        &tuned.model_text,
+        &data.test,
+        config.threads,
+        &request.out,
+    )?;
     clock.end("parity");
     let model_file = request.out.join("model.onnx");
     let mut report = TrainReport {

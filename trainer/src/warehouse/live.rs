@@ -2,36 +2,9 @@
 //! written with the cursor that follows it in one transaction, so a copy
 //! that is interrupted and run again adds every outcome exactly once.
 
-use serde::Deserialize;
+use cartscore_protocol::records::OutcomeRecord;
 
 use super::client::{Warehouse, WarehouseError, query_error};
-
-/// One resolved cart as the appliance's `GET /v1/outcomes` answers it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct LiveOutcome {
-    pub seq: u64,
-    pub user_id: u64,
-    pub user_session: String,
-    pub product_id: u64,
-    pub cart_time: String,
-    pub model_version: String,
-    pub probability: f64,
-    pub scored_at_unix_ms: i64,
-    #[serde(default)]
-    pub canary: bool,
-    pub paired: Option<PairedScore>,
-    pub label: bool,
-    pub resolved_at: String,
-    pub resolution_delay_seconds: f64,
-}
-
-/// The other model's score of the same cart (a shadow or the primary of a
-/// canary session).
-#[derive(Debug, Clone, Deserialize)]
-pub struct PairedScore {
-    pub model_version: String,
-    pub probability: f64,
-}
 
 impl Warehouse {
     /// The first sequence number of `source` not copied yet.
@@ -51,7 +24,7 @@ impl Warehouse {
     pub fn write_outcomes(
         &mut self,
         source: &str,
-        page: &[LiveOutcome],
+        page: &[OutcomeRecord],
         next: u64,
     ) -> Result<u64, WarehouseError> {
         let endpoint = self.endpoint.as_str();
@@ -68,7 +41,8 @@ impl Warehouse {
             )
             .map_err(err("preparing the insert into live.outcomes"))?;
         let mut added = 0;
-        for o in page {
+        for outcome in page {
+            let o = &outcome.cart;
             added += tx
                 .execute(
                     &insert,
@@ -80,14 +54,14 @@ impl Warehouse {
                         &(o.product_id as i64),
                         &o.cart_time,
                         &o.model_version,
-                        &o.probability,
+                        &f64::from(o.probability),
                         &o.scored_at_unix_ms,
                         &o.canary,
                         &o.paired.as_ref().map(|p| p.model_version.as_str()),
-                        &o.paired.as_ref().map(|p| p.probability),
-                        &o.label,
-                        &o.resolved_at,
-                        &o.resolution_delay_seconds,
+                        &o.paired.as_ref().map(|p| f64::from(p.probability)),
+                        &outcome.label,
+                        &outcome.resolved_at,
+                        &outcome.resolution_delay_seconds,
                     ],
                 )
                 .map_err(err(&format!("adding outcome {} of {source}", o.seq)))?;

@@ -11,5 +11,4 @@ mod read;
 
 pub use client::{MIGRATIONS, Warehouse, WarehouseError, endpoint_of};
 pub use gold::{GoldRow, GoldRun};
-pub use live::LiveOutcome;
 pub use read::WarehouseEvents;

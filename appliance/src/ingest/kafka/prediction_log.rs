@@ -23,7 +23,7 @@ use super::outputs::{DeliveryTracker, queue};
 use crate::config::KafkaConfig;
 use crate::ingest::writer::LogDelivered;
 use crate::ops::metrics::{Metrics, TopicLabels};
-use crate::quality::records::{OutcomeView, PredictionView};
+use crate::quality::records::{PredictionView, outcome_record};
 use crate::store::{LogPositions, Store, StoreError};
 
 /// Records read from the store per look.
@@ -269,7 +269,7 @@ fn read_page(
         Log::Outcomes => store
             .outcomes_since(since, limit)?
             .into_iter()
-            .filter_map(|(seq, o)| encode(seq, o.user_id, &OutcomeView::new(seq, o)))
+            .filter_map(|(seq, o)| encode(seq, o.user_id, &outcome_record(seq, o)))
             .collect(),
     })
 }

@@ -25,9 +25,10 @@ use crate::ingest::EventSource;
 use crate::model::CannotExplain;
 use crate::ops::metrics::ApiLabels;
 use crate::quality::records::ByName;
-use crate::quality::records::OutcomeView;
+use crate::quality::records::outcome_record;
 use crate::serve::score;
 use crate::shard::ShardMap;
+use cartscore_protocol::records::OutcomesPage;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -523,13 +524,6 @@ pub struct OutcomesQuery {
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct OutcomesAnswer {
-    outcomes: Vec<OutcomeView>,
-    /// `since` of the next page.
-    next: u64,
-}
-
 /// Largest page of `GET /v1/outcomes`.
 const MAX_OUTCOMES_PAGE: usize = 10_000;
 
@@ -538,14 +532,14 @@ const MAX_OUTCOMES_PAGE: usize = 10_000;
 pub async fn outcomes(
     State(app): App,
     query: Result<Query<OutcomesQuery>, QueryRejection>,
-) -> Result<Json<OutcomesAnswer>, ApiError> {
+) -> Result<Json<OutcomesPage>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::query(&e))?;
     let limit = query.limit.unwrap_or(1_000).min(MAX_OUTCOMES_PAGE);
     let page = app.store.outcomes_since(query.since, limit)?;
     let next = page.last().map_or(query.since, |(seq, _)| seq + 1);
     let outcomes = page
         .into_iter()
-        .map(|(seq, outcome)| OutcomeView::new(seq, outcome))
+        .map(|(seq, outcome)| outcome_record(seq, outcome))
         .collect();
-    Ok(Json(OutcomesAnswer { outcomes, next }))
+    Ok(Json(OutcomesPage { outcomes, next }))
 }
