@@ -96,6 +96,14 @@ pub fn run_ok(command: &mut Command) -> String {
     stdout
 }
 
+/// `N` different free ports: each listener is held until all are bound (one
+/// dropped before the next is asked for can be handed out again).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [TcpListener; N] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
+    listeners.map(|l| l.local_addr().unwrap().port())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -211,8 +219,7 @@ impl Appliance {
     }
 
     fn try_start(work: &Path, model_dir: &Path, options: &Options) -> Result<Self, String> {
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let [http, tcp] = free_ports().map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
         let store_dir = work.join("store");
         let stderr = work.join(format!("cartscore-{}.log", http.port()));
         let mut command = Command::new(appliance_binary());

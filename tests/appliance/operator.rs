@@ -3,14 +3,13 @@
 //! real (a bad bundle dropped in, the broker stopped, invalid events over
 //! 5 %) and read as firing from Prometheus's HTTP API, then resolving.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{deliver, repo_root};
+use crate::common::{deliver, free_port, free_ports, repo_root};
 
 /// The shipped rules with every `for:` and range window scaled down for a
 /// test that cannot wait minutes: `1m` becomes 1 s, so `for: 2m` is 2 s and
@@ -44,14 +43,6 @@ pub fn fast_rules(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("cartscore-alerts.fast.yml");
     std::fs::write(&path, scale(&text)).unwrap();
     path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Debian's `prometheus` on a free port, scraping `targets` every second
@@ -338,7 +329,7 @@ fn render_nginx(
 ) -> (std::path::PathBuf, u16, u16) {
     let shipped =
         std::fs::read_to_string(repo_root().join("configs/nginx/cartscore.conf")).unwrap();
-    let (api, mlflow_port) = (free_port(), free_port());
+    let [api, mlflow_port] = free_ports();
     let mut conf = shipped
         .replace("server 127.0.0.1:8080;", &format!("server {http};"))
         .replace("server 127.0.0.1:5000;", &format!("server {mlflow};"))
