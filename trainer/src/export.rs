@@ -2,9 +2,8 @@
 //! (post_transform LOGISTIC, no ZipMap) with the cartscore metadata.
 //!
 //! LightGBM splits `x <= t` on f64 thresholds while ONNX thresholds and our
-//! feature rows are f32. Each threshold becomes the largest f32 not above `t`:
-//! for every f32 input `x`, `x <= t` exactly when `x <= that f32`, so every
-//! row takes the same branch in both.
+//! feature rows are f32. Each threshold becomes the f32 `T` for which every
+//! f32 input takes the same branch in both (see [`f32_threshold`]).
 
 use anyhow::{Context, Result, bail, ensure};
 use cartscore_core::BundleMetadata;
@@ -62,10 +61,29 @@ pub fn covers(trees: &[Tree]) -> Option<Vec<Vec<u64>>> {
         .collect()
 }
 
-/// The largest f32 that is not above `t`.
+/// LightGBM reads an input with `|x| <= 1e-35` (its `kZeroThreshold`, an
+/// f32) as 0: its predictor keeps only the values above it as non-zero.
+const LIGHTGBM_ZERO: f32 = 1e-35;
+
+/// The f32 `T` such that, for every f32 input `x`, `x <= T` exactly when
+/// LightGBM sends `x` left at its threshold `t`: it compares `x <= t` in
+/// f64, after reading `|x| <= 1e-35` as 0. Away from zero that is the
+/// largest f32 not above `t`. LightGBM's own zero bin puts thresholds at
+/// exactly ±1e-35, where the difference shows: at `t = -1e-35` an input of
+/// -1e-35 goes right in LightGBM (it is 0 there), not left.
 pub fn f32_threshold(t: f64) -> f32 {
-    let f = t as f32;
-    if f64::from(f) > t { f.next_down() } else { f }
+    let zero = f64::from(LIGHTGBM_ZERO);
+    if t >= zero || t < -zero {
+        // Inputs near zero fall on the same side as 0 does.
+        let f = t as f32;
+        if f64::from(f) > t { f.next_down() } else { f }
+    } else if t >= 0.0 {
+        // Left: everything up to the band's top (the band reads 0 <= t).
+        LIGHTGBM_ZERO
+    } else {
+        // -1e-35 <= t < 0: left only below the band (it reads 0 > t).
+        (-LIGHTGBM_ZERO).next_down()
+    }
 }
 
 fn numbers<T: std::str::FromStr>(key: &str, value: &str) -> Result<Vec<T>> {
@@ -393,6 +411,38 @@ pub fn edge_rows(trees: &[Tree], base: &[f32], limit: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
+    /// LightGBM's side of `t` for an f32 input: `x <= t` in f64, with
+    /// `|x| <= 1e-35` read as 0.
+    fn lightgbm_left(x: f32, t: f64) -> bool {
+        let x = if x.abs() <= LIGHTGBM_ZERO {
+            0.0
+        } else {
+            f64::from(x)
+        };
+        x <= t
+    }
+
+    #[test]
+    fn near_zero_every_f32_takes_lightgbms_branch() {
+        let zero = f64::from(LIGHTGBM_ZERO);
+        let mut inputs = vec![0.0f32, -0.0, 1e-36, -1e-36, 1e-45, -1e-45, 1.0, -1.0];
+        for edge in [LIGHTGBM_ZERO, -LIGHTGBM_ZERO] {
+            inputs.extend([edge, edge.next_up(), edge.next_down()]);
+        }
+        for t in [
+            zero, -zero, 0.0, 5e-36, -5e-36, 2e-35, -2e-35, 1e-30, -1e-30,
+        ] {
+            let f = f32_threshold(t);
+            for &x in &inputs {
+                assert_eq!(
+                    x <= f,
+                    lightgbm_left(x, t),
+                    "threshold {t:e} -> {f:e}, input {x:e}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn threshold_keeps_every_f32_on_its_side() {
         for t in [
@@ -401,7 +451,7 @@ mod tests {
             35.785,
             1e30,
             -2.5,
-            0.0,
+            -3e-30,
             7.0,
             1.0 / 3.0,
         ] {
@@ -411,6 +461,7 @@ mod tests {
                 f64::from(f.next_up()) > t,
                 "{t}: {f} is not the largest f32 below"
             );
+            assert_eq!(f, f32_threshold(t), "away from zero: plain rounding down");
         }
     }
 

@@ -325,6 +325,11 @@ pub fn stump(train: &Matrix) -> Result<Booster> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::{onnx_model, parse_lightgbm};
+    use cartscore_core::bundle::{BundleMetadata, GoldenVector, ShapMetadata};
+    use cartscore_core::compiled::CompiledEnsemble;
+    use cartscore_core::explain::{ExplainError, Explainer};
+    use cartscore_core::{CONTRACT_VERSION, EncodingTables, FEATURE_COUNT, FEATURE_NAMES};
 
     #[test]
     fn a_sample_keeps_the_asked_rows_in_order_and_the_same_for_a_seed() {
@@ -356,11 +361,6 @@ mod tests {
             "{late} of 1000 from the second half"
         );
     }
-    use crate::export::{onnx_model, parse_lightgbm};
-    use cartscore_core::bundle::{BundleMetadata, GoldenVector, ShapMetadata};
-    use cartscore_core::compiled::CompiledEnsemble;
-    use cartscore_core::explain::{ExplainError, Explainer};
-    use cartscore_core::{CONTRACT_VERSION, EncodingTables, FEATURE_COUNT, FEATURE_NAMES};
 
     /// The bundle the trainer would export for `booster`, with `golden`
     /// rows: compiled as the appliance compiles it.
@@ -394,6 +394,64 @@ mod tests {
         };
         let compiled = CompiledEnsemble::compile(&onnx_model(&trees, &metadata)).unwrap();
         (compiled, metadata)
+    }
+
+    /// LightGBM reads inputs within 1e-35 of zero as 0 and splits at its
+    /// zero bin's edges (±1e-35): the exported trees, compiled as the
+    /// appliance compiles them, take LightGBM's branch for every input
+    /// there, on a model LightGBM trained itself.
+    #[test]
+    fn inputs_at_lightgbms_zero_bin_score_as_lightgbm_scores_them() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut data = Matrix::new(FEATURE_COUNT);
+        for i in 0..3_000 {
+            let mut row = vec![0.5f32; FEATURE_COUNT];
+            // A sentinel, zero or a positive value: each bought at its own rate.
+            row[0] = [-1.0, 0.0, 2.0][i % 3];
+            let rate = [0.2, 0.8, 0.4][i % 3];
+            data.push(&row, rng.random::<f64>() < rate);
+        }
+        let params = json!({
+            "objective": "binary", "num_iterations": 5, "num_leaves": 4,
+            "min_data_in_leaf": 10, "deterministic": true, "force_col_wise": true,
+            "num_threads": 1, "verbosity": -1,
+        });
+        let booster = Booster::train(data.dataset(None).unwrap(), &params).unwrap();
+        let text = booster.save_string().unwrap();
+        assert!(
+            text.contains("-1.0000000180025095e-35") && text.contains(" 1.0000000180025095e-35"),
+            "LightGBM split elsewhere than its zero bin's edges:\n{text}"
+        );
+        let mut probes = Matrix::new(FEATURE_COUNT);
+        let zero = 1e-35f32;
+        for x in [
+            0.0f32,
+            -0.0,
+            1e-36,
+            -1e-36,
+            zero,
+            -zero,
+            zero.next_up(),
+            -zero.next_up(),
+            zero.next_down(),
+            -zero.next_down(),
+            -1.0,
+            2.0,
+        ] {
+            let mut row = vec![0.5f32; FEATURE_COUNT];
+            row[0] = x;
+            probes.push(&row, false);
+        }
+        let (compiled, _) = bundle(&booster, &probes.values[..FEATURE_COUNT]);
+        let expected = predict(&booster, &probes).unwrap();
+        for (i, want) in expected.iter().enumerate() {
+            let got = compiled.predict(probes.row(i).try_into().unwrap());
+            assert!(
+                (f64::from(got) - want).abs() < 1e-6,
+                "input {:e}: compiled {got}, LightGBM {want}",
+                probes.row(i)[0]
+            );
+        }
     }
 
     /// A booster on random rows whose label depends on a few features
