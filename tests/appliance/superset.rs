@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use cartscore_core::Timestamp;
 use serde_json::Value;
 
+use crate::closed_loop::resolve_all;
+
 use crate::common::{
     Appliance, Options, TestDatabase, agent, free_port, producer_binary, repo_root, run_ok, trainer,
 };
@@ -252,24 +254,11 @@ fn superset_imports_the_dashboards_and_every_chart_answers_from_the_warehouse() 
     );
     assert!(replay["carts_scored"].as_u64().unwrap() > 100, "{replay}");
 
-    // One event two days later: every pending cart resolves.
-    let later = two_days_after_the_last_event(&dir.join("live.csv"));
-    let (status, body) = app.post(
-        "/v1/events",
-        format!(
-            r#"{{"event_time":{later},"event_type":"view","product_id":1,"category_id":1,"price":1.0,"user_id":1,"user_session":"superset-watermark"}}"#
-        ),
-    );
-    assert_eq!(status, 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let comparison = loop {
-        let (_, model) = app.get("/v1/model");
-        if model["outcomes_pending"] == 0 && model["comparison"][0]["count"].as_u64() > Some(0) {
-            break model["comparison"][0].clone();
-        }
-        assert!(Instant::now() < deadline, "outcomes still pending: {model}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    // An event two days after the last one resolves every pending cart.
+    resolve_all(&app, last_event_micros(&dir.join("live.csv")), "champion-1");
+    let (_, model) = app.get("/v1/model");
+    let comparison = model["comparison"][0].clone();
+    assert!(comparison["count"].as_u64() > Some(0), "{model}");
     let copied = run_json(
         &trainer(),
         &[
@@ -335,10 +324,9 @@ fn superset_imports_the_dashboards_and_every_chart_answers_from_the_warehouse() 
     println!("superset: every chart answers: {}", report.join(", "));
 }
 
-/// Epoch microseconds two days after the last row of `live` (in time
-/// order): past every session's expiry.
-fn two_days_after_the_last_event(live: &Path) -> i64 {
+/// Epoch microseconds of the last row of `live` (in time order).
+fn last_event_micros(live: &Path) -> i64 {
     let text = std::fs::read_to_string(live).unwrap();
     let time = text.lines().last().unwrap().split(',').next().unwrap();
-    Timestamp::parse(time).unwrap().micros() + 2 * 86_400 * 1_000_000
+    Timestamp::parse(time).unwrap().micros()
 }

@@ -182,11 +182,16 @@ pub struct TuneConfig {
     pub num_leaves: Option<u32>,
 }
 
-fn train_one(
-    train: &Matrix,
-    valid: &Matrix,
-    params: &serde_json::Value,
-) -> Result<(String, Vec<f64>, i32)> {
+/// A model trained on `train`, early-stopped and judged on `valid`.
+struct Fitted {
+    text: String,
+    iterations: i32,
+    validation_auc: f64,
+    seconds: f64,
+}
+
+fn train_one(train: &Matrix, valid: &Matrix, params: &serde_json::Value) -> Result<Fitted> {
+    let started = Instant::now();
     let train_set = train.dataset(None)?;
     let valid_set = valid.dataset(Some(&train_set))?;
     let booster = Booster::train_with_valid(train_set, Some(valid_set), params)
@@ -195,7 +200,12 @@ fn train_one(
     let text = booster
         .save_string()
         .map_err(|e| anyhow!("cannot serialise the LightGBM model: {e}"))?;
-    Ok((text, predictions, booster.num_iterations()))
+    Ok(Fitted {
+        text,
+        iterations: booster.num_iterations(),
+        validation_auc: roc_auc(&predictions, &valid.labels),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 pub fn predict(booster: &Booster, data: &Matrix) -> Result<Vec<f64>> {
@@ -224,8 +234,7 @@ pub fn tune(train: &Matrix, valid: &Matrix, config: &TuneConfig) -> Result<Tuned
         &candidates,
         config.threads,
         |index, params| -> TrialOutcome {
-            let started = Instant::now();
-            let (text, predictions, iterations) = train_one(
+            let fitted = train_one(
                 train,
                 valid,
                 &params.lightgbm(config.seed + index as u64, config.early_stopping),
@@ -233,18 +242,18 @@ pub fn tune(train: &Matrix, valid: &Matrix, config: &TuneConfig) -> Result<Tuned
             let trial = Trial {
                 index,
                 params: params.clone(),
-                iterations,
-                validation_auc: roc_auc(&predictions, &valid.labels),
-                seconds: started.elapsed().as_secs_f64(),
+                iterations: fitted.iterations,
+                validation_auc: fitted.validation_auc,
+                seconds: fitted.seconds,
             };
             tracing::info!(
                 index,
                 auc = trial.validation_auc,
-                iterations,
+                iterations = trial.iterations,
                 seconds = trial.seconds,
                 "trial done"
             );
-            Ok((trial, text))
+            Ok((trial, fitted.text))
         },
     );
     let mut trials = Vec::new();
@@ -287,8 +296,7 @@ pub fn refit(
     best: &Trial,
     config: &TuneConfig,
 ) -> Result<(String, Refit)> {
-    let started = Instant::now();
-    let (text, predictions, iterations) = train_one(
+    let fitted = train_one(
         train,
         valid,
         &best
@@ -298,17 +306,17 @@ pub fn refit(
     let refit = Refit {
         train_rows: train.rows(),
         validation_rows: valid.rows(),
-        iterations,
-        validation_auc: roc_auc(&predictions, &valid.labels),
-        seconds: started.elapsed().as_secs_f64(),
+        iterations: fitted.iterations,
+        validation_auc: fitted.validation_auc,
+        seconds: fitted.seconds,
     };
     tracing::info!(
-        iterations,
+        iterations = refit.iterations,
         auc = refit.validation_auc,
         seconds = refit.seconds,
         "refit on the whole training window done"
     );
-    Ok((text, refit))
+    Ok((fitted.text, refit))
 }
 
 /// The original stack's model: a single depth-1 tree.
