@@ -277,5 +277,35 @@ mod random_ensembles {
                 prop_assert!((one - reference[i]).abs() <= 1e-6, "row {}: {:?}: compiled {} tract {}", i, row, one, reference[i]);
             }
         }
+
+        /// Trees of at most 64 leaves: batches are scored by QuickScorer
+        /// (32-bit sets up to 32 leaves, 64-bit past), to the walk's bits
+        /// and tract's probabilities, with NaN in some rows or in none.
+        #[test]
+        fn quickscorer_gives_the_walks_bits_and_tracts_probability(
+            trees in proptest::collection::vec(shape(6), 1..160),
+            rows in proptest::collection::vec(value(), FEATURE_COUNT * 64),
+            nan_free in any::<bool>(),
+        ) {
+            let mut rows = rows;
+            if nan_free {
+                rows.iter_mut().filter(|v| v.is_nan()).for_each(|v| *v = 0.5);
+            }
+            let tract = bundle(&trees, 0.0);
+            let compiled = CompiledEnsemble::compile(&tract.proto).unwrap();
+            prop_assert!(compiled.has_quick_batches());
+            let reference = tract.predict(&rows).unwrap();
+            let batch = compiled.raw_scores(&rows);
+            let walked = compiled.raw_scores_walk(&rows);
+            for (i, row) in rows.as_chunks::<FEATURE_COUNT>().0.iter().enumerate() {
+                let one = compiled.raw_score(row);
+                prop_assert_eq!(batch[i].to_bits(), walked[i].to_bits(), "row {}: quick {} walk {}", i, batch[i], walked[i]);
+                prop_assert_eq!(one.to_bits(), batch[i].to_bits(), "row {}: one {} batch {}", i, one, batch[i]);
+                let p = 1.0 / (1.0 + (-batch[i]).exp());
+                // Up to 160 leaves in f32, summed in another order than tract sums them.
+                prop_assert!((p - reference[i]).abs() <= 1e-5, "row {}: {:?}: compiled {} tract {}", i, row, p, reference[i]);
+            }
+            prop_assert!(compiled.max_difference(&rows, &reference) <= 1e-5);
+        }
     }
 }

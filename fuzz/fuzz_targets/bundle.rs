@@ -31,8 +31,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let tract = TractModel::from_bytes(data).expect("loaded once, it loads again");
-    let seed = data.iter().fold(7u64, |h, b| h.rotate_left(5) ^ u64::from(*b));
-    let rows = check_rows(&model.metadata.golden_rows(), 8, seed);
+    let seed = data
+        .iter()
+        .fold(7u64, |h, b| h.rotate_left(5) ^ u64::from(*b));
+    // A full chunk of 16 rows, so the batch form (QuickScorer) is checked too.
+    let rows = check_rows(&model.metadata.golden_rows(), 16, seed);
     let reference = tract.predict(&rows).expect("tract scores what it verified");
     let diff = compiled.max_difference(&rows, &reference);
     assert!(diff <= 1e-5, "compiled and tract differ by {diff}");
@@ -41,7 +44,10 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(explanation) = model.explain(&row) {
             let raw = f64::from(compiled.raw_score(&row.0));
             let total = explanation.total();
-            assert!((total - raw).abs() <= 1e-4, "explanation adds to {total}, the score is {raw}");
+            assert!(
+                (total - raw).abs() <= 1e-4,
+                "explanation adds to {total}, the score is {raw}"
+            );
         }
     }
 });

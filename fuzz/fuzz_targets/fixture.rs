@@ -36,7 +36,9 @@ impl Fixture {
             .enable_all()
             .build()
             .expect("a runtime");
-        let running = runtime.block_on(build(config)).expect("the appliance starts");
+        let running = runtime
+            .block_on(build(config))
+            .expect("the appliance starts");
         Self {
             frames: running.frame_handler(),
             router: running.router(),
