@@ -131,13 +131,15 @@ def main():
                 ns = median_ns(run, batch, rows, args.seconds)
                 results.append((tag, trees, name, batch, ns / (batch * trees), overhead))
                 print(f"{tag:<12} {trees:>4} trees  batch {batch:>5}  {name:<20} {ns / (batch * trees):>9.2f} ns/tree/row  ({ns:>11.0f} ns/call; an empty Python call {overhead:.0f} ns)", flush=True)
-            mine = [r for r in ours if os.path.normpath(os.path.dirname(r["bundle"])) == os.path.normpath(model_dir) and r["batch"] == batch]
-            if not mine:
-                sys.exit(f"no cartscore result for {bundle} at batch {batch}")
-            results.append((tag, trees, "cartscore", batch, mine[0]["ns_per_tree_per_row"], None))
-            print(f"{tag:<12} {trees:>4} trees  batch {batch:>5}  {'cartscore':<20} {mine[0]['ns_per_tree_per_row']:>9.2f} ns/tree/row  (in process)", flush=True)
+            for form, name in (("served", "cartscore"), ("walk", "cartscore (walk)")):
+                mine = [r for r in ours if os.path.normpath(os.path.dirname(r["bundle"])) == os.path.normpath(model_dir) and r["batch"] == batch and r["form"] == form]
+                if not mine:
+                    sys.exit(f"no cartscore {form} result for {bundle} at batch {batch}")
+                results.append((tag, trees, name, batch, mine[0]["ns_per_tree_per_row"], None))
+                print(f"{tag:<12} {trees:>4} trees  batch {batch:>5}  {name:<20} {mine[0]['ns_per_tree_per_row']:>9.2f} ns/tree/row  (in process)", flush=True)
 
-    engine_names = ["cartscore", "lleaves", "treelite + tl2cgen", "ONNX Runtime", "LightGBM"]
+    engine_names = ["cartscore", "cartscore (walk)", "lleaves", "treelite + tl2cgen", "ONNX Runtime", "LightGBM"]
+    others = engine_names[2:]
     lines = [
         "| model | batch | " + " | ".join(engine_names) + " | cartscore ahead of the next by |",
         "|---|---:|" + "---:|" * len(engine_names) + "---:|",
@@ -153,7 +155,7 @@ def main():
             for e in engine_names:
                 r = cell[e]
                 figures.append(f"**{r[4]:.2f}**" if e == "cartscore" else f"{r[4]:.2f}")
-            best_other = min(cell[e][4] for e in engine_names[1:])
+            best_other = min(cell[e][4] for e in others)
             ratio = best_other / cell["cartscore"][4]
             overhead = cell["lleaves"][5] / (batch * trees)
             lines.append(f"| {tag} ({trees} trees) | {batch} | " + " | ".join(figures) + f" | {ratio:.1f}x |")
@@ -172,12 +174,12 @@ def main():
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), sharey=True)
     if len(models) == 1:
         axes = [axes]
-    colors = {"cartscore": "#c0392b", "lleaves": "#2980b9", "treelite + tl2cgen": "#27ae60", "ONNX Runtime": "#8e44ad", "LightGBM": "#7f8c8d"}
-    width = 0.16
+    colors = {"cartscore": "#c0392b", "cartscore (walk)": "#e6a39a", "lleaves": "#2980b9", "treelite + tl2cgen": "#27ae60", "ONNX Runtime": "#8e44ad", "LightGBM": "#7f8c8d"}
+    width = 0.14
     for ax, (tag, trees) in zip(axes, models):
         for i, e in enumerate(engine_names):
             ys = [next(r[4] for r in results if r[0] == tag and r[2] == e and r[3] == b) for b in batches]
-            xs = [j + (i - 2) * width for j in range(len(batches))]
+            xs = [j + (i - (len(engine_names) - 1) / 2) * width for j in range(len(batches))]
             ax.bar(xs, ys, width, label=e, color=colors[e])
         ax.set_yscale("log")
         ax.set_xticks(range(len(batches)))
