@@ -40,7 +40,9 @@ for name in "${targets[@]}"; do
   status=0
   "$fuzz" run --fuzz-dir fuzz --target-dir "$build_dir" "$name" "$corpus/$name" "fuzz/corpus/$name" -- \
     -max_total_time="$seconds" -timeout=20 -rss_limit_mb=6144 -print_final_stats=1 >"$log" 2>&1 || status=$?
-  grep -E "^(Done|INFO: seed corpus|stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb)|panicked|^==[0-9]+==|^SUMMARY|Test unit written" "$log" || true
+  # The last status line (`#N DONE cov: … ft: … corp: …`) gives the run's
+  # coverage: edges (cov) and features (ft) reached, the corpus it kept.
+  grep -E "^(Done|INFO: seed corpus|stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb)|^#[0-9]+[[:space:]]+DONE|panicked|^==[0-9]+==|^SUMMARY|Test unit written" "$log" || true
   if [ "$status" -ne 0 ]; then
     grep -E -A12 "panicked at" "$log" | head -40 >&2 || true
     echo "fuzz target $name failed (exit $status); the input is under fuzz/artifacts/$name/" >&2

@@ -99,7 +99,7 @@ impl ErrorCode for CannotExplain {
 /// How the serving path evaluates rows.
 #[derive(Debug)]
 pub enum Evaluator {
-    Compiled(CompiledEnsemble),
+    Compiled(Box<CompiledEnsemble>),
     Tract(Box<TractModel>),
 }
 
@@ -277,7 +277,7 @@ impl ServingModel {
                         tracing::warn!(path = %path.display(), %reason, "the bundle serves, but its scores cannot be explained")
                     }
                 }
-                (Evaluator::Compiled(compiled), diff, trees)
+                (Evaluator::Compiled(Box::new(compiled)), diff, trees)
             }
             // Another graph, or an ensemble in a form this evaluator does
             // not compile: tract serves it.

@@ -118,7 +118,7 @@ pub struct CompiledEnsemble {
     order: Vec<u32>,
     groups: Vec<Group>,
     /// The batch form, when every tree fits its masks.
-    quick: Option<quick::Quick>,
+    quick: Option<Box<quick::Quick>>,
 }
 
 fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
@@ -366,7 +366,8 @@ impl CompiledEnsemble {
             &compiled.roots,
             &compiled.leaf_values,
             &compiled.order,
-        );
+        )
+        .map(Box::new);
         Ok(compiled)
     }
 
