@@ -649,7 +649,11 @@ impl CompiledEnsemble {
         let rows = rows.as_chunks::<FEATURE_COUNT>().0;
         let full = rows.len() - rows.len() % quick::LANES;
         let mut out = vec![self.base; rows.len()];
-        quick.add_leaves(&rows[..full], &mut out[..full]);
+        // Not for fewer than 16 rows: setting up the leaf sets (16 KiB) cost
+        // a batch of one row half as much again as its walk.
+        if full > 0 {
+            quick.add_leaves(&rows[..full], &mut out[..full]);
+        }
         for (score, row) in out[full..].iter_mut().zip(&rows[full..]) {
             *score = self.raw_score(row);
         }
