@@ -722,21 +722,13 @@ impl CompiledEnsemble {
     /// P(purchase) for each row of a row-major batch (a trailing partial
     /// row is ignored).
     pub fn predict_rows(&self, rows: &[f32]) -> Vec<f32> {
-        let mut scores = self.raw_scores(rows);
-        for s in &mut scores {
-            *s = logistic(*s);
-        }
-        scores
+        probabilities(self.raw_scores(rows))
     }
 
     /// [`Self::predict_rows`] walking every row (the same bits; benches
     /// time the two side by side).
     pub fn predict_rows_walk(&self, rows: &[f32]) -> Vec<f32> {
-        let mut scores = self.raw_scores_walk(rows);
-        for s in &mut scores {
-            *s = logistic(*s);
-        }
-        scores
+        probabilities(self.raw_scores_walk(rows))
     }
 
     /// The largest difference to `reference` over `rows` (row-major), of
@@ -770,6 +762,14 @@ impl CompiledEnsemble {
 #[inline]
 fn logistic(raw: f32) -> f32 {
     1.0 / (1.0 + (-raw).exp())
+}
+
+/// Raw scores turned into probabilities in place.
+fn probabilities(mut scores: Vec<f32>) -> Vec<f32> {
+    for s in &mut scores {
+        *s = logistic(*s);
+    }
+    scores
 }
 
 #[inline]

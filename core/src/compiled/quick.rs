@@ -64,9 +64,7 @@ impl Mask for u32 {
     const BLOCK: usize = 128;
     type Leaves = [f32; 32];
     fn leaves(values: &[f32]) -> [f32; 32] {
-        let mut padded = [0.0; 32];
-        padded[..values.len()].copy_from_slice(values);
-        padded
+        padded(values)
     }
     fn of(bits: u64) -> Self {
         bits as u32
@@ -127,9 +125,7 @@ impl Mask for u64 {
     const BLOCK: usize = 64;
     type Leaves = [f32; 64];
     fn leaves(values: &[f32]) -> [f32; 64] {
-        let mut padded = [0.0; 64];
-        padded[..values.len()].copy_from_slice(values);
-        padded
+        padded(values)
     }
     fn of(bits: u64) -> Self {
         bits
@@ -138,6 +134,14 @@ impl Mask for u64 {
     fn lowest(self) -> usize {
         self.trailing_zeros() as usize
     }
+}
+
+/// A tree's leaves, then zeros up to `N` (at most `N` leaves: `Quick::new`
+/// numbers no more than the mask has bits).
+fn padded<const N: usize>(values: &[f32]) -> [f32; N] {
+    let mut padded = [0.0; N];
+    padded[..values.len()].copy_from_slice(values);
+    padded
 }
 
 /// Room for every index a `u8` can hold, so a split's tree needs no bounds check.
@@ -390,7 +394,8 @@ impl<M: Mask> Tables<M> {
     fn add_leaves_with<const AVX512: bool>(&self, rows: &[[f32; FEATURE_COUNT]], sums: &mut [f32]) {
         let mut sets = LeafSets([[M::ALL; LANES]; SET_ROWS]);
         let sets = &mut sets.0;
-        for (rows, sums) in rows.chunks_exact(LANES).zip(sums.chunks_exact_mut(LANES)) {
+        let chunks = rows.as_chunks::<LANES>().0;
+        for (rows, sums) in chunks.iter().zip(sums.as_chunks_mut::<LANES>().0) {
             // Feature-major: one feature's values for the chunk's rows side by side.
             let mut xs = [[0f32; LANES]; FEATURE_COUNT];
             for (lane, row) in rows.iter().enumerate() {
@@ -408,9 +413,6 @@ impl<M: Mask> Tables<M> {
                     nan[f] |= v.is_nan();
                 }
             }
-            let Ok(sums): Result<&mut [f32; LANES], _> = sums.try_into() else {
-                continue;
-            };
             for (b, window) in self.starts.windows(2).enumerate() {
                 let (first, last) = (window[0] as usize, window[1] as usize);
                 for set in &mut sets[..last - first] {
