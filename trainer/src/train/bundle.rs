@@ -253,7 +253,6 @@ pub(super) fn check_parity(
     })
 }
 
-/// LightGBM's probabilities of `rows` on `threads` threads.
 /// A parity failure's evidence.
 struct Disagreement<'a> {
     bundle: &'a Bundle,
@@ -336,6 +335,7 @@ fn keep_disagreement(d: &Disagreement, out: &Path) -> String {
     }
 }
 
+/// LightGBM's probabilities of `rows` on `threads` threads.
 fn lightgbm_predict_threads(booster: &Booster, rows: &[f32], threads: usize) -> Result<Vec<f64>> {
     booster
         .predict_with_params(
